@@ -1,0 +1,131 @@
+//! Host side of the link to the guest: one `connect(port)` whatever carries vsock.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How host processes reach guest vsock ports, and where guest connect-outs land.
+/// Stored in the container state so every CLI invocation can reach the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestLink {
+    /// vhost-device-vsock's hybrid socket: connect to `uds`, write `CONNECT <port>\n`,
+    /// read `OK <hostport>\n`; guest connections to host port P arrive on `<uds>_P`.
+    HybridVsock { uds: PathBuf },
+    /// One unix socket per port in `dir`: guest port P is `dir/guest-P.sock`, host port P
+    /// is `dir/host-P.sock` (libkrun's `krun_add_vsock_port2`, and the host-sandbox harness).
+    PortSockets { dir: PathBuf },
+}
+
+/// Upper bound for the hybrid handshake's reply line.
+const MAX_HANDSHAKE_LINE: usize = 64;
+
+/// Reads one `\n`-terminated line byte by byte, so nothing after it is consumed.
+fn read_line_exact(s: &mut UnixStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < MAX_HANDSHAKE_LINE {
+        if s.read(&mut b)? == 0 {
+            break;
+        }
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b[0]);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        "guest connection closed during the vsock handshake",
+    ))
+}
+
+impl GuestLink {
+    /// Connects to a listening guest port.
+    pub fn connect(&self, port: u32, timeout: Duration) -> io::Result<UnixStream> {
+        match self {
+            GuestLink::HybridVsock { uds } => {
+                let mut s = UnixStream::connect(uds)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+                let line = read_line_exact(&mut s)?;
+                if !line.starts_with("OK ") {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("guest port {port} refused the connection"),
+                    ));
+                }
+                s.set_read_timeout(None)?;
+                Ok(s)
+            }
+            GuestLink::PortSockets { dir } => {
+                UnixStream::connect(dir.join(format!("guest-{port}.sock")))
+            }
+        }
+    }
+
+    /// Where a guest connection to host port `port` arrives (a unix socket the host binds).
+    pub fn host_port_path(&self, port: u32) -> PathBuf {
+        match self {
+            GuestLink::HybridVsock { uds } => {
+                let mut p = uds.clone().into_os_string();
+                p.push(format!("_{port}"));
+                p.into()
+            }
+            GuestLink::PortSockets { dir } => dir.join(format!("host-{port}.sock")),
+        }
+    }
+
+    /// Where a listening guest port is exposed as a unix socket (PortSockets only).
+    pub fn guest_port_path(&self, port: u32) -> Option<PathBuf> {
+        match self {
+            GuestLink::HybridVsock { .. } => None,
+            GuestLink::PortSockets { dir } => Some(dir.join(format!("guest-{port}.sock"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn hybrid_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock");
+        let l = UnixListener::bind(&uds).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            assert_eq!(line, "CONNECT 1024\n");
+            s.write_all(b"OK 5\n").unwrap();
+            s.write_all(b"x").unwrap();
+        });
+        let link = GuestLink::HybridVsock { uds: uds.clone() };
+        let mut s = link.connect(1024, Duration::from_secs(5)).unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        t.join().unwrap();
+        assert_eq!(link.host_port_path(1030), dir.path().join("vsock_1030"));
+    }
+
+    #[test]
+    fn hybrid_refusal_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock");
+        let l = UnixListener::bind(&uds).unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            drop(s);
+        });
+        let link = GuestLink::HybridVsock { uds };
+        assert!(link.connect(1024, Duration::from_secs(5)).is_err());
+        t.join().unwrap();
+    }
+}

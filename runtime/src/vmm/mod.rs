@@ -1,0 +1,62 @@
+//! VMM backends. Everything that knows which VMM runs lives under this module;
+//! the rest of the runtime sees only [`Vmm`] and [`Vm`].
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::GuestLink;
+
+/// Which VMM runs the container's VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// libkrun when hardware KVM and a kernel for it are usable, else QEMU (KVM, else TCG).
+    #[default]
+    Auto,
+    Libkrun,
+    Qemu,
+}
+
+/// What a backend needs to boot one container's VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub id: String,
+    /// Per-container runtime directory for sockets, console log and helper pid files.
+    pub run_dir: PathBuf,
+    /// The container's root filesystem on the host (shared into the guest by virtio-fs, tag `rootfs`).
+    pub rootfs: PathBuf,
+    pub vcpus: u32,
+    pub ram_mib: u32,
+}
+
+/// Why a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The VMM exited (the guest powered off, or the VMM failed) with this status.
+    Exited { component: String, status: Option<i32>, signal: Option<i32> },
+}
+
+/// A running VM and its helper processes, owned by the VM monitor.
+pub trait Vm: Send {
+    /// How host processes reach the guest.
+    fn link(&self) -> GuestLink;
+    /// Host pids of the VMM and its helpers (recorded so `delete --force` can clean up).
+    fn pids(&self) -> Vec<i32>;
+    /// Non-blocking: `Some` once the VMM or any helper has exited.
+    fn try_wait(&mut self) -> std::io::Result<Option<VmExit>>;
+    /// Stops the VMM and every helper, reaps them and removes their sockets.
+    fn kill(&mut self);
+    /// The last `max` bytes of the guest console.
+    fn console_tail(&self, max: usize) -> String;
+}
+
+/// A VMM backend.
+pub trait Vmm {
+    fn name(&self) -> &'static str;
+    /// The link the VM will have; known before launch so the monitor can bind the
+    /// host-side event socket the guest dials as its ready beacon.
+    fn link(&self, spec: &VmSpec) -> GuestLink;
+    /// Starts the VM (does not wait for the guest).
+    fn launch(&self, spec: &VmSpec) -> crate::Result<Box<dyn Vm>>;
+}
