@@ -9,7 +9,7 @@ pub enum Error {
     NotExist,
     #[error("container with given ID already exists")]
     Exists,
-    #[error("invalid container ID: {0}")]
+    #[error("{0}")]
     InvalidId(String),
     #[error("container not running")]
     NotRunning,

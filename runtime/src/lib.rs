@@ -1,8 +1,21 @@
 //! krun-oci: an OCI runtime with a runc-compatible command line that runs every
 //! container in its own microVM.
 
+pub mod bundle;
+pub mod cli;
+pub mod console;
+pub mod container;
 pub mod error;
 pub mod guest;
+pub mod hooks;
+pub mod lifecycle;
+pub mod logger;
+pub mod logs;
+pub mod monitor;
+pub mod process_info;
+pub mod signal;
+pub mod spec;
+pub mod state;
 pub mod vmm;
 
 pub use error::{Error, Result};

@@ -1,4 +1,58 @@
+//! The `krun-oci` binary: parse, set up logging, dispatch each verb to a short
+//! function over the library, and turn errors into runc's exit status 1.
+
+mod commands;
+
+use clap::Parser;
+use krun_oci::cli::{Cli, Command};
+
 fn main() {
-    eprintln!("krun-oci: command line not wired yet");
-    std::process::exit(1);
+    let cli = Cli::parse();
+    if cli.version {
+        print!("{}", krun_oci::cli::version_text());
+        return;
+    }
+    if let Err(e) = krun_oci::logger::init(cli.log.as_deref(), cli.log_format, cli.debug) {
+        eprintln!("krun-oci: opening log file: {e}");
+        std::process::exit(1);
+    }
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            log::error!("{msg}");
+            eprintln!("krun-oci: {msg}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Runs the chosen verb; `Ok(code)` is the process exit status.
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let root = cli.root.clone().unwrap_or_else(krun_oci::state::default_root);
+    let Some(command) = cli.command else {
+        anyhow::bail!("no command given; see --help");
+    };
+    let ctx = commands::Context { root, vmm: cli.vmm.unwrap_or_default(), systemd_cgroup: cli.systemd_cgroup };
+    match command {
+        Command::Create(a) => commands::create(&ctx, a).map(|_| 0),
+        Command::Start(a) => commands::start(&ctx, &a.id).map(|_| 0),
+        Command::State(a) => commands::state(&ctx, &a.id).map(|_| 0),
+        Command::Kill(a) => commands::kill(&ctx, a).map(|_| 0),
+        Command::Delete(a) => commands::delete(&ctx, a).map(|_| 0),
+        Command::Run(a) => commands::run(&ctx, a),
+        Command::Exec(a) => commands::exec(&ctx, a),
+        Command::List(a) => commands::list(&ctx, a).map(|_| 0),
+        Command::Ps(a) => commands::ps(&ctx, a).map(|_| 0),
+        Command::Pause(_) => Err(krun_oci::Error::NotImplemented("pause").into()),
+        Command::Resume(_) => Err(krun_oci::Error::NotImplemented("resume").into()),
+        Command::Events(_) => Err(krun_oci::Error::NotImplemented("events").into()),
+        Command::Update(_) => Err(krun_oci::Error::NotImplemented("update").into()),
+        Command::Features => commands::features().map(|_| 0),
+        Command::Spec(a) => commands::spec(a).map(|_| 0),
+        Command::Logs(a) => commands::logs(&ctx, a).map(|_| 0),
+        Command::Check => commands::check(&ctx),
+        Command::Monitor(a) => commands::monitor(&ctx, &a.id),
+    }
 }

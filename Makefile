@@ -1,0 +1,70 @@
+# krun-oci — make targets used by people and CI.
+SHELL := /bin/bash
+CARGO ?= cargo
+PROFILE ?= debug
+TARGET_TRIPLE := x86_64-unknown-linux-gnu
+CARGO_PROFILE_FLAG := $(if $(filter release,$(PROFILE)),--release,)
+BIN_DIR := target/$(PROFILE)
+INIT_STATIC := target/$(TARGET_TRIPLE)/$(PROFILE)/krun-oci-init
+PREFIX ?= /usr/local
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc crun podman \
+	containerd tmux cpio xz-utils python3 file procps util-linux
+CARGO_HELPERS := virtiofsd vhost-device-vsock
+
+.PHONY: all build init test unit-test bench demo install deps fmt lint clean
+
+all: build
+
+## build: the runtime, shim, conformance runner, and the static guest init.
+build: init
+	$(CARGO) build --workspace $(CARGO_PROFILE_FLAG)
+
+## init: krun-oci-init as a static binary (glibc, crt-static; musl is not installable here).
+init:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build -p krun-oci-init --target $(TARGET_TRIPLE) $(CARGO_PROFILE_FLAG)
+
+## test: every test, the end-to-end ones on real microVMs included.
+test: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
+		$(CARGO) test --workspace $(CARGO_PROFILE_FLAG) -- --test-threads=2
+
+## unit-test: tests that need no VM.
+unit-test:
+	$(CARGO) test --workspace --lib --bins $(CARGO_PROFILE_FLAG)
+
+## bench: figures (never asserted) — boot, start, exec, memory; see docs/benchmarks.md.
+bench: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/bench.sh $(CURDIR)/$(BIN_DIR)/krun-oci
+
+## demo: boot a busybox container in a microVM and show its output, state and logs.
+demo: deps build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/demo.sh $(CURDIR)/$(BIN_DIR)/krun-oci
+
+## install: krun-oci, the shim and the guest init under $(PREFIX).
+install:
+	$(MAKE) build PROFILE=release
+	install -D -m 0755 target/release/krun-oci $(DESTDIR)$(PREFIX)/bin/krun-oci
+	install -D -m 0755 target/release/containerd-shim-krun-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-krun-v2
+	install -D -m 0755 target/$(TARGET_TRIPLE)/release/krun-oci-init $(DESTDIR)$(PREFIX)/lib/krun-oci/krun-oci-init
+
+## deps: system packages and helper binaries (idempotent; skips what is present).
+deps:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+	@for h in $(CARGO_HELPERS); do \
+		command -v $$h >/dev/null || $(CARGO) install --locked $$h; \
+	done
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

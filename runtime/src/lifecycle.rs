@@ -1,0 +1,445 @@
+//! The OCI lifecycle over the VM monitor and the guest's control service:
+//! create (the VM boots), start (deferred main spawn), kill, delete.
+//! One implementation, used by the CLI and the shim.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use krun_oci_protocol::{Message, SignalTarget};
+use oci_spec::runtime::Spec;
+
+use crate::bundle::Bundle;
+use crate::container::{Container, EXIT_CODE_FILE};
+use crate::error::{Error, IoContext, Result};
+use crate::hooks::run_hooks;
+use crate::monitor::{self, MonitorConfig, SyncReport};
+use crate::state::{write_atomic, ContainerRecord, StateStore, Status};
+use crate::vmm::VmmChoice;
+
+/// Default VM size when neither resources nor annotations say otherwise.
+pub const DEFAULT_VCPUS: u32 = 2;
+pub const DEFAULT_RAM_MIB: u32 = 512;
+/// Least RAM a guest gets, whatever the memory limit says (kernel + init overhead).
+pub const MIN_RAM_MIB: u32 = 128;
+
+/// Options of `create` beyond the bundle.
+#[derive(Debug, Clone, Default)]
+pub struct CreateOptions {
+    pub bundle: PathBuf,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    pub vmm: VmmChoice,
+    /// Path of this binary, re-executed as the monitor.
+    pub exe: PathBuf,
+}
+
+/// Creates the container: validates, snapshots, starts the monitor (which boots
+/// the VM), runs the create-time hooks. On failure nothing is left behind.
+pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Container> {
+    let bundle = Bundle::load(&opts.bundle)?;
+    let terminal = bundle.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    match (terminal, &opts.console_socket) {
+        (true, None) => {
+            return Err(Error::InvalidInput("cannot allocate tty if runc will detach without setting console socket".into()))
+        }
+        (false, Some(_)) => {
+            return Err(Error::InvalidInput("cannot use console socket if runc will not detach or allocate tty".into()))
+        }
+        _ => {}
+    }
+    let dir = store.claim(id)?;
+    let result = (|| {
+        let _lock = dir.lock()?;
+        let spec_json = serde_json::to_vec_pretty(&bundle.spec)?;
+        write_atomic(&dir.config_file(), &spec_json).ctx(|| "writing config snapshot".into())?;
+        // A stale code from an earlier run must not be mistaken for this one's.
+        remove_guest_exit_code(&bundle.rootfs);
+        let mut record = ContainerRecord {
+            id: id.to_string(),
+            bundle: bundle.path.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: chrono::Utc::now(),
+            owner: String::new(),
+            annotations: bundle.spec.annotations().clone().unwrap_or_default(),
+            pid: 0,
+            pid_start_time: 0,
+            started: false,
+            paused: false,
+            vmm: String::new(),
+            link: None,
+            helper_pids: Vec::new(),
+            log_path: None,
+        };
+        dir.save(&record)?;
+        let (vcpus, ram_mib) = vm_size(&bundle.spec);
+        let log_path = monitor::log_path(&dir, &bundle.spec);
+        let cfg = MonitorConfig {
+            rootfs: bundle.rootfs.clone(),
+            vmm: vmm_choice(&bundle.spec, opts.vmm)?,
+            vcpus,
+            ram_mib,
+            terminal,
+            console_socket: opts.console_socket.clone(),
+            log_path: log_path.clone(),
+        };
+        write_atomic(&dir.monitor_config_file(), &serde_json::to_vec_pretty(&cfg)?)
+            .ctx(|| "writing monitor.json".into())?;
+        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe)?;
+        record.pid = pid;
+        record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+        record.log_path = Some(log_path);
+        match report {
+            SyncReport::Ready { link, helper_pids, vmm, .. } => {
+                record.link = Some(link);
+                record.helper_pids = helper_pids;
+                record.vmm = vmm;
+            }
+            SyncReport::Failed { error } => {
+                reap_quietly(pid);
+                return Err(Error::Vm(error));
+            }
+        }
+        dir.save(&record)?;
+        let container = Container { dir: dir.clone(), record };
+        if let Some(p) = &opts.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        let state = state_bytes(&container, Status::Created);
+        let hooks = bundle.spec.hooks().clone().unwrap_or_default();
+        #[allow(deprecated)]
+        run_hooks("prestart", hooks.prestart().as_ref(), &state)?;
+        run_hooks("createRuntime", hooks.create_runtime().as_ref(), &state)?;
+        // The VM boundary means these run on the host, not in the container's namespaces.
+        run_hooks("createContainer", hooks.create_container().as_ref(), &state)?;
+        Ok(container)
+    })();
+    match result {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            if let Ok(c) = Container::load(store, id) {
+                destroy(&c);
+            }
+            if let Some(p) = &opts.pid_file {
+                let _ = fs::remove_file(p);
+            }
+            let _ = dir.remove();
+            Err(e)
+        }
+    }
+}
+
+/// Starts the monitor detached (own session) and waits for its report.
+fn spawn_monitor(root: &Path, dir: &crate::state::ContainerDir, exe: &Path) -> Result<(i32, SyncReport)> {
+    let (read_end, write_end) = nix::unistd::pipe()?;
+    let write_fd = write_end.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.arg("--root")
+        .arg(root)
+        .arg("--log")
+        .arg(dir.monitor_log_file())
+        .arg("monitor")
+        .arg(&dir.id)
+        .env(monitor::SYNC_FD_ENV, write_fd.to_string())
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Let the sync pipe's write end survive exec.
+            let flags = libc::fcntl(write_fd, libc::F_GETFD);
+            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().ctx(|| format!("starting the VM monitor {}", exe.display()))?;
+    drop(write_end);
+    let mut pipe = fs::File::from(read_end);
+    let report = monitor::read_report(&mut pipe, &dir.monitor_log_file());
+    let pid = child.id() as i32;
+    // The monitor outlives us; it is never waited for here (the caller or a
+    // subreaper reaps it). Forget the handle without killing it.
+    std::mem::forget(child);
+    match report {
+        Ok(r) => Ok((pid, r)),
+        Err(e) => {
+            reap_quietly(pid);
+            Err(e)
+        }
+    }
+}
+
+/// Kills and reaps a monitor that failed during create.
+fn reap_quietly(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+}
+
+/// Runs the container's main process.
+pub fn start(store: &StateStore, id: &str) -> Result<()> {
+    let mut c = Container::load(store, id)?;
+    let _lock = c.dir.lock()?;
+    c.record = c.dir.load()?;
+    match c.status() {
+        Status::Created => {}
+        Status::Stopped => return Err(Error::StartStopped),
+        Status::Running => return Err(Error::AlreadyRunning),
+        other => return Err(Error::InvalidInput(format!("cannot start a container in the {other} state"))),
+    }
+    let spec = load_snapshot(&c)?;
+    let process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| Error::InvalidInput("config has no process".into()))?;
+    let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    // Marked first, so a main that exits at once is never seen as "created".
+    c.record.started = true;
+    c.dir.save(&c.record)?;
+    let reply = monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::SpawnMain { process }));
+    match reply {
+        Ok(Message::MainStarted { .. }) => {}
+        other => {
+            c.record.started = false;
+            c.dir.save(&c.record)?;
+            return Err(match other {
+                Ok(Message::Nack { reason }) => Error::Guest(reason),
+                Ok(m) => Error::Guest(format!("unexpected reply to spawn-main: {m:?}")),
+                Err(e) => e,
+            });
+        }
+    }
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    let state = state_bytes(&c, Status::Running);
+    // startContainer hooks run before the main in runc; the VM boundary puts them on the host here.
+    if let Err(e) = run_hooks("startContainer", hooks.start_container().as_ref(), &state) {
+        log::warn!("{e}");
+    }
+    if let Err(e) = run_hooks("poststart", hooks.poststart().as_ref(), &state) {
+        log::warn!("{e}");
+    }
+    Ok(())
+}
+
+/// Sends `signal` to the main process (or every guest process with `all`).
+pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> {
+    let c = Container::load(store, id)?;
+    let status = c.status();
+    if !matches!(status, Status::Created | Status::Running | Status::Paused) {
+        return Err(Error::NotRunning);
+    }
+    let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    if status == Status::Created {
+        // No main yet: the signal ends the container, as it would end runc's waiting init.
+        let _ = write_atomic(&c.dir.exit_code_file(), (128 + signal).to_string().as_bytes());
+        if let Ok(mut s) = monitor::connect_control(&link) {
+            let _ = monitor::request(&mut s, Message::Shutdown);
+        } else {
+            kill_monitor(&c);
+        }
+        return Ok(());
+    }
+    let target = if all { SignalTarget::All } else { SignalTarget::Main };
+    let reply = monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
+    match reply {
+        Ok(Message::Ack) => Ok(()),
+        Ok(Message::Nack { reason }) => Err(Error::Guest(reason)),
+        Ok(m) => Err(Error::Guest(format!("unexpected reply to signal: {m:?}"))),
+        // A wedged guest still goes away on SIGKILL: end the VM.
+        Err(_) if signal == libc::SIGKILL => {
+            let _ = write_atomic(&c.dir.exit_code_file(), b"137");
+            kill_monitor(&c);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Lists the processes inside the container's VM (guest pids).
+pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestProcess>> {
+    let c = Container::load(store, id)?;
+    if !matches!(c.status(), Status::Created | Status::Running | Status::Paused) {
+        return Err(Error::NotRunning);
+    }
+    let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Ps))? {
+        Message::Processes { processes } => Ok(processes),
+        Message::Nack { reason } => Err(Error::Guest(reason)),
+        m => Err(Error::Guest(format!("unexpected reply to ps: {m:?}"))),
+    }
+}
+
+/// Deletes a stopped (or created) container; `force` stops a running one first.
+pub fn delete(store: &StateStore, id: &str, force: bool) -> Result<()> {
+    let c = match Container::load(store, id) {
+        Ok(c) => c,
+        Err(Error::NotExist) if force => {
+            // A half-created directory (no state yet) is removed too.
+            crate::state::validate_id(id)?;
+            let _ = fs::remove_dir_all(store.root().join(id));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let _lock = c.dir.lock()?;
+    match c.status() {
+        Status::Stopped | Status::Created => {}
+        status if force => log::debug!("force-deleting {id} ({status})"),
+        status => return Err(Error::NotStopped { id: id.to_string(), status: status.to_string() }),
+    }
+    destroy(&c);
+    let spec = load_snapshot(&c).ok();
+    let state = state_bytes(&c, Status::Stopped);
+    remove_guest_exit_code(&c.record.rootfs);
+    c.dir.remove()?;
+    if let Some(hooks) = spec.and_then(|s| s.hooks().clone()) {
+        if let Err(e) = run_hooks("poststop", hooks.poststop().as_ref(), &state) {
+            log::warn!("{e}");
+        }
+    }
+    Ok(())
+}
+
+/// Stops the monitor and every helper it started, and waits until they are gone.
+fn destroy(c: &Container) {
+    if c.monitor_alive() {
+        kill_monitor(c);
+    }
+    for &pid in &c.record.helper_pids {
+        if pid > 0 && crate::process_info::start_time(pid).is_some() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let any_alive = || {
+        (c.record.pid > 0 && crate::process_info::is_alive(c.record.pid, c.record.pid_start_time))
+            || c.record.helper_pids.iter().any(|&p| {
+                crate::process_info::state_letter(p).is_some_and(|s| s != 'Z')
+            })
+    };
+    while any_alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill_monitor(c: &Container) {
+    if c.monitor_alive() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.record.pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+fn load_snapshot(c: &Container) -> Result<Spec> {
+    Ok(serde_json::from_slice(&fs::read(c.dir.config_file()).ctx(|| "reading config snapshot".into())?)?)
+}
+
+fn state_bytes(c: &Container, status: Status) -> Vec<u8> {
+    let mut s = c.state_json();
+    s.status = status;
+    serde_json::to_vec(&s).unwrap_or_default()
+}
+
+/// Writes the pid file atomically, with no trailing newline.
+pub fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    write_atomic(path, pid.to_string().as_bytes()).ctx(|| format!("writing pid file {}", path.display()))
+}
+
+fn remove_guest_exit_code(rootfs: &Path) {
+    // remove_file unlinks a symlink itself, never its target.
+    let _ = fs::remove_file(rootfs.join(EXIT_CODE_FILE));
+}
+
+/// The VM's size: annotations first (ours, then crun-krun's), else derived from
+/// the resources (memory limit -> RAM, CPU quota/cpuset -> vCPUs), else defaults.
+pub fn vm_size(spec: &Spec) -> (u32, u32) {
+    use crate::spec::*;
+    let ann = spec.annotations().clone().unwrap_or_default();
+    let get = |keys: [&str; 2]| keys.iter().find_map(|k| ann.get(*k)).and_then(|v| v.trim().parse::<u32>().ok());
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
+    let cpus_from_resources = resources.as_ref().and_then(|r| r.cpu().clone()).and_then(|cpu| {
+        match (cpu.quota(), cpu.period()) {
+            (Some(q), Some(p)) if q > 0 && p > 0 => Some(((q as u64).div_ceil(p)) as u32),
+            _ => cpu.cpus().as_ref().map(|s| count_cpuset(s)).filter(|n| *n > 0),
+        }
+    });
+    let ram_from_resources = resources
+        .as_ref()
+        .and_then(|r| r.memory().as_ref().and_then(|m| m.limit()))
+        .filter(|l| *l > 0)
+        .map(|l| ((l as u64) / (1024 * 1024)) as u32);
+    let vcpus = get([ANNOTATION_CPUS, ANNOTATION_CRUN_CPUS]).or(cpus_from_resources).unwrap_or(DEFAULT_VCPUS).clamp(1, 64);
+    let ram = get([ANNOTATION_RAM_MIB, ANNOTATION_CRUN_RAM_MIB])
+        .or(ram_from_resources)
+        .unwrap_or(DEFAULT_RAM_MIB)
+        .max(MIN_RAM_MIB);
+    (vcpus, ram)
+}
+
+fn count_cpuset(s: &str) -> u32 {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => b - a + 1,
+                _ => 0,
+            },
+            None => u32::from(p.trim().parse::<u32>().is_ok()),
+        })
+        .sum()
+}
+
+/// The VMM for this container: the annotation wins over the global flag.
+fn vmm_choice(spec: &Spec, flag: VmmChoice) -> Result<VmmChoice> {
+    let ann = spec.annotations().as_ref().and_then(|a| a.get(crate::spec::ANNOTATION_VMM));
+    match ann.map(|s| s.as_str()) {
+        None => Ok(flag),
+        Some("auto") => Ok(VmmChoice::Auto),
+        Some("qemu") => Ok(VmmChoice::Qemu),
+        Some("libkrun") => Ok(VmmChoice::Libkrun),
+        Some(other) => Err(Error::InvalidInput(format!("annotation {}: unknown VMM {other:?}", crate::spec::ANNOTATION_VMM))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        let mut base = serde_json::to_value(Spec::default()).unwrap();
+        for (k, v) in json.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        serde_json::from_value(base).unwrap()
+    }
+
+    #[test]
+    fn vm_size_from_resources_and_annotations() {
+        assert_eq!(vm_size(&Spec::default()), (DEFAULT_VCPUS, DEFAULT_RAM_MIB));
+        let s = spec(serde_json::json!({"linux": {"resources": {"memory": {"limit": 1073741824i64}, "cpu": {"quota": 150000, "period": 100000}}}}));
+        assert_eq!(vm_size(&s), (2, 1024));
+        let s = spec(serde_json::json!({"linux": {"resources": {"cpu": {"cpus": "0-3,6"}, "memory": {"limit": 1048576}}}}));
+        assert_eq!(vm_size(&s), (5, MIN_RAM_MIB));
+        let s = spec(serde_json::json!({"annotations": {"krun.cpus": "3", "krun-oci.ram_mib": "768"}}));
+        assert_eq!(vm_size(&s), (3, 768));
+    }
+
+    #[test]
+    fn vmm_annotation() {
+        let s = spec(serde_json::json!({"annotations": {"krun-oci.vmm": "qemu"}}));
+        assert_eq!(vmm_choice(&s, VmmChoice::Auto).unwrap(), VmmChoice::Qemu);
+        let s = spec(serde_json::json!({"annotations": {"krun-oci.vmm": "bogus"}}));
+        assert!(vmm_choice(&s, VmmChoice::Auto).is_err());
+    }
+
+    #[test]
+    fn pid_file_has_no_newline() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("pid");
+        write_pid_file(&p, 4242).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"4242");
+    }
+}

@@ -1,0 +1,421 @@
+//! The per-container VM monitor: the container's pid.
+//!
+//! `create` starts it (re-executing this binary as `krun-oci monitor ID` in a new
+//! session, with the container's stdio as fds 0/1/2). It boots the VM, waits for
+//! guest-init's ready beacon, applies the guest setup, reports to `create` over a
+//! sync pipe, and then lives exactly as long as the workload: it relays the
+//! main's stdio (to fds 0/1/2 or the console pty, and to the json-file log),
+//! forwards signals it receives into the guest, and exits with the workload's
+//! exit code, so conmon and the shims can simply `waitpid` it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use krun_oci_protocol::{self as proto, Frame, Message, SignalTarget};
+use oci_spec::runtime::Spec;
+use serde::{Deserialize, Serialize};
+
+use crate::container::{read_guest_exit_code, LOST_EXIT_CODE};
+use crate::error::{Error, IoContext, Result};
+use crate::guest::GuestLink;
+use crate::logs::{JsonLogWriter, Stream};
+use crate::state::{write_atomic, ContainerDir};
+use crate::vmm::{Vm, VmSpec, VmmChoice};
+
+/// Env var naming the fd of the pipe on which the monitor reports to `create`.
+pub const SYNC_FD_ENV: &str = "KRUN_OCI_SYNC_FD";
+/// How long create waits for the guest's ready beacon at most (TCG boots are slow,
+/// and the first create may build the guest image). The VM dying ends the wait at once.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// After the workload's exit is reported, how long the guest gets to power off.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+/// Timeout of one request to the guest's control service.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What `create` hands the monitor (`monitor.json` in the container dir).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MonitorConfig {
+    pub rootfs: PathBuf,
+    pub vmm: VmmChoice,
+    pub vcpus: u32,
+    pub ram_mib: u32,
+    pub terminal: bool,
+    pub console_socket: Option<PathBuf>,
+    pub log_path: PathBuf,
+}
+
+/// The monitor's report to `create`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncReport {
+    Ready { link: GuestLink, helper_pids: Vec<i32>, vmm: String, timings: Vec<proto::BootTiming> },
+    Failed { error: String },
+}
+
+impl ContainerDir {
+    pub fn monitor_config_file(&self) -> PathBuf {
+        self.path.join("monitor.json")
+    }
+    pub fn monitor_log_file(&self) -> PathBuf {
+        self.path.join("monitor.log")
+    }
+}
+
+/// Entry point of `krun-oci monitor ID`. Returns the process exit status.
+pub fn run(dir: &ContainerDir) -> Result<i32> {
+    let sync = take_sync_pipe();
+    let cfg: MonitorConfig = serde_json::from_slice(
+        &std::fs::read(dir.monitor_config_file()).ctx(|| "reading monitor.json".into())?,
+    )?;
+    let spec: Spec = serde_json::from_slice(&std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?)?;
+    let booted = match boot(dir, &cfg, &spec) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("boot failed: {e}");
+            report(sync, &SyncReport::Failed { error: e.to_string() });
+            return Ok(1);
+        }
+    };
+    report(
+        sync,
+        &SyncReport::Ready {
+            link: booted.vm.link(),
+            helper_pids: booted.vm.pids(),
+            vmm: booted.vmm_name.to_string(),
+            timings: booted.timings.clone(),
+        },
+    );
+    Ok(supervise(dir, &cfg, booted))
+}
+
+/// Takes the sync pipe's write end from the environment.
+fn take_sync_pipe() -> Option<File> {
+    let fd: i32 = std::env::var(SYNC_FD_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(SYNC_FD_ENV);
+    // SAFETY: create passed this fd to us for exactly this purpose; nothing else owns it.
+    let f = unsafe { File::from_raw_fd(fd) };
+    // Keep it out of every process we spawn.
+    let _ = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    Some(f)
+}
+
+fn report(sync: Option<File>, r: &SyncReport) {
+    if let Some(mut f) = sync {
+        let mut line = serde_json::to_vec(r).unwrap_or_default();
+        line.push(b'\n');
+        let _ = f.write_all(&line);
+    }
+}
+
+struct Booted {
+    vm: Box<dyn Vm>,
+    vmm_name: &'static str,
+    events: UnixStream,
+    timings: Vec<proto::BootTiming>,
+    pty: Option<crate::console::HostPty>,
+}
+
+/// Boots the VM and brings the guest to "created": beacon received, setup applied.
+fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> {
+    let run_dir = dir.run_dir();
+    std::fs::create_dir_all(&run_dir).ctx(|| format!("creating {}", run_dir.display()))?;
+    let image = crate::image::ensure(&crate::image::ImageOptions::from_env())?;
+    let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
+    log::info!("vmm: {} ({})", selection.engine, selection.explanation);
+    let vm_spec = VmSpec {
+        id: dir.id.clone(),
+        run_dir: run_dir.clone(),
+        rootfs: cfg.rootfs.clone(),
+        vcpus: cfg.vcpus,
+        ram_mib: cfg.ram_mib,
+    };
+    let link = selection.vmm.link(&vm_spec);
+    let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
+    let _ = std::fs::remove_file(&events_path);
+    let listener = UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))?;
+    let mut vm = selection.vmm.launch(&vm_spec)?;
+    let ready = (|| {
+        let mut events = accept_beacon(&listener, vm.as_mut())?;
+        proto::handshake(&mut events)?;
+        let timings = match proto::recv(&mut events)? {
+            Message::Ready { timings, .. } => timings,
+            other => return Err(Error::Guest(format!("expected ready, got {other:?}"))),
+        };
+        let mut control = connect_control(&link)?;
+        match request(&mut control, Message::Setup { spec: Box::new(spec.clone()) })? {
+            Message::Ack => {}
+            Message::Nack { reason } => return Err(Error::Guest(format!("guest setup failed: {reason}"))),
+            other => return Err(Error::Guest(format!("unexpected reply to setup: {other:?}"))),
+        }
+        let pty = match (&cfg.console_socket, cfg.terminal) {
+            (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
+            _ => None,
+        };
+        Ok((events, timings, pty))
+    })();
+    let _ = std::fs::remove_file(&events_path);
+    match ready {
+        Ok((events, timings, pty)) => Ok(Booted { vm, vmm_name: selection.vmm.name(), events, timings, pty }),
+        Err(e) => {
+            let tail = vm.console_tail(2048);
+            vm.kill();
+            Err(if tail.trim().is_empty() { e } else { Error::Vm(format!("{e}; console: {}", tail.trim())) })
+        }
+    }
+}
+
+/// Waits for the guest's connection on the events port, bounded by VM liveness.
+fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream> {
+    listener.set_nonblocking(true).ctx(|| "events listener".into())?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ctx(|| "events stream".into())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).ctx(|| "accepting the guest's beacon".into()),
+        }
+        if let Some(exit) = vm.try_wait().ctx(|| "checking the VM".into())? {
+            return Err(Error::Vm(format!("the VM stopped before the guest was ready: {exit:?}")));
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Vm(format!("the guest was not ready within {}s", READY_TIMEOUT.as_secs())));
+        }
+        let fd = listener.as_raw_fd();
+        let mut pfd = [nix::poll::PollFd::new(
+            // SAFETY: the listener outlives this poll.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(20u16));
+    }
+}
+
+/// Opens a control connection to the guest (handshake done).
+pub fn connect_control(link: &GuestLink) -> Result<UnixStream> {
+    let mut s = link
+        .connect(proto::CONTROL_PORT, CONTROL_TIMEOUT)
+        .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
+    s.set_read_timeout(Some(CONTROL_TIMEOUT)).ctx(|| "control socket".into())?;
+    proto::handshake(&mut s)?;
+    Ok(s)
+}
+
+/// One request/response on a control connection.
+pub fn request(s: &mut UnixStream, msg: Message) -> Result<Message> {
+    proto::send(s, msg)?;
+    Ok(proto::recv(s)?)
+}
+
+/// Why the supervision loop woke up.
+enum Event {
+    MainExited(i32),
+    StreamClosed,
+}
+
+/// Relays stdio and signals until the workload ends; returns the exit status.
+fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
+    let Booted { mut vm, events, pty, .. } = booted;
+    let link = vm.link();
+    let log = JsonLogWriter::open(&cfg.log_path)
+        .map_err(|e| log::warn!("json-file log {}: {e}", cfg.log_path.display()))
+        .ok()
+        .map(|w| Arc::new(Mutex::new(w)));
+    let (tx, rx) = mpsc::channel();
+
+    // Output: frames from the guest to our fds (or the pty) and the log.
+    let (out_fd, err_fd): (OwnedFd, OwnedFd) = match &pty {
+        Some(p) => (p.slave.try_clone().expect("dup pty"), p.slave.try_clone().expect("dup pty")),
+        None => (dup_fd(1), dup_fd(2)),
+    };
+    {
+        let mut events = events.try_clone().expect("dup events stream");
+        let log = log.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut out = File::from(out_fd);
+            let mut err = File::from(err_fd);
+            loop {
+                match proto::read_frame(&mut events) {
+                    Ok(Frame::Stdout(d)) | Ok(Frame::Stderr(d)) if d.is_empty() => {}
+                    Ok(Frame::Stdout(d)) => {
+                        let _ = out.write_all(&d);
+                        if let Some(l) = &log {
+                            let _ = l.lock().map(|mut l| l.write(Stream::Stdout, &d));
+                        }
+                    }
+                    Ok(Frame::Stderr(d)) => {
+                        let _ = err.write_all(&d);
+                        if let Some(l) = &log {
+                            let _ = l.lock().map(|mut l| l.write(Stream::Stderr, &d));
+                        }
+                    }
+                    Ok(Frame::Message(Message::MainExited { code })) => {
+                        let _ = tx.send(Event::MainExited(code));
+                        return;
+                    }
+                    Ok(other) => log::warn!("unexpected frame on the events stream: {other:?}"),
+                    Err(e) => {
+                        log::info!("events stream ended: {e}");
+                        let _ = tx.send(Event::StreamClosed);
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    // Input: our stdin (or the pty) to the main's stdin.
+    {
+        let input = match &pty {
+            Some(p) => p.slave.try_clone().expect("dup pty"),
+            None => dup_fd(0),
+        };
+        let mut events = events.try_clone().expect("dup events stream");
+        std::thread::spawn(move || {
+            let mut input = File::from(input);
+            let mut buf = vec![0u8; proto::MAX_DATA_CHUNK];
+            loop {
+                match input.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = proto::write_frame(&mut events, &Frame::StdinClose);
+                        return;
+                    }
+                    Ok(n) => {
+                        if proto::write_frame(&mut events, &Frame::Stdin(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    forward_signals(link.clone(), pty.as_ref().map(|p| p.slave.try_clone().expect("dup pty")));
+
+    // Wait for the workload's end or the VM's death.
+    let code = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::MainExited(code)) => break Some(code),
+            Ok(Event::StreamClosed) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+        }
+        match vm.try_wait() {
+            Ok(Some(exit)) => {
+                log::warn!("VM stopped without reporting an exit code: {exit:?}");
+                // The events reader may still hold the last frames; give it a moment.
+                break match rx.recv_timeout(Duration::from_millis(500)) {
+                    Ok(Event::MainExited(code)) => Some(code),
+                    _ => None,
+                };
+            }
+            Ok(None) => {}
+            Err(e) => log::warn!("checking the VM: {e}"),
+        }
+    };
+    let code = code
+        .or_else(|| dir.recorded_exit_code())
+        .or_else(|| read_guest_exit_code(&cfg.rootfs))
+        .unwrap_or(LOST_EXIT_CODE);
+    if dir.recorded_exit_code().is_none() {
+        let _ = write_atomic(&dir.exit_code_file(), code.to_string().as_bytes());
+    }
+    // The code is recorded: clients see `stopped` now; tear the VM down.
+    let deadline = Instant::now() + POWEROFF_GRACE;
+    while Instant::now() < deadline {
+        if matches!(vm.try_wait(), Ok(Some(_)) | Err(_)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.kill();
+    if let Some(l) = &log {
+        let _ = l.lock().map(|mut l| l.flush_partial());
+    }
+    code & 0xff
+}
+
+fn dup_fd(fd: i32) -> OwnedFd {
+    // SAFETY: fds 0/1/2 are open for the life of the process; we duplicate, not take.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned().unwrap_or_else(|_| {
+        File::options().read(true).write(true).open("/dev/null").expect("/dev/null").into()
+    })
+}
+
+/// Signals delivered to the container pid go to the workload, as with runc's init.
+pub const FORWARDED_SIGNALS: [i32; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+fn forward_signals(link: GuestLink, pty: Option<OwnedFd>) {
+    let mut signals = match signal_hook::iterator::Signals::new(FORWARDED_SIGNALS) {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!("cannot forward signals: {e}");
+            return;
+        }
+    };
+    std::thread::spawn(move || {
+        let mut control: Option<UnixStream> = None;
+        for sig in signals.forever() {
+            let msg = if sig == libc::SIGWINCH {
+                match pty.as_ref().and_then(crate::console::window_size) {
+                    Some((rows, cols)) => Message::Resize { rows, cols },
+                    None => continue,
+                }
+            } else {
+                Message::Signal { target: SignalTarget::Main, signal: sig }
+            };
+            // Reuse one control connection; reconnect once if it broke.
+            for _ in 0..2 {
+                if control.is_none() {
+                    control = connect_control(&link).ok();
+                }
+                let Some(c) = control.as_mut() else { break };
+                match request(c, msg.clone()) {
+                    Ok(_) => break,
+                    Err(_) => control = None,
+                }
+            }
+        }
+    });
+}
+
+/// Path of the json-file log for a container (annotation override, else the state dir).
+pub fn log_path(dir: &ContainerDir, spec: &Spec) -> PathBuf {
+    spec.annotations()
+        .as_ref()
+        .and_then(|a| a.get(crate::spec::ANNOTATION_LOG_PATH))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dir.path.join("container.log"))
+}
+
+/// Reads the monitor's report from the sync pipe (EOF = the monitor died).
+pub fn read_report(pipe: &mut File, monitor_log: &Path) -> Result<SyncReport> {
+    let mut buf = Vec::new();
+    pipe.take(1024 * 1024).read_to_end(&mut buf).ctx(|| "reading the monitor's report".into())?;
+    match serde_json::from_slice::<SyncReport>(buf.split(|&b| b == b'\n').next().unwrap_or_default()) {
+        Ok(r) => Ok(r),
+        Err(_) => {
+            let log = std::fs::read_to_string(monitor_log).unwrap_or_default();
+            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
+            Err(Error::Vm(format!("the VM monitor exited before the guest was ready: {tail}")))
+        }
+    }
+}

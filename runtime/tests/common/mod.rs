@@ -1,0 +1,212 @@
+//! Shared harness of the end-to-end tests: busybox bundles, the krun-oci
+//! binary driven exactly as a user would, and checks that nothing is left behind.
+#![allow(dead_code)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const KRUN_OCI: &str = env!("CARGO_BIN_EXE_krun-oci");
+
+/// True when real VMs can boot here. Otherwise prints why and returns false —
+/// unless KRUN_OCI_REQUIRE_VM=1 (as `make test` and CI set), where it fails.
+pub fn vm_available(test: &str) -> bool {
+    let missing: Vec<String> = [
+        ("qemu-system-x86_64", "apt-get install qemu-system-x86"),
+        ("virtiofsd", "cargo install --locked virtiofsd"),
+        ("vhost-device-vsock", "cargo install --locked vhost-device-vsock"),
+        ("busybox", "apt-get install busybox-static"),
+    ]
+    .iter()
+    .filter(|(bin, _)| which(bin).is_none())
+    .map(|(bin, fix)| format!("{bin} missing ({fix})"))
+    .chain(match std::env::var_os("KRUN_OCI_INIT") {
+        Some(p) if Path::new(&p).exists() => None,
+        _ => Some("static krun-oci-init not built (run `make build`, which sets KRUN_OCI_INIT for `make test`)".to_string()),
+    })
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = missing.join("; ");
+    if std::env::var("KRUN_OCI_REQUIRE_VM").as_deref() == Ok("1") {
+        panic!("{test}: VM tests required but cannot run: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+pub fn which(bin: &str) -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .map(PathBuf::from)
+        .chain([PathBuf::from(format!("{home}/.cargo/bin")), PathBuf::from("/usr/local/bin"), PathBuf::from("/bin")])
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// Makes this test process the subreaper of the monitors it creates, so it can
+/// `waitpid` them like conmon and the shims do.
+pub fn become_subreaper() {
+    // SAFETY: plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+/// A bundle with a busybox-static rootfs.
+pub struct TestBundle {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBundle {
+    pub fn new(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("rootfs");
+        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "run", "root"] {
+            fs::create_dir_all(rootfs.join(d)).unwrap();
+        }
+        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
+        let busybox = which("busybox").expect("busybox");
+        fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
+        let status = Command::new(rootfs.join("bin/busybox"))
+            .args(["--install", "-s", rootfs.join("bin").to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        // `--install -s` links to the host path of busybox; point them inside the rootfs.
+        for entry in fs::read_dir(rootfs.join("bin")).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_symlink() {
+                fs::remove_file(&p).unwrap();
+                std::os::unix::fs::symlink("busybox", &p).unwrap();
+            }
+        }
+        fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+        let b = TestBundle { dir };
+        b.write_config(|c| {
+            c["process"]["args"] = serde_json::json!(args);
+        });
+        b
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
+    /// Rewrites config.json: starts from `krun-oci spec` with terminal off and a writable root.
+    pub fn write_config(&self, edit: impl FnOnce(&mut Value)) {
+        let cfg_path = self.path().join("config.json");
+        let mut cfg: Value = match fs::read(&cfg_path) {
+            Ok(d) => serde_json::from_slice(&d).unwrap(),
+            Err(_) => {
+                let out = Command::new(KRUN_OCI).args(["spec", "--bundle"]).arg(self.path()).output().unwrap();
+                assert!(out.status.success(), "spec: {}", String::from_utf8_lossy(&out.stderr));
+                let mut v: Value = serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
+                v["process"]["terminal"] = Value::Bool(false);
+                v["root"]["readonly"] = Value::Bool(false);
+                v
+            }
+        };
+        edit(&mut cfg);
+        fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    }
+}
+
+/// krun-oci with its own `--root`.
+pub struct Runtime {
+    pub root: tempfile::TempDir,
+}
+
+impl Runtime {
+    pub fn new() -> Self {
+        Runtime { root: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(KRUN_OCI);
+        c.arg("--root").arg(self.root.path()).args(args);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "krun-oci {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `create` with the container's stdout/stderr going to files; returns the monitor pid.
+    pub fn create(&self, id: &str, bundle: &TestBundle, out: &Path, err: &Path) -> i32 {
+        let pid_file = bundle.path().join(format!("{id}.pid"));
+        let status = self
+            .cmd(&["create", "--bundle", bundle.path().to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), id])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(out).unwrap())
+            .stderr(fs::File::create(err).unwrap())
+            .status()
+            .unwrap();
+        assert!(status.success(), "create failed: {}", fs::read_to_string(err).unwrap_or_default());
+        let pid = fs::read_to_string(&pid_file).unwrap();
+        assert!(!pid.ends_with('\n'), "pid file must have no trailing newline");
+        pid.parse().unwrap()
+    }
+
+    pub fn state(&self, id: &str) -> Value {
+        serde_json::from_str(&self.ok(&["state", id])).unwrap()
+    }
+
+    /// Helper pids (VMM and its helpers) recorded for `id`.
+    pub fn helper_pids(&self, id: &str) -> Vec<i32> {
+        let v: Value = serde_json::from_slice(&fs::read(self.root.path().join(id).join("state.json")).unwrap()).unwrap();
+        v["helper_pids"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap() as i32).collect()
+    }
+}
+
+/// Waits (as subreaper) for a monitor and returns its exit status as a shell would.
+pub fn wait_exit(pid: i32) -> i32 {
+    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).unwrap() {
+        nix::sys::wait::WaitStatus::Exited(_, c) => c,
+        nix::sys::wait::WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+        other => panic!("unexpected wait status {other:?}"),
+    }
+}
+
+/// Polls until `f` is true (bounded; failing the test if never).
+pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+/// Asserts nothing of the container remains: state dir, VMM and helpers.
+pub fn assert_cleaned_up(rt: &Runtime, id: &str, pids: &[i32]) {
+    assert!(!rt.root.path().join(id).exists(), "state dir of {id} left behind");
+    for &p in pids {
+        eventually(&format!("pid {p} of {id} to go away"), Duration::from_secs(10), || !alive(p));
+    }
+}

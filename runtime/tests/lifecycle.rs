@@ -1,0 +1,290 @@
+//! End-to-end lifecycle on real microVMs (QEMU; TCG on hosts without hardware
+//! KVM), driven only through the krun-oci binary.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+
+fn read(p: &std::path::Path) -> String {
+    fs::read_to_string(p).unwrap_or_default()
+}
+
+/// create → state created → start → wait → state stopped with the code.
+fn run_to_exit(test: &str, args: &[&str]) -> (i32, i32, String, String, serde_json::Value) {
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(args);
+    let (out, err) = (b.path().join("out"), b.path().join("err"));
+    let pid = rt.create(test, &b, &out, &err);
+    assert_eq!(rt.state(test)["status"], "created");
+    assert_eq!(rt.state(test)["pid"], pid);
+    let helpers = rt.helper_pids(test);
+    assert!(!helpers.is_empty());
+    rt.ok(&["start", test]);
+    let code = wait_exit(pid);
+    let state = rt.state(test);
+    assert_eq!(state["status"], "stopped");
+    let logs = rt.ok(&["logs", test]);
+    rt.ok(&["delete", test]);
+    assert_cleaned_up(&rt, test, &helpers);
+    assert!(!b.rootfs().join(".a3s_exit_code").exists(), "delete leaves the exit-code file");
+    (code, state["exitCode"].as_i64().unwrap() as i32, read(&out), read(&err), serde_json::json!({"logs": logs}))
+}
+
+#[test]
+fn exit_code_zero_and_output() {
+    if !vm_available("exit_code_zero_and_output") {
+        return;
+    }
+    let (code, state_code, out, err, logs) = run_to_exit("ok0", &["sh", "-c", "echo out-line; echo err-line >&2"]);
+    assert_eq!((code, state_code), (0, 0));
+    assert_eq!(out, "out-line\n");
+    assert_eq!(err, "err-line\n");
+    assert!(logs["logs"].as_str().unwrap().contains("out-line"));
+}
+
+#[test]
+fn exit_code_seven() {
+    if !vm_available("exit_code_seven") {
+        return;
+    }
+    let (code, state_code, ..) = run_to_exit("seven", &["sh", "-c", "exit 7"]);
+    assert_eq!((code, state_code), (7, 7));
+}
+
+#[test]
+fn exit_code_137_when_killed_in_guest() {
+    if !vm_available("exit_code_137_when_killed_in_guest") {
+        return;
+    }
+    let (code, state_code, ..) = run_to_exit("k137", &["sh", "-c", "kill -9 $$"]);
+    assert_eq!((code, state_code), (137, 137));
+}
+
+#[test]
+fn output_before_exit_is_not_lost() {
+    if !vm_available("output_before_exit_is_not_lost") {
+        return;
+    }
+    let (code, _, out, ..) = run_to_exit("mib", &["sh", "-c", "head -c 1048576 /dev/zero | tr '\\0' x; exit 3"]);
+    assert_eq!(code, 3);
+    assert_eq!(out.len(), 1024 * 1024);
+    assert!(out.bytes().all(|b| b == b'x'));
+}
+
+#[test]
+fn json_log_separates_streams() {
+    if !vm_available("json_log_separates_streams") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sh", "-c", "echo a; echo b >&2; echo c"]);
+    let pid = rt.create("streams", &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", "streams"]);
+    assert_eq!(wait_exit(pid), 0);
+    let log = read(&rt.root.path().join("streams/container.log"));
+    let entries: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let by_stream = |s: &str| -> String {
+        entries.iter().filter(|e| e["stream"] == s).map(|e| e["log"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(by_stream("stdout"), "a\nc\n");
+    assert_eq!(by_stream("stderr"), "b\n");
+    for e in &entries {
+        chrono::DateTime::parse_from_rfc3339(e["time"].as_str().unwrap()).unwrap();
+    }
+    let tail = rt.ok(&["logs", "--tail", "1", "streams"]);
+    assert_eq!(tail, "c\n");
+    rt.ok(&["delete", "streams"]);
+}
+
+#[test]
+fn lifecycle_errors_have_no_effect() {
+    if !vm_available("lifecycle_errors_have_no_effect") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sh", "-c", "trap 'echo got-term; exit 42' TERM; echo ready; while true; do sleep 0.1; done"]);
+    let (out, err) = (b.path().join("o"), b.path().join("e"));
+    let pid = rt.create("errs", &b, &out, &err);
+    // Duplicate ID.
+    let dup = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "errs"]);
+    assert!(!dup.status.success());
+    assert!(String::from_utf8_lossy(&dup.stderr).contains("container with given ID already exists"));
+    rt.ok(&["start", "errs"]);
+    // start twice
+    let again = rt.run(&["start", "errs"]);
+    assert!(!again.status.success());
+    assert_eq!(rt.state("errs")["status"], "running");
+    // delete while running
+    let del = rt.run(&["delete", "errs"]);
+    assert!(!del.status.success());
+    assert!(String::from_utf8_lossy(&del.stderr).contains("cannot delete container errs that is not stopped: running"));
+    assert_eq!(rt.state("errs")["status"], "running");
+    // kill TERM reaches the trap
+    eventually("workload ready", Duration::from_secs(60), || read(&out).contains("ready"));
+    rt.ok(&["kill", "errs", "TERM"]);
+    assert_eq!(wait_exit(pid), 42);
+    assert!(read(&out).contains("got-term"));
+    assert_eq!(rt.state("errs")["exitCode"], 42);
+    // kill on a stopped container
+    let k = rt.run(&["kill", "errs", "9"]);
+    assert!(String::from_utf8_lossy(&k.stderr).contains("container not running"));
+    let helpers = rt.helper_pids("errs");
+    rt.ok(&["delete", "errs"]);
+    assert_cleaned_up(&rt, "errs", &helpers);
+    // Unknown containers.
+    assert!(String::from_utf8_lossy(&rt.run(&["start", "errs"]).stderr).contains("container does not exist"));
+    rt.ok(&["delete", "--force", "errs"]);
+}
+
+#[test]
+fn sigterm_to_monitor_reaches_workload() {
+    if !vm_available("sigterm_to_monitor_reaches_workload") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sh", "-c", "trap 'echo trapped; exit 5' TERM; echo ready; while true; do sleep 0.1; done"]);
+    let out = b.path().join("o");
+    let pid = rt.create("fwd", &b, &out, &b.path().join("e"));
+    rt.ok(&["start", "fwd"]);
+    eventually("workload ready", Duration::from_secs(60), || read(&out).contains("ready"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(wait_exit(pid), 5);
+    assert!(read(&out).contains("trapped"));
+    rt.ok(&["delete", "fwd"]);
+}
+
+#[test]
+fn kill_all_and_ps() {
+    if !vm_available("kill_all_and_ps") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sh", "-c", "sleep 1000 & echo ready; wait"]);
+    let out = b.path().join("o");
+    let pid = rt.create("all", &b, &out, &b.path().join("e"));
+    rt.ok(&["start", "all"]);
+    eventually("workload ready", Duration::from_secs(60), || read(&out).contains("ready"));
+    let pids: Vec<i32> = serde_json::from_str(&rt.ok(&["ps", "--format", "json", "all"])).unwrap();
+    assert!(pids.len() >= 2, "{pids:?}");
+    assert!(rt.ok(&["ps", "all"]).contains("sleep 1000"));
+    rt.ok(&["kill", "--all", "all", "KILL"]);
+    assert_eq!(wait_exit(pid), 137);
+    rt.ok(&["delete", "all"]);
+}
+
+#[test]
+fn monitor_killed_means_stopped_and_cleanup() {
+    if !vm_available("monitor_killed_means_stopped_and_cleanup") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sleep", "1000"]);
+    let pid = rt.create("mk", &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", "mk"]);
+    let helpers = rt.helper_pids("mk");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert_eq!(wait_exit(pid), 137);
+    let st = rt.state("mk");
+    assert_eq!(st["status"], "stopped");
+    assert_ne!(st["exitCode"], 0);
+    // The VMM and helpers die with the monitor.
+    for &p in &helpers {
+        eventually("helper to die with its monitor", Duration::from_secs(10), || !alive(p));
+    }
+    rt.ok(&["delete", "mk"]);
+    assert_cleaned_up(&rt, "mk", &helpers);
+}
+
+#[test]
+fn hooks_run_in_order_and_failure_aborts_create() {
+    if !vm_available("hooks_run_in_order_and_failure_aborts_create") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["true"]);
+    let trace = b.path().join("trace");
+    let hook = |name: &str| {
+        serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c", format!(
+            "s=$(cat); echo \"{name} $(echo \"$s\" | sed -n 's/.*\"status\":\"\\([a-z]*\\)\".*/\\1/p')\" >> {}", trace.display())]})
+    };
+    b.write_config(|c| {
+        c["hooks"] = serde_json::json!({
+            "prestart": [hook("prestart")],
+            "createRuntime": [hook("createRuntime")],
+            "createContainer": [hook("createContainer")],
+            "poststart": [hook("poststart")],
+            "poststop": [hook("poststop")],
+        });
+    });
+    let pid = rt.create("hk", &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", "hk"]);
+    assert_eq!(wait_exit(pid), 0);
+    rt.ok(&["delete", "hk"]);
+    assert_eq!(
+        read(&trace),
+        "prestart created\ncreateRuntime created\ncreateContainer created\npoststart running\npoststop stopped\n"
+    );
+    // A failing createRuntime hook aborts create and leaves nothing.
+    b.write_config(|c| {
+        c["hooks"] = serde_json::json!({"createRuntime": [{"path": "/bin/false"}]});
+    });
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "hk2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("createRuntime"));
+    assert!(!rt.root.path().join("hk2").exists());
+    eventually("no VM of hk2 left", Duration::from_secs(10), || {
+        let ps = std::process::Command::new("pgrep").args(["-f", "hk2/run"]).output().unwrap();
+        ps.stdout.is_empty()
+    });
+}
+
+#[test]
+fn create_validation_leaves_nothing() {
+    // No VM needed: these fail before any boot.
+    let rt = Runtime::new();
+    if which("busybox").is_none() {
+        eprintln!("SKIPPED create_validation_leaves_nothing: busybox missing");
+        return;
+    }
+    let b = TestBundle::new(&["nonexistent-binary"]);
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "v1"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("executable file not found in $PATH"));
+    b.write_config(|c| c["process"]["args"] = serde_json::json!(["/nope"]));
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "v1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file or directory"));
+    b.write_config(|c| {
+        c["process"]["args"] = serde_json::json!(["sh"]);
+        c["ociVersion"] = serde_json::json!("bogus");
+    });
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "v1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ociVersion"));
+    for bad in ["../x", "a/b", ""] {
+        let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), bad]);
+        assert!(!out.status.success(), "{bad:?} accepted");
+    }
+    let long = "a".repeat(1025);
+    assert!(!rt.run(&["create", "--bundle", b.path().to_str().unwrap(), &long]).status.success());
+    let out = rt.run(&["create", "--bundle", "/nonexistent", "v1"]);
+    assert!(!out.status.success());
+    // Terminal without console socket.
+    b.write_config(|c| {
+        c["ociVersion"] = serde_json::json!("1.0.2");
+        c["process"]["terminal"] = serde_json::json!(true);
+    });
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "v1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("console socket"));
+    // Nothing was left in the root.
+    let left: Vec<_> = fs::read_dir(rt.root.path()).map(|d| d.map(|e| e.unwrap().file_name()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
