@@ -2,12 +2,14 @@
 //! container in its own microVM.
 
 pub mod bundle;
+pub mod check;
 pub mod cli;
 pub mod console;
 pub mod container;
 pub mod error;
 pub mod guest;
 pub mod hooks;
+pub mod image;
 pub mod lifecycle;
 pub mod logger;
 pub mod logs;

@@ -1,6 +1,9 @@
 //! VMM backends. Everything that knows which VMM runs lives under this module;
 //! the rest of the runtime sees only [`Vmm`] and [`Vm`].
 
+pub mod detect;
+pub mod qemu;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -34,7 +37,11 @@ pub struct VmSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
     /// The VMM exited (the guest powered off, or the VMM failed) with this status.
-    Exited { component: String, status: Option<i32>, signal: Option<i32> },
+    Exited {
+        component: String,
+        status: Option<i32>,
+        signal: Option<i32>,
+    },
 }
 
 /// A running VM and its helper processes, owned by the VM monitor.

@@ -1,0 +1,266 @@
+//! The guest image: a kernel the VMM boots directly (vmlinux ELF, PVH) and an
+//! initramfs with krun-oci-init as `/init`. Built by the project, cached, rebuilt
+//! when an input changes. See docs/vmm.md for the pipeline and the cache layout.
+
+pub mod cache;
+pub mod initramfs;
+pub mod kernel;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::{Error, Result};
+use kernel::KernelDir;
+
+/// Bumped whenever the initramfs layout changes, so cached images are rebuilt.
+const IMAGE_FORMAT: &str = "krun-oci-initramfs-v1";
+
+/// Where the guest kernel came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KernelOrigin {
+    /// `KRUN_OCI_KERNEL` or an explicit option.
+    Configured,
+    /// The kernel bundled in libkrunfw (libkrun backend only).
+    Libkrunfw,
+    /// Our own minimal kernel (drivers built in, `VIRTIO_MMIO_CMDLINE_DEVICES`).
+    OwnBuilt,
+    /// The distro's stock kernel package, unpacked into the cache.
+    DistroStock,
+}
+
+impl std::fmt::Display for KernelOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KernelOrigin::Configured => "configured (KRUN_OCI_KERNEL)",
+            KernelOrigin::Libkrunfw => "libkrunfw",
+            KernelOrigin::OwnBuilt => "krun-oci's own kernel",
+            KernelOrigin::DistroStock => "distro stock kernel (modules in the initramfs)",
+        })
+    }
+}
+
+/// A bootable guest: kernel, initramfs and what the kernel command line must add.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestImage {
+    /// Uncompressed vmlinux ELF with a PVH note.
+    pub kernel: PathBuf,
+    /// Uncompressed newc cpio.
+    pub initrd: PathBuf,
+    pub kernel_origin: KernelOrigin,
+    /// Appended to the VMM's base command line.
+    pub cmdline_extra: String,
+}
+
+/// Inputs of [`ensure`].
+#[derive(Debug, Clone, Default)]
+pub struct ImageOptions {
+    /// Cache directory; [`cache::default_cache_dir`] when `None`.
+    pub cache_dir: Option<PathBuf>,
+    /// Kernel to use (vmlinux ELF, or a bzImage with an XZ payload); overrides the search.
+    pub kernel: Option<PathBuf>,
+    /// The guest init binary; [`locate_init`] when `None`.
+    pub init: Option<PathBuf>,
+    /// Extra files (guest path, host file) put into the initramfs, mode 0755.
+    /// For debugging and tests (e.g. a shell); containers never need them.
+    pub extra_files: Vec<(String, PathBuf)>,
+}
+
+impl ImageOptions {
+    /// Options from the environment: `KRUN_OCI_CACHE`, `KRUN_OCI_KERNEL`, `KRUN_OCI_INIT`.
+    pub fn from_env() -> ImageOptions {
+        let path = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        ImageOptions {
+            cache_dir: path("KRUN_OCI_CACHE"),
+            kernel: path("KRUN_OCI_KERNEL"),
+            init: path("KRUN_OCI_INIT"),
+            extra_files: Vec::new(),
+        }
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(cache::default_cache_dir)
+    }
+}
+
+/// Candidate locations of krun-oci-init, in search order: `$KRUN_OCI_INIT`, next to
+/// the running executable, `../lib/krun-oci/krun-oci-init` relative to it.
+pub fn init_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(p) = std::env::var_os("KRUN_OCI_INIT").filter(|p| !p.is_empty()) {
+        v.push(PathBuf::from(p));
+    }
+    if let Some(dir) = exe.and_then(Path::parent) {
+        v.push(dir.join("krun-oci-init"));
+        v.push(dir.join("../lib/krun-oci/krun-oci-init"));
+    }
+    v
+}
+
+/// Finds the static krun-oci-init binary (see [`init_candidates`]).
+pub fn locate_init() -> Result<PathBuf> {
+    let exe = std::env::current_exe().ok();
+    let candidates = init_candidates(exe.as_deref());
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| {
+            let list: Vec<_> = candidates.iter().map(|p| p.display().to_string()).collect();
+            Error::Vm(format!(
+            "krun-oci-init not found (looked at: {}); build it with `make` or set KRUN_OCI_INIT",
+            list.join(", ")
+        ))
+        })
+}
+
+/// Cheap identity of a file the user points at: path, size, mtime, inode.
+fn file_identity(path: &Path) -> Result<String> {
+    let m = fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
+    Ok(format!(
+        "{}:{}:{}.{}:{}",
+        path.display(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ino()
+    ))
+}
+
+/// Where our own minimal kernel is expected once built (branch `kernel`).
+pub fn own_kernel_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("own-kernel").join("vmlinux")
+}
+
+/// Resolves the kernel: configured path, then our own built kernel, then the distro's.
+pub fn resolve_kernel(
+    opts: &ImageOptions,
+    cache_dir: &Path,
+) -> Result<(KernelDir, PathBuf, KernelOrigin)> {
+    if let Some(k) = &opts.kernel {
+        let identity = format!("configured:{}", file_identity(k)?);
+        if kernel::is_elf(k) {
+            let dir = KernelDir {
+                dir: PathBuf::new(),
+                identity,
+                modules: Vec::new(),
+            };
+            return Ok((dir, k.clone(), KernelOrigin::Configured));
+        }
+        let dir = kernel::unpack_configured(cache_dir, k, &identity)?;
+        let vmlinux = dir.vmlinux();
+        return Ok((dir, vmlinux, KernelOrigin::Configured));
+    }
+    let own = own_kernel_path(cache_dir);
+    if own.is_file() {
+        let dir = KernelDir {
+            dir: PathBuf::new(),
+            identity: format!("own:{}", file_identity(&own)?),
+            modules: vec![],
+        };
+        return Ok((dir, own, KernelOrigin::OwnBuilt));
+    }
+    let dir = kernel::distro_kernel(cache_dir)?;
+    let vmlinux = dir.vmlinux();
+    Ok((dir, vmlinux, KernelOrigin::DistroStock))
+}
+
+/// Returns the guest image for `opts`, building what is missing or stale.
+pub fn ensure(opts: &ImageOptions) -> Result<GuestImage> {
+    let cache_dir = opts.cache_dir();
+    let init = match &opts.init {
+        Some(p) => p.clone(),
+        None => locate_init()?,
+    };
+    let (kdir, vmlinux, origin) = resolve_kernel(opts, &cache_dir)?;
+
+    let init_hash = cache::sha256_file(&init)?;
+    let mut parts = vec![
+        IMAGE_FORMAT.to_owned(),
+        kdir.identity.clone(),
+        init_hash,
+        kdir.modules.join(","),
+    ];
+    for (guest, host) in &opts.extra_files {
+        parts.push(format!("{guest}={}", cache::sha256_file(host)?));
+    }
+    let key = cache::key(&parts.iter().map(String::as_str).collect::<Vec<_>>());
+    let dest = cache_dir.join("images").join(&key);
+    cache::build_once(&cache_dir, &dest, |tmp| {
+        let entries = initramfs::image_entries(
+            &init,
+            &kdir.modules_root(),
+            &kdir.modules,
+            &opts.extra_files,
+        );
+        initramfs::write_cpio(&tmp.join("initrd.cpio"), &entries)?;
+        let desc = serde_json::json!({
+            "kernel": vmlinux, "kernel_origin": origin, "kernel_identity": kdir.identity,
+            "init": init, "modules": kdir.modules,
+        });
+        fs::write(tmp.join("image.json"), serde_json::to_vec_pretty(&desc)?)
+            .ctx(|| "write image.json".into())
+    })?;
+    Ok(GuestImage {
+        kernel: vmlinux,
+        initrd: dest.join("initrd.cpio"),
+        kernel_origin: origin,
+        cmdline_extra: String::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_lookup_order() {
+        let c = init_candidates(Some(Path::new("/opt/k/bin/krun-oci")));
+        let tail: Vec<_> = c.iter().rev().take(2).rev().cloned().collect();
+        assert_eq!(
+            tail,
+            [
+                PathBuf::from("/opt/k/bin/krun-oci-init"),
+                PathBuf::from("/opt/k/bin/../lib/krun-oci/krun-oci-init")
+            ]
+        );
+    }
+
+    #[test]
+    fn image_key_changes_with_inputs_and_image_is_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let kernel = d.path().join("vmlinux");
+        fs::write(&kernel, b"\x7fELF fake").unwrap();
+        let init = d.path().join("init");
+        fs::write(&init, b"init v1").unwrap();
+        let opts = ImageOptions {
+            cache_dir: Some(d.path().join("cache")),
+            kernel: Some(kernel.clone()),
+            init: Some(init.clone()),
+            extra_files: vec![],
+        };
+        let a = ensure(&opts).unwrap();
+        assert_eq!(a.kernel, kernel);
+        assert_eq!(a.kernel_origin, KernelOrigin::Configured);
+        assert!(a.initrd.is_file());
+        assert_eq!(ensure(&opts).unwrap(), a, "same inputs, same image");
+        fs::write(&init, b"init v2").unwrap();
+        let b = ensure(&opts).unwrap();
+        assert_ne!(a.initrd, b.initrd, "new init, new image");
+        // A changed kernel file (different size/mtime) also changes the key.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&kernel, b"\x7fELF fake, rebuilt").unwrap();
+        let c = ensure(&opts).unwrap();
+        assert_ne!(b.initrd, c.initrd, "new kernel, new image");
+    }
+}

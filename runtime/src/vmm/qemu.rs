@@ -1,0 +1,824 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` booting the vmlinux directly
+//! (PVH), root filesystem over virtio-fs served by `virtiofsd`, vsock over
+//! vhost-user served by `vhost-device-vsock`. Works with KVM and, where hardware
+//! virtualization is unusable, with TCG. Why each flag: docs/vmm.md.
+//!
+//! Every child is spawned by one supervisor thread per VM that lives exactly as
+//! long as the VM: children carry `PR_SET_PDEATHSIG(SIGKILL)`, which fires when
+//! the *thread* that forked them ends, so nothing outlives a killed monitor, and
+//! the thread stops all of them as soon as any one exits.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::error::IoContext;
+use crate::guest::GuestLink;
+use crate::image::GuestImage;
+use crate::vmm::{detect, Vm, VmExit, VmSpec, Vmm};
+use crate::{Error, Result};
+
+/// How QEMU executes guest code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// A helper program: its name, the env var that overrides its path, how to install it.
+#[derive(Debug, Clone, Copy)]
+pub struct Program {
+    pub name: &'static str,
+    pub env: &'static str,
+    pub install: &'static str,
+}
+
+pub const QEMU: Program = Program {
+    name: "qemu-system-x86_64",
+    env: "KRUN_OCI_QEMU",
+    install: "apt-get install qemu-system-x86",
+};
+pub const VIRTIOFSD: Program = Program {
+    name: "virtiofsd",
+    env: "KRUN_OCI_VIRTIOFSD",
+    install: "apt-get install libcap-ng-dev libseccomp-dev && cargo install --locked virtiofsd",
+};
+pub const VHOST_VSOCK: Program = Program {
+    name: "vhost-device-vsock",
+    env: "KRUN_OCI_VHOST_VSOCK",
+    install: "cargo install --locked vhost-device-vsock",
+};
+
+/// Finds a program: its env override, then `$PATH`, `~/.cargo/bin`, `/usr/local/bin`
+/// (cargo-installed helpers are often not on the PATH of containerd or podman).
+pub fn find_program(p: &Program) -> Option<PathBuf> {
+    if let Some(v) = std::env::var_os(p.env).filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(v));
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.extend(["/root/.cargo/bin", "/usr/local/bin", "/usr/bin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join(p.name))
+        .find(|c| c.is_file())
+}
+
+/// First line of `<path> --version`.
+pub fn program_version(path: &Path) -> Option<String> {
+    let out = Command::new(path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+}
+
+/// Paths of the three programs the backend runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Programs {
+    pub qemu: PathBuf,
+    pub virtiofsd: PathBuf,
+    pub vhost_vsock: PathBuf,
+}
+
+impl Programs {
+    pub fn locate() -> Result<Programs> {
+        let get = |p: &Program| {
+            find_program(p).ok_or_else(|| {
+                Error::Vm(format!(
+                    "{} not found; install it with: {}",
+                    p.name, p.install
+                ))
+            })
+        };
+        Ok(Programs {
+            qemu: get(&QEMU)?,
+            virtiofsd: get(&VIRTIOFSD)?,
+            vhost_vsock: get(&VHOST_VSOCK)?,
+        })
+    }
+}
+
+/// The per-VM files in `run_dir`.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    pub run_dir: PathBuf,
+    /// vhost-user control socket of vhost-device-vsock (QEMU connects).
+    pub vsock_ctl: PathBuf,
+    /// Hybrid vsock socket (host processes connect; `<uds>_<port>` for guest connect-outs).
+    pub vsock_uds: PathBuf,
+    /// vhost-user socket of virtiofsd.
+    pub fs_sock: PathBuf,
+    pub console: PathBuf,
+}
+
+impl RunPaths {
+    pub fn new(run_dir: &Path) -> RunPaths {
+        RunPaths {
+            run_dir: run_dir.to_owned(),
+            vsock_ctl: run_dir.join("vhost-vsock.sock"),
+            vsock_uds: run_dir.join("vsock"),
+            fs_sock: run_dir.join("virtiofs.sock"),
+            console: run_dir.join("console.log"),
+        }
+    }
+
+    /// Removes every socket of the VM, including guest connect-out sockets `vsock_<port>`.
+    fn remove_sockets(&self) {
+        for p in [&self.vsock_ctl, &self.vsock_uds, &self.fs_sock] {
+            let _ = fs::remove_file(p);
+        }
+        let prefix = format!(
+            "{}_",
+            self.vsock_uds
+                .file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+        );
+        if let Ok(rd) = fs::read_dir(&self.run_dir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name
+                    .strip_prefix(&prefix)
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// The QEMU backend for one guest image and accelerator.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    pub image: GuestImage,
+    pub accel: Accel,
+    pub programs: Programs,
+    /// Host TSC kHz for `tsc_early_khz=`.
+    pub tsc_khz: Option<u64>,
+}
+
+impl QemuVmm {
+    pub fn new(image: GuestImage, accel: Accel) -> Result<QemuVmm> {
+        Ok(QemuVmm {
+            image,
+            accel,
+            programs: Programs::locate()?,
+            tsc_khz: detect::host_cpu_khz(),
+        })
+    }
+
+    /// The guest kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        // console on the serial port; panic=-1 + -no-reboot: a dead PID 1 ends QEMU at
+        // once; the rest shortens a TCG boot measurably (docs/vmm.md).
+        let mut c = String::from(
+            "console=ttyS0 panic=-1 quiet cryptomgr.notests mitigations=off lsm=lockdown audit=0 \
+             tsc=reliable no_timer_check",
+        );
+        if let Some(khz) = self.tsc_khz {
+            c.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        if !self.image.cmdline_extra.is_empty() {
+            c.push(' ');
+            c.push_str(&self.image.cmdline_extra);
+        }
+        c
+    }
+
+    /// QEMU's argument vector (without the program).
+    pub fn qemu_args(&self, spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
+        let mem = spec.ram_mib.max(64);
+        let (accel, cpu) = match self.accel {
+            Accel::Tcg => ("tcg", "qemu64"),
+            Accel::Kvm => ("kvm", "host"),
+        };
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |args: &[&str]| a.extend(args.iter().map(OsString::from));
+        push(&["-M", "microvm,x-option-roms=off,memory-backend=mem"]);
+        push(&["-accel", accel, "-cpu", cpu]);
+        push(&[
+            "-smp",
+            &spec.vcpus.max(1).to_string(),
+            "-m",
+            &format!("{mem}M"),
+        ]);
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        ]);
+        push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+        let path = |p: &Path| p.to_string_lossy().replace(',', ",,");
+        push(&[
+            "-kernel",
+            &path(&self.image.kernel),
+            "-initrd",
+            &path(&self.image.initrd),
+        ]);
+        push(&["-append", &self.kernel_cmdline()]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=fs0,path={}", path(&paths.fs_sock)),
+        ]);
+        push(&["-device", "vhost-user-fs-device,chardev=fs0,tag=rootfs"]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=vs0,path={}", path(&paths.vsock_ctl)),
+        ]);
+        push(&["-device", "vhost-user-vsock-device,chardev=vs0"]);
+        push(&[
+            "-chardev",
+            &format!("file,id=con0,path={}", path(&paths.console)),
+        ]);
+        push(&["-serial", "chardev:con0"]);
+        a
+    }
+
+    fn virtiofsd_args(&self, spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--socket-path".into(), paths.fs_sock.clone().into()];
+        a.extend(["--shared-dir".into(), spec.rootfs.clone().into_os_string()]);
+        // The VM is the sandbox; virtiofsd's own namespace sandbox needs privileges
+        // we may not have (rootless) and costs start time.
+        a.extend(
+            [
+                "--cache=auto",
+                "--sandbox=none",
+                "--announce-submounts",
+                "--log-level=error",
+            ]
+            .map(OsString::from),
+        );
+        a
+    }
+
+    fn vhost_vsock_args(&self, paths: &RunPaths) -> Vec<OsString> {
+        vec![
+            "--guest-cid".into(),
+            "3".into(),
+            "--socket".into(),
+            paths.vsock_ctl.clone().into(),
+            "--uds-path".into(),
+            paths.vsock_uds.clone().into(),
+        ]
+    }
+}
+
+impl Vmm for QemuVmm {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn link(&self, spec: &VmSpec) -> GuestLink {
+        GuestLink::HybridVsock {
+            uds: RunPaths::new(&spec.run_dir).vsock_uds,
+        }
+    }
+
+    fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
+        let paths = RunPaths::new(&spec.run_dir);
+        fs::create_dir_all(&paths.run_dir).ctx(|| format!("create {}", paths.run_dir.display()))?;
+        paths.remove_sockets();
+        let _ = fs::remove_file(&paths.console);
+        let children = vec![
+            ChildSpec::new(
+                "vhost-device-vsock",
+                &self.programs.vhost_vsock,
+                self.vhost_vsock_args(&paths),
+                &paths,
+            )
+            .ready_when_listening(&paths.vsock_ctl),
+            ChildSpec::new(
+                "virtiofsd",
+                &self.programs.virtiofsd,
+                self.virtiofsd_args(spec, &paths),
+                &paths,
+            )
+            .ready_when_listening(&paths.fs_sock),
+            ChildSpec::new(
+                "qemu",
+                &self.programs.qemu,
+                self.qemu_args(spec, &paths),
+                &paths,
+            ),
+        ];
+        let vm = QemuVm::start(&spec.id, children, paths)?;
+        Ok(Box::new(vm))
+    }
+}
+
+/// How to start one child process.
+struct ChildSpec {
+    component: &'static str,
+    program: PathBuf,
+    args: Vec<OsString>,
+    log: PathBuf,
+    /// Socket the child must be listening on before the next one starts.
+    ready_socket: Option<PathBuf>,
+}
+
+impl ChildSpec {
+    fn new(
+        component: &'static str,
+        program: &Path,
+        args: Vec<OsString>,
+        paths: &RunPaths,
+    ) -> ChildSpec {
+        ChildSpec {
+            component,
+            program: program.to_owned(),
+            args,
+            log: paths.run_dir.join(format!("{component}.log")),
+            ready_socket: None,
+        }
+    }
+
+    fn ready_when_listening(mut self, socket: &Path) -> ChildSpec {
+        self.ready_socket = Some(socket.to_owned());
+        self
+    }
+
+    fn spawn(&self) -> Result<Child> {
+        let log = File::create(&self.log).ctx(|| format!("create {}", self.log.display()))?;
+        let log2 = log.try_clone().ctx(|| "dup log fd".into())?;
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("parent exited during spawn"));
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .ctx(|| format!("start {} ({})", self.component, self.program.display()))
+    }
+}
+
+/// Whether `/proc/net/unix` lists a listening socket bound to `path`.
+pub fn parse_listening(proc_net_unix: &str, path: &Path) -> bool {
+    const SO_ACCEPTCON: u32 = 0x10000;
+    let want = path.to_string_lossy();
+    proc_net_unix.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7..].join(" ") == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
+}
+
+fn is_listening(path: &Path) -> bool {
+    match fs::read_to_string("/proc/net/unix") {
+        Ok(t) => parse_listening(&t, path),
+        Err(_) => path.exists(),
+    }
+}
+
+/// Last `max` bytes of a file, lossily decoded.
+fn tail(path: &Path, max: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
+    let mut buf = Vec::new();
+    let _ = f.take(max as u64).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+struct Running {
+    component: &'static str,
+    child: Child,
+    pidfd: Option<OwnedFd>,
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: fd is a fresh descriptor we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn stop_all(running: &mut [Running]) {
+    for r in running.iter_mut() {
+        let _ = r.child.kill();
+    }
+    for r in running.iter_mut() {
+        let _ = r.child.wait();
+    }
+}
+
+/// How long a helper may take to start listening.
+const HELPER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts the children in order; on failure stops those already started.
+fn start_children(specs: &[ChildSpec]) -> Result<Vec<Running>> {
+    let mut running: Vec<Running> = Vec::new();
+    for s in specs {
+        let child = match s.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                stop_all(&mut running);
+                return Err(e);
+            }
+        };
+        let pidfd = pidfd_open(child.id());
+        running.push(Running {
+            component: s.component,
+            child,
+            pidfd,
+        });
+        if let Some(sock) = &s.ready_socket {
+            let deadline = Instant::now() + HELPER_START_TIMEOUT;
+            loop {
+                if is_listening(sock) {
+                    break;
+                }
+                let me = running.last_mut().unwrap();
+                let died = me.child.try_wait().ok().flatten();
+                if died.is_some() || Instant::now() > deadline {
+                    let why = match died {
+                        Some(st) => format!("exited ({st}) before listening on {}", sock.display()),
+                        None => format!(
+                            "did not listen on {} within {HELPER_START_TIMEOUT:?}",
+                            sock.display()
+                        ),
+                    };
+                    stop_all(&mut running);
+                    return Err(Error::Vm(format!(
+                        "{} {why}: {}",
+                        s.component,
+                        tail(&s.log, 2000).trim()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    Ok(running)
+}
+
+fn exit_of(component: &str, st: std::process::ExitStatus) -> VmExit {
+    use std::os::unix::process::ExitStatusExt;
+    VmExit::Exited {
+        component: component.to_owned(),
+        status: st.code(),
+        signal: st.signal(),
+    }
+}
+
+/// Waits until a child exits or `stop` becomes readable; returns the first exit seen.
+fn supervise(running: &mut [Running], stop: &OwnedFd) -> VmExit {
+    loop {
+        // qemu first: on power-off virtiofsd exits right after it and must not be blamed.
+        for r in running.iter_mut().rev() {
+            if let Ok(Some(st)) = r.child.try_wait() {
+                return exit_of(r.component, st);
+            }
+        }
+        let mut fds: Vec<PollFd> = running
+            .iter()
+            .filter_map(|r| {
+                r.pidfd
+                    .as_ref()
+                    .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
+            })
+            .collect();
+        fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
+        // Without pidfds (old kernels) fall back to polling every 100 ms.
+        let timeout = if fds.len() == running.len() + 1 {
+            PollTimeout::NONE
+        } else {
+            PollTimeout::from(100u16)
+        };
+        let _ = nix::poll::poll(&mut fds, timeout);
+        if fds
+            .last()
+            .and_then(|f| f.revents())
+            .is_some_and(|r| !r.is_empty())
+        {
+            let qemu = running.iter_mut().next_back();
+            return match qemu {
+                Some(r) => match r.child.try_wait() {
+                    Ok(Some(st)) => exit_of(r.component, st),
+                    _ => VmExit::Exited {
+                        component: r.component.to_owned(),
+                        status: None,
+                        signal: Some(libc::SIGKILL),
+                    },
+                },
+                None => VmExit::Exited {
+                    component: "qemu".into(),
+                    status: None,
+                    signal: Some(libc::SIGKILL),
+                },
+            };
+        }
+    }
+}
+
+/// A running QEMU VM with its helpers.
+pub struct QemuVm {
+    link: GuestLink,
+    pids: Vec<i32>,
+    paths: RunPaths,
+    exit: Arc<Mutex<Option<VmExit>>>,
+    stop: Option<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QemuVm {
+    fn start(id: &str, specs: Vec<ChildSpec>, paths: RunPaths) -> Result<QemuVm> {
+        let (stop_r, stop_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let exit = Arc::new(Mutex::new(None));
+        let (started_tx, started_rx) = mpsc::channel::<Result<Vec<i32>>>();
+        let thread_paths = paths.clone();
+        let thread_exit = exit.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vm-{}", id.chars().take(12).collect::<String>()))
+            .spawn(move || {
+                let mut running = match start_children(&specs) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        thread_paths.remove_sockets();
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(running.iter().map(|r| r.child.id() as i32).collect()));
+                let first = supervise(&mut running, &stop_r);
+                *thread_exit.lock().unwrap() = Some(first.clone());
+                stop_all(&mut running);
+                thread_paths.remove_sockets();
+                log::debug!("vm stopped: {first:?}");
+            })
+            .ctx(|| "spawn the VM supervisor thread".into())?;
+        match started_rx.recv() {
+            Ok(Ok(pids)) => Ok(QemuVm {
+                link: GuestLink::HybridVsock {
+                    uds: paths.vsock_uds.clone(),
+                },
+                pids,
+                paths,
+                exit,
+                stop: Some(stop_w),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(Error::Vm("VM supervisor thread died during start".into()))
+            }
+        }
+    }
+
+    /// Blocks until the VM is gone (the supervisor thread finished its cleanup).
+    fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Vm for QemuVm {
+    fn link(&self) -> GuestLink {
+        self.link.clone()
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        self.pids.clone()
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<VmExit>> {
+        let exit = self.exit.lock().unwrap().clone();
+        if exit.is_some() {
+            // Everything is stopped and reaped once the thread is done; make that
+            // true before reporting, so callers can rely on it.
+            self.join();
+        }
+        Ok(exit)
+    }
+
+    fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = nix::unistd::write(&stop, b"k");
+        }
+        self.join();
+        self.paths.remove_sockets();
+    }
+
+    fn console_tail(&self, max: usize) -> String {
+        tail(&self.paths.console, max)
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::KernelOrigin;
+
+    fn vmm(accel: Accel) -> QemuVmm {
+        QemuVmm {
+            image: GuestImage {
+                kernel: "/c/vmlinux".into(),
+                initrd: "/c/img,1/initrd.cpio".into(),
+                kernel_origin: KernelOrigin::DistroStock,
+                cmdline_extra: "foo=1".into(),
+            },
+            accel,
+            programs: Programs {
+                qemu: "q".into(),
+                virtiofsd: "v".into(),
+                vhost_vsock: "s".into(),
+            },
+            tsc_khz: Some(2_199_998),
+        }
+    }
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "c1".into(),
+            run_dir: "/run/k/c1".into(),
+            rootfs: "/b/rootfs".into(),
+            vcpus: 2,
+            ram_mib: 256,
+        }
+    }
+
+    fn joined(v: &[OsString]) -> String {
+        v.iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn qemu_argv_tcg() {
+        let v = vmm(Accel::Tcg);
+        let s = spec();
+        let a = v.qemu_args(&s, &RunPaths::new(&s.run_dir));
+        let j = joined(&a);
+        assert!(j.starts_with("-M microvm,x-option-roms=off,memory-backend=mem -accel tcg -cpu qemu64 -smp 2 -m 256M"), "{j}");
+        assert!(
+            j.contains("-object memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{j}"
+        );
+        assert!(
+            j.contains("-nodefaults -no-user-config -nographic -no-reboot"),
+            "{j}"
+        );
+        // Commas in paths are doubled for QEMU's option parser.
+        assert!(
+            j.contains("-kernel /c/vmlinux -initrd /c/img,,1/initrd.cpio"),
+            "{j}"
+        );
+        assert!(j.contains("-chardev socket,id=fs0,path=/run/k/c1/virtiofs.sock -device vhost-user-fs-device,chardev=fs0,tag=rootfs"));
+        assert!(j.contains("-chardev socket,id=vs0,path=/run/k/c1/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vs0"));
+        assert!(j.contains("-chardev file,id=con0,path=/run/k/c1/console.log -serial chardev:con0"));
+        let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
+        let cmdline = append.to_string_lossy();
+        for want in [
+            "console=ttyS0",
+            "panic=-1",
+            "tsc_early_khz=2199998",
+            "cryptomgr.notests",
+            "foo=1",
+        ] {
+            assert!(
+                cmdline.split(' ').any(|w| w == want),
+                "{want} missing in {cmdline}"
+            );
+        }
+    }
+
+    #[test]
+    fn qemu_argv_kvm_and_helpers() {
+        let v = vmm(Accel::Kvm);
+        let s = spec();
+        let p = RunPaths::new(&s.run_dir);
+        assert!(joined(&v.qemu_args(&s, &p)).contains("-accel kvm -cpu host"));
+        assert_eq!(
+            joined(&v.vhost_vsock_args(&p)),
+            "--guest-cid 3 --socket /run/k/c1/vhost-vsock.sock --uds-path /run/k/c1/vsock"
+        );
+        let f = joined(&v.virtiofsd_args(&s, &p));
+        assert!(
+            f.starts_with("--socket-path /run/k/c1/virtiofs.sock --shared-dir /b/rootfs"),
+            "{f}"
+        );
+        assert_eq!(
+            v.link(&s),
+            GuestLink::HybridVsock {
+                uds: "/run/k/c1/vsock".into()
+            }
+        );
+    }
+
+    #[test]
+    fn proc_net_unix_parsing() {
+        let t = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                 0000000000000000: 00000002 00000000 00010000 0001 01 123 /run/k/c1/virtiofs.sock\n\
+                 0000000000000000: 00000002 00000000 00000000 0001 03 124 /run/k/c1/vsock\n";
+        assert!(parse_listening(t, Path::new("/run/k/c1/virtiofs.sock")));
+        assert!(!parse_listening(t, Path::new("/run/k/c1/vsock")));
+        assert!(!parse_listening(t, Path::new("/run/k/c1/other")));
+    }
+
+    #[test]
+    fn supervisor_stops_siblings_when_one_exits() {
+        // Stand-ins for the helpers: `sleep` children, one of which exits early.
+        let d = tempfile::tempdir().unwrap();
+        let paths = RunPaths::new(d.path());
+        let sleep = PathBuf::from("/bin/sleep");
+        let specs = vec![
+            ChildSpec::new("a", &sleep, vec!["30".into()], &paths),
+            ChildSpec::new("b", &sleep, vec!["0.2".into()], &paths),
+            ChildSpec::new("qemu", &sleep, vec!["30".into()], &paths),
+        ];
+        let mut vm = QemuVm::start("t", specs, paths).unwrap();
+        let pids = vm.pids();
+        let t0 = Instant::now();
+        let exit = loop {
+            if let Some(e) = vm.try_wait().unwrap() {
+                break e;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            exit,
+            VmExit::Exited {
+                component: "b".into(),
+                status: Some(0),
+                signal: None
+            }
+        );
+        for p in pids {
+            assert!(
+                !Path::new(&format!("/proc/{p}")).exists(),
+                "pid {p} still there"
+            );
+        }
+    }
+
+    #[test]
+    fn kill_stops_everything() {
+        let d = tempfile::tempdir().unwrap();
+        let paths = RunPaths::new(d.path());
+        let sleep = PathBuf::from("/bin/sleep");
+        let specs = vec![ChildSpec::new("qemu", &sleep, vec!["30".into()], &paths)];
+        let mut vm = QemuVm::start("t", specs, paths).unwrap();
+        let pid = vm.pids()[0];
+        vm.kill();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        let e = vm.try_wait().unwrap().unwrap();
+        assert!(
+            matches!(
+                e,
+                VmExit::Exited {
+                    signal: Some(9),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+}
