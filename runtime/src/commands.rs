@@ -164,13 +164,16 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
         None => None,
     };
     let opts = krun_oci::logs::PrintOptions { tail: args.tail, since, timestamps: args.timestamps };
-    let mut follow = if args.follow { Some(|| c.status() != krun_oci::state::Status::Stopped) } else { None };
-    krun_oci::logs::print(&path, &opts, follow.as_mut())?;
+    let mut running = || c.status() != krun_oci::state::Status::Stopped;
+    let follow: Option<&mut dyn FnMut() -> bool> = if args.follow { Some(&mut running) } else { None };
+    krun_oci::logs::print(&path, &opts, follow)?;
     Ok(())
 }
 
-pub fn check(_ctx: &Context) -> Result<i32> {
-    Err(Error::NotImplemented("check").into())
+pub fn check(ctx: &Context) -> Result<i32> {
+    let report = krun_oci::check::report(ctx.vmm, &krun_oci::image::ImageOptions::from_env());
+    print!("{report}");
+    Ok(if report.can_run() { 0 } else { 1 })
 }
 
 pub fn monitor(ctx: &Context, id: &str) -> Result<i32> {
