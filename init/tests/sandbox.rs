@@ -30,6 +30,14 @@ struct Sandbox {
     events: Option<UnixStream>,
 }
 
+/// The init under test: `KRUN_OCI_INIT_TEST_BIN` (e.g. the static build), else
+/// the one cargo built for this test run.
+fn init_binary() -> PathBuf {
+    std::env::var_os("KRUN_OCI_INIT_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_krun-oci-init").into())
+}
+
 fn build_rootfs(root: &Path) {
     for d in ["bin", "tmp", "proc", "dev", "sys", "run", "etc"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
@@ -52,7 +60,7 @@ impl Sandbox {
         let log = std::fs::File::create(dir.path().join("init.log")).unwrap();
         let child = Command::new("unshare")
             .args(["--pid", "--mount", "--uts", "--fork", "--kill-child"])
-            .arg(env!("CARGO_BIN_EXE_krun-oci-init"))
+            .arg(init_binary())
             .env("KRUN_OCI_INIT_SANDBOX", dir.path())
             .env("KRUN_OCI_INIT_ROOTFS", &rootfs)
             .stdin(Stdio::null())
