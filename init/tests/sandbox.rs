@@ -597,3 +597,49 @@ fn terminal_main_is_resizable() {
     assert_eq!(code, 0);
     assert!(out.contains("40 100"), "{out}");
 }
+
+#[test]
+fn signal_reaches_an_exec_session_and_shutdown_powers_off() {
+    let mut sb = Sandbox::start();
+    let mut c = sb.connect(EXEC_PORT);
+    proto::handshake(&mut c).unwrap();
+    proto::send(
+        &mut c,
+        Message::Exec(exec_req("s", process(&["sleep", "1000"]))),
+    )
+    .unwrap();
+    assert!(matches!(
+        proto::recv(&mut c).unwrap(),
+        Message::ExecStarted { .. }
+    ));
+    let unknown = Message::Signal {
+        target: SignalTarget::Exec("nope".into()),
+        signal: 15,
+    };
+    assert!(matches!(sb.request(unknown), Message::Nack { .. }));
+    let bad = Message::Signal {
+        target: SignalTarget::Exec("s".into()),
+        signal: 999,
+    };
+    assert!(matches!(sb.request(bad), Message::Nack { .. }));
+    let main = Message::Signal {
+        target: SignalTarget::Main,
+        signal: 15,
+    };
+    assert!(
+        matches!(sb.request(main), Message::Nack { .. }),
+        "no main yet"
+    );
+    let term = Message::Signal {
+        target: SignalTarget::Exec("s".into()),
+        signal: 15,
+    };
+    assert_eq!(sb.request(term), Message::Ack);
+    assert_eq!(
+        proto::recv(&mut c).unwrap(),
+        Message::ExecExited { code: 143 }
+    );
+
+    assert_eq!(sb.request(Message::Shutdown), Message::Ack);
+    sb.wait_exit();
+}
