@@ -21,6 +21,7 @@ use krun_oci_protocol::{
 const DEADLINE: Duration = Duration::from_secs(60);
 const APPLETS: &[&str] = &[
     "sh", "true", "false", "echo", "cat", "sleep", "kill", "dd", "head", "stty", "tty", "id", "ls",
+    "hostname",
 ];
 
 struct Sandbox {
