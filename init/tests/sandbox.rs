@@ -181,8 +181,23 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // unshare --kill-child: init (PID 1 of the namespace) and with it every
-        // process of the namespace die with unshare.
+        // Kill init (PID 1 of the namespace; every process of the namespace dies
+        // and is reaped with it) while unshare is alive to reap init, then let
+        // unshare exit. Killing unshare first would orphan init to the host.
+        let pid = self.child.id();
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a pid we just read as unshare's child.
+                unsafe { libc::kill(c, libc::SIGKILL) };
+            }
+        }
+        let end = Instant::now() + DEADLINE;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
+            thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
