@@ -84,6 +84,24 @@ pub fn early_mounts() -> io::Result<()> {
     Ok(())
 }
 
+/// The kernel may start PID 1 with fds 0-2 closed (no /dev/console in the
+/// initramfs). Fill them with /dev/null so no socket or pipe ever lands there.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            if let Ok(f) = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                // SAFETY: duplicating our own descriptor onto a closed slot.
+                unsafe { libc::dup2(f.as_raw_fd(), fd) };
+            }
+        }
+    }
+}
+
 /// Parses the module list: `path [params...]` per line, blank lines and `#` comments skipped.
 pub fn parse_module_list(text: &str) -> Vec<(String, String)> {
     text.lines()

@@ -80,6 +80,7 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
     let (transport, listeners, halt) = match mode {
         Mode::Vm => {
             boot::early_mounts()?;
+            boot::ensure_std_fds();
             logger::use_kmsg();
             t.mark("early-mounts");
             let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();

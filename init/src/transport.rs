@@ -62,9 +62,14 @@ impl Transport {
                 fd
             }
             Transport::Unix { dir, .. } => {
+                // Bound and listening under a temporary name, then renamed: once
+                // the socket file exists, a connect queues (never ECONNREFUSED).
                 let path = dir.join(format!("guest-{port}.sock"));
-                let _ = std::fs::remove_file(&path);
-                OwnedFd::from(UnixListener::bind(&path)?)
+                let tmp = dir.join(format!(".guest-{port}.sock.tmp"));
+                let _ = std::fs::remove_file(&tmp);
+                let l = UnixListener::bind(&tmp)?;
+                std::fs::rename(&tmp, &path)?;
+                OwnedFd::from(l)
             }
         };
         Ok(Listener { fd, port })

@@ -21,6 +21,7 @@ use krun_oci_protocol::{
 const DEADLINE: Duration = Duration::from_secs(60);
 const APPLETS: &[&str] = &[
     "sh", "true", "false", "echo", "cat", "sleep", "kill", "dd", "head", "stty", "tty", "id", "ls",
+    "hostname",
 ];
 
 struct Sandbox {
@@ -28,6 +29,14 @@ struct Sandbox {
     child: Child,
     listener: UnixListener,
     events: Option<UnixStream>,
+}
+
+/// The init under test: `KRUN_OCI_INIT_TEST_BIN` (e.g. the static build), else
+/// the one cargo built for this test run.
+fn init_binary() -> PathBuf {
+    std::env::var_os("KRUN_OCI_INIT_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_krun-oci-init").into())
 }
 
 fn build_rootfs(root: &Path) {
@@ -52,7 +61,7 @@ impl Sandbox {
         let log = std::fs::File::create(dir.path().join("init.log")).unwrap();
         let child = Command::new("unshare")
             .args(["--pid", "--mount", "--uts", "--fork", "--kill-child"])
-            .arg(env!("CARGO_BIN_EXE_krun-oci-init"))
+            .arg(init_binary())
             .env("KRUN_OCI_INIT_SANDBOX", dir.path())
             .env("KRUN_OCI_INIT_ROOTFS", &rootfs)
             .stdin(Stdio::null())
@@ -172,8 +181,23 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // unshare --kill-child: init (PID 1 of the namespace) and with it every
-        // process of the namespace die with unshare.
+        // Kill init (PID 1 of the namespace; every process of the namespace dies
+        // and is reaped with it) while unshare is alive to reap init, then let
+        // unshare exit. Killing unshare first would orphan init to the host.
+        let pid = self.child.id();
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                // SAFETY: kill(2) on a pid we just read as unshare's child.
+                unsafe { libc::kill(c, libc::SIGKILL) };
+            }
+        }
+        let end = Instant::now() + DEADLINE;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < end {
+            thread::sleep(Duration::from_millis(5));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -588,4 +612,50 @@ fn terminal_main_is_resizable() {
     assert!(err.is_empty());
     assert_eq!(code, 0);
     assert!(out.contains("40 100"), "{out}");
+}
+
+#[test]
+fn signal_reaches_an_exec_session_and_shutdown_powers_off() {
+    let mut sb = Sandbox::start();
+    let mut c = sb.connect(EXEC_PORT);
+    proto::handshake(&mut c).unwrap();
+    proto::send(
+        &mut c,
+        Message::Exec(exec_req("s", process(&["sleep", "1000"]))),
+    )
+    .unwrap();
+    assert!(matches!(
+        proto::recv(&mut c).unwrap(),
+        Message::ExecStarted { .. }
+    ));
+    let unknown = Message::Signal {
+        target: SignalTarget::Exec("nope".into()),
+        signal: 15,
+    };
+    assert!(matches!(sb.request(unknown), Message::Nack { .. }));
+    let bad = Message::Signal {
+        target: SignalTarget::Exec("s".into()),
+        signal: 999,
+    };
+    assert!(matches!(sb.request(bad), Message::Nack { .. }));
+    let main = Message::Signal {
+        target: SignalTarget::Main,
+        signal: 15,
+    };
+    assert!(
+        matches!(sb.request(main), Message::Nack { .. }),
+        "no main yet"
+    );
+    let term = Message::Signal {
+        target: SignalTarget::Exec("s".into()),
+        signal: 15,
+    };
+    assert_eq!(sb.request(term), Message::Ack);
+    assert_eq!(
+        proto::recv(&mut c).unwrap(),
+        Message::ExecExited { code: 143 }
+    );
+
+    assert_eq!(sb.request(Message::Shutdown), Message::Ack);
+    sb.wait_exit();
 }
