@@ -364,3 +364,22 @@ fn real_init_link() {
     let _ = fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
     assert_nothing_left(&pids, &spec.run_dir);
 }
+
+#[test]
+fn check_report_on_this_host() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm_boot-init");
+    let _ = test_init_image(); // writes the test init and fills the cache
+    let opts = ImageOptions {
+        cache_dir: Some(cache_dir()),
+        kernel: std::env::var_os("KRUN_OCI_KERNEL").map(PathBuf::from),
+        init: Some(dir.join("test-init.sh")),
+        extra_files: vec![("bin/busybox".into(), BUSYBOX.into())],
+    };
+    let r = krun_oci::check::report(VmmChoice::Auto, &opts);
+    eprintln!("{r}");
+    assert!(r.can_run(), "{r}");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        let s = r.to_string();
+        assert!(s.contains("qemu + TCG") && s.contains("PVM"), "{s}");
+    }
+}
