@@ -180,6 +180,8 @@ pub enum Message {
 }
 
 /// One decoded frame.
+// Messages carry an inline OCI process spec; frames are short-lived, boxing buys nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Message(Message),

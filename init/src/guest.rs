@@ -1,0 +1,650 @@
+//! The running guest: shared state, the events stream, the control service,
+//! exec/pty sessions and the end of the container.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use krun_oci_protocol::{
+    self as proto, Frame, Message, Process, ProtocolError, SignalTarget, MAX_DATA_CHUNK,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::procfs;
+use crate::reaper::Reaper;
+use crate::spawn::{self, set_winsize, StdioMode};
+
+/// How "power off" is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Halt {
+    PowerOff,
+    /// `krun_oci.halt=reboot` (acpi=off microvm; QEMU runs with -no-reboot).
+    Reboot,
+    /// Host-sandbox harness: just exit.
+    Exit,
+}
+
+/// `main_pid` sentinel values (positive = the running main's pid).
+const MAIN_NONE: i32 = 0;
+const MAIN_SPAWNING: i32 = -1;
+const MAIN_EXITED: i32 = -2;
+
+/// How long remaining processes get between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Main stdin: what the host sent on the events stream.
+enum StdinChunk {
+    Data(Vec<u8>),
+    Close,
+}
+
+pub struct Guest {
+    pub reaper: Reaper,
+    pub halt: Halt,
+    /// Directory handle of the container root (for `/.a3s_exit_code`).
+    pub root: OwnedFd,
+    main_pid: AtomicI32,
+    main_pty: Mutex<Option<File>>,
+    main_stdin_tx: SyncSender<StdinChunk>,
+    main_stdin_rx: Mutex<Option<Receiver<StdinChunk>>>,
+    events: Mutex<Option<UnixStream>>,
+    execs: Mutex<HashMap<String, i32>>,
+    finishing: AtomicBool,
+}
+
+impl Guest {
+    pub fn new(halt: Halt, root: OwnedFd) -> Arc<Self> {
+        let (tx, rx) = mpsc::sync_channel(64);
+        Arc::new(Self {
+            reaper: Reaper::default(),
+            halt,
+            root,
+            main_pid: AtomicI32::new(MAIN_NONE),
+            main_pty: Mutex::new(None),
+            main_stdin_tx: tx,
+            main_stdin_rx: Mutex::new(Some(rx)),
+            events: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
+            finishing: AtomicBool::new(false),
+        })
+    }
+
+    /// Sends a frame on the events stream; false once the stream is gone.
+    fn send_event(&self, frame: &Frame) -> bool {
+        let mut ev = lock(&self.events);
+        let Some(s) = ev.as_mut() else {
+            return false;
+        };
+        if let Err(e) = proto::write_frame(s, frame) {
+            log::warn!("events stream: {e}");
+            *ev = None;
+            return false;
+        }
+        true
+    }
+
+    /// Takes over the events stream (after Ready) and serves what the host sends on it.
+    pub fn attach_events(self: &Arc<Self>, stream: UnixStream) -> io::Result<()> {
+        let mut reader = stream.try_clone()?;
+        *lock(&self.events) = Some(stream);
+        let g = self.clone();
+        thread::Builder::new()
+            .name("events-in".into())
+            .spawn(move || loop {
+                match proto::read_frame(&mut reader) {
+                    Ok(Frame::Stdin(d)) => {
+                        let _ = g.main_stdin_tx.send(StdinChunk::Data(d));
+                    }
+                    Ok(Frame::StdinClose) => {
+                        let _ = g.main_stdin_tx.send(StdinChunk::Close);
+                    }
+                    Ok(Frame::Message(Message::Heartbeat)) => {
+                        g.send_event(&Frame::Message(Message::HeartbeatAck));
+                    }
+                    Ok(other) => log::warn!("events stream: ignoring {other:?}"),
+                    Err(ProtocolError::Malformed(e)) => log::warn!("events stream: {e}"),
+                    Err(ProtocolError::UnknownKind(k)) => log::warn!("events stream: kind {k}"),
+                    Err(e) => {
+                        log::info!("events stream from host ended: {e}");
+                        break;
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    // ---- control service ------------------------------------------------
+
+    /// One control connection: Hello, then requests answered in order.
+    pub fn serve_control(self: &Arc<Self>, mut conn: UnixStream) {
+        if let Err(e) = hello(&mut conn) {
+            log::warn!("control: {e}");
+            return;
+        }
+        loop {
+            let reply = match proto::read_frame(&mut conn) {
+                Ok(Frame::Message(Message::Shutdown)) => {
+                    let _ = proto::send(&mut conn, Message::Ack);
+                    let g = self.clone();
+                    thread::spawn(move || g.shutdown());
+                    return;
+                }
+                Ok(Frame::Message(m)) => self.handle_control(m),
+                Ok(other) => Message::Nack {
+                    reason: format!(
+                        "unexpected frame on the control port: {:?}",
+                        kind_of(&other)
+                    ),
+                },
+                // The frame was consumed whole: answer and keep going.
+                Err(e @ (ProtocolError::Malformed(_) | ProtocolError::UnknownKind(_))) => {
+                    Message::Nack {
+                        reason: e.to_string(),
+                    }
+                }
+                Err(ProtocolError::Closed) => return,
+                // Framing is lost (bad length, truncated): answer if possible, then drop.
+                Err(e) => {
+                    let _ = proto::send(
+                        &mut conn,
+                        Message::Nack {
+                            reason: e.to_string(),
+                        },
+                    );
+                    log::warn!("control: dropping connection: {e}");
+                    return;
+                }
+            };
+            if proto::send(&mut conn, reply).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn handle_control(self: &Arc<Self>, msg: Message) -> Message {
+        let result = match msg {
+            Message::Heartbeat => return Message::HeartbeatAck,
+            Message::Setup { spec } => apply_setup(&spec).map(|()| Message::Ack),
+            Message::SpawnMain { process } => self.spawn_main(&process),
+            Message::Signal { target, signal } => {
+                self.signal(&target, signal).map(|()| Message::Ack)
+            }
+            Message::Resize { rows, cols } => match lock(&self.main_pty).as_ref() {
+                Some(pty) => set_winsize(pty, rows, cols)
+                    .map(|()| Message::Ack)
+                    .map_err(|e| format!("resize: {}", spawn::errno_text(&e))),
+                None => Err("the main process has no terminal".into()),
+            },
+            Message::Ps => Ok(Message::Processes {
+                processes: procfs::list(),
+            }),
+            other => Err(format!(
+                "unexpected message on the control port: {}",
+                name_of(&other)
+            )),
+        };
+        result.unwrap_or_else(|reason| Message::Nack { reason })
+    }
+
+    fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, String> {
+        if self
+            .main_pid
+            .compare_exchange(MAIN_NONE, MAIN_SPAWNING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err("the main process was already started".into());
+        }
+        let mode = if process.terminal().unwrap_or(false) {
+            let (rows, cols) = process
+                .console_size()
+                .map(|b| (b.height() as u16, b.width() as u16))
+                .filter(|&(r, c)| r > 0 && c > 0)
+                .unwrap_or((24, 80));
+            StdioMode::Pty { rows, cols }
+        } else {
+            StdioMode::Pipes
+        };
+        let spawned = match spawn::spawn(process, mode, &self.reaper) {
+            Ok(s) => s,
+            Err(reason) => {
+                // Nothing ran: a later spawn-main may try again.
+                self.main_pid.store(MAIN_NONE, Ordering::SeqCst);
+                return Err(reason);
+            }
+        };
+        let pid = spawned.pid;
+        self.main_pid.store(pid, Ordering::SeqCst);
+        *lock(&self.main_pty) = spawned.pty.as_ref().and_then(|p| p.try_clone().ok());
+
+        let mut pumps = Vec::new();
+        let tty = spawned.pty.is_some();
+        if let Some(out) = spawned.stdout {
+            let g = self.clone();
+            pumps.push(pump(out, move |d| g.send_event(&Frame::Stdout(d.to_vec()))));
+        }
+        if let Some(err) = spawned.stderr {
+            let g = self.clone();
+            pumps.push(pump(err, move |d| g.send_event(&Frame::Stderr(d.to_vec()))));
+        }
+        if let (Some(mut stdin), Some(rx)) = (spawned.stdin, lock(&self.main_stdin_rx).take()) {
+            thread::spawn(move || {
+                while let Ok(chunk) = rx.recv() {
+                    match chunk {
+                        StdinChunk::Data(d) => {
+                            if stdin.write_all(&d).is_err() {
+                                break;
+                            }
+                        }
+                        // A terminal has no separate input to close.
+                        StdinChunk::Close if tty => {}
+                        StdinChunk::Close => break,
+                    }
+                }
+            });
+        }
+        let g = self.clone();
+        let exit = spawned.exit;
+        thread::Builder::new()
+            .name("main-watch".into())
+            .spawn(move || {
+                let code = exit.recv().unwrap_or(255);
+                g.main_exited(code, pumps);
+            })
+            .map_err(|e| format!("starting the main watcher: {e}"))?;
+        log::info!("main process started: pid {pid}");
+        Ok(Message::MainStarted { pid })
+    }
+
+    fn signal(&self, target: &SignalTarget, signal: i32) -> Result<(), String> {
+        let sig = Signal::try_from(signal).map_err(|_| format!("invalid signal {signal}"))?;
+        let send = |pid: i32| {
+            kill(Pid::from_raw(pid), sig)
+                .map_err(|e| format!("kill {pid}: {}", e.desc().to_lowercase()))
+        };
+        match target {
+            SignalTarget::Main => match self.main_pid.load(Ordering::SeqCst) {
+                pid if pid > 0 => send(pid),
+                _ => Err("the main process is not running".into()),
+            },
+            SignalTarget::All => {
+                for pid in procfs::others() {
+                    let _ = send(pid);
+                }
+                Ok(())
+            }
+            SignalTarget::Exec(id) => match lock(&self.execs).get(id) {
+                Some(&pid) if pid > 0 => send(pid),
+                _ => Err(format!("no exec session {id:?}")),
+            },
+        }
+    }
+
+    // ---- exec / pty sessions ------------------------------------------------
+
+    /// One exec session per connection (`pty`: the pty port, always a terminal).
+    pub fn serve_exec(self: &Arc<Self>, mut conn: UnixStream, pty: bool) {
+        if let Err(e) = hello(&mut conn) {
+            log::warn!("exec: {e}");
+            return;
+        }
+        let req = match proto::read_frame(&mut conn) {
+            Ok(Frame::Message(Message::Exec(req))) => req,
+            Ok(other) => {
+                let _ = proto::send(
+                    &mut conn,
+                    nack(format!(
+                        "expected an exec request, got {:?}",
+                        kind_of(&other)
+                    )),
+                );
+                return;
+            }
+            Err(e) => {
+                let _ = proto::send(&mut conn, nack(e.to_string()));
+                return;
+            }
+        };
+        {
+            let mut execs = lock(&self.execs);
+            if execs.contains_key(&req.id) {
+                let _ = proto::send(
+                    &mut conn,
+                    nack(format!("exec id {:?} is already in use", req.id)),
+                );
+                return;
+            }
+            execs.insert(req.id.clone(), 0);
+        }
+        let forget = |g: &Guest| {
+            lock(&g.execs).remove(&req.id);
+        };
+        let mode = if pty || req.tty || req.process.terminal().unwrap_or(false) {
+            let (rows, cols) = req
+                .size
+                .filter(|&(r, c)| r > 0 && c > 0)
+                .unwrap_or((24, 80));
+            StdioMode::Pty { rows, cols }
+        } else {
+            StdioMode::Pipes
+        };
+        let spawned = match spawn::spawn(&req.process, mode, &self.reaper) {
+            Ok(s) => s,
+            Err(reason) => {
+                forget(self);
+                let _ = proto::send(&mut conn, nack(reason));
+                return;
+            }
+        };
+        lock(&self.execs).insert(req.id.clone(), spawned.pid);
+        let writer = match conn.try_clone() {
+            Ok(w) => Arc::new(Mutex::new(w)),
+            Err(e) => {
+                log::warn!("exec: {e}");
+                let _ = kill(Pid::from_raw(spawned.pid), Signal::SIGKILL);
+                let _ = spawned.exit.recv();
+                forget(self);
+                return;
+            }
+        };
+        let sent = proto::send(
+            &mut *lock(&writer),
+            Message::ExecStarted { pid: spawned.pid },
+        );
+        let mut pumps = Vec::new();
+        for (src, stderr) in [(spawned.stdout, false), (spawned.stderr, true)] {
+            if let Some(src) = src {
+                let w = writer.clone();
+                pumps.push(pump(src, move |d| {
+                    let f = if stderr {
+                        Frame::Stderr(d.to_vec())
+                    } else {
+                        Frame::Stdout(d.to_vec())
+                    };
+                    proto::write_frame(&mut *lock(&w), &f).is_ok()
+                }));
+            }
+        }
+        if sent.is_ok() {
+            let mut stdin = spawned.stdin;
+            let pty_master = spawned.pty;
+            let mut reader = conn;
+            thread::spawn(move || loop {
+                match proto::read_frame(&mut reader) {
+                    Ok(Frame::Stdin(d)) => {
+                        if let Some(s) = stdin.as_mut() {
+                            if s.write_all(&d).is_err() {
+                                stdin = None;
+                            }
+                        }
+                    }
+                    Ok(Frame::StdinClose) => {
+                        if pty_master.is_none() {
+                            stdin = None;
+                        }
+                    }
+                    Ok(Frame::Message(Message::Resize { rows, cols })) => {
+                        if let Some(m) = &pty_master {
+                            let _ = set_winsize(m, rows, cols);
+                        }
+                    }
+                    Ok(_)
+                    | Err(ProtocolError::Malformed(_))
+                    | Err(ProtocolError::UnknownKind(_)) => {}
+                    Err(_) => break,
+                }
+            });
+        }
+        let code = spawned.exit.recv().unwrap_or(255);
+        for p in pumps {
+            let _ = p.join();
+        }
+        forget(self);
+        let mut w = lock(&writer);
+        let _ = proto::send(&mut *w, Message::ExecExited { code });
+        let _ = w.shutdown(std::net::Shutdown::Write);
+    }
+
+    // ---- the end ----------------------------------------------------------------
+
+    fn main_exited(&self, code: i32, pumps: Vec<JoinHandle<()>>) {
+        self.main_pid.store(MAIN_EXITED, Ordering::SeqCst);
+        self.finishing.store(true, Ordering::SeqCst);
+        log::info!("main process exited with {code}");
+        if let Err(e) = write_exit_code(&self.root, code) {
+            log::error!("writing /.a3s_exit_code: {e}");
+        }
+        terminate_all();
+        for p in pumps {
+            let _ = p.join();
+        }
+        self.send_event(&Frame::Message(Message::MainExited { code }));
+        self.power_off(code);
+    }
+
+    /// `Shutdown` from the host: stop everything; if a main runs, its watcher
+    /// reports and powers off, else power off here.
+    fn shutdown(&self) {
+        log::info!("shutdown requested");
+        let main_running = self.main_pid.load(Ordering::SeqCst) != MAIN_NONE;
+        terminate_all();
+        if !main_running {
+            self.power_off(0);
+        }
+    }
+
+    pub fn power_off(&self, code: i32) -> ! {
+        power_off(self.halt, code)
+    }
+}
+
+pub fn power_off(halt: Halt, code: i32) -> ! {
+    nix::unistd::sync();
+    match halt {
+        Halt::Exit => std::process::exit(code),
+        Halt::PowerOff | Halt::Reboot => {
+            let mode = if halt == Halt::Reboot {
+                nix::sys::reboot::RebootMode::RB_AUTOBOOT
+            } else {
+                nix::sys::reboot::RebootMode::RB_POWER_OFF
+            };
+            let _ = nix::sys::reboot::reboot(mode);
+            log::error!("reboot(2) returned; halting here");
+            loop {
+                thread::park();
+            }
+        }
+    }
+}
+
+/// SIGTERM to everything but init, a grace period (ends early when nothing is
+/// left), then SIGKILL and wait until all are gone.
+pub fn terminate_all() {
+    let signal_all = |sig| {
+        let pids = procfs::others();
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid), sig);
+        }
+        !pids.is_empty()
+    };
+    let wait_empty = |limit: Duration| {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if procfs::others().is_empty() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    if !signal_all(Signal::SIGTERM) || wait_empty(GRACE) {
+        return;
+    }
+    for _ in 0..50 {
+        signal_all(Signal::SIGKILL);
+        if wait_empty(Duration::from_millis(100)) {
+            return;
+        }
+    }
+    log::warn!("processes survived SIGKILL: {:?}", procfs::others());
+}
+
+/// Writes `code` as decimal text to `.a3s_exit_code` in the container root
+/// (never through a symlink) and fsyncs it.
+pub fn write_exit_code(root: &OwnedFd, code: i32) -> io::Result<()> {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::Mode;
+    let fd = openat(
+        root.as_fd(),
+        ".a3s_exit_code",
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(io::Error::from)?;
+    let mut f = File::from(fd);
+    f.write_all(code.to_string().as_bytes())?;
+    f.sync_all()
+}
+
+/// Copies `src` to `sink` in chunks until EOF (EIO on a pty master means the
+/// slave side is gone: also EOF). Keeps draining when the sink fails so the
+/// writer never blocks on a full pipe.
+fn pump(mut src: File, sink: impl Fn(&[u8]) -> bool + Send + 'static) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_DATA_CHUNK];
+        let mut open = true;
+        loop {
+            match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if open {
+                        open = sink(&buf[..n]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+fn hello(conn: &mut UnixStream) -> proto::Result<()> {
+    proto::send(
+        conn,
+        Message::Hello {
+            version: proto::PROTOCOL_VERSION,
+        },
+    )?;
+    let first = proto::recv(conn)?;
+    if let Err(e) = proto::expect_hello(first) {
+        let _ = proto::send(conn, nack(e.to_string()));
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn nack(reason: String) -> Message {
+    Message::Nack { reason }
+}
+
+fn kind_of(f: &Frame) -> &'static str {
+    match f {
+        Frame::Message(_) => "message",
+        Frame::Stdout(_) => "stdout",
+        Frame::Stderr(_) => "stderr",
+        Frame::Stdin(_) => "stdin",
+        Frame::StdinClose => "stdin-close",
+    }
+}
+
+fn name_of(m: &Message) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Per-container guest setup from the OCI spec: hostname, domainname, sysctls.
+fn apply_setup(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+    if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
+        nix::unistd::sethostname(h)
+            .map_err(|e| format!("sethostname {h:?}: {}", e.desc().to_lowercase()))?;
+    }
+    if let Some(d) = spec.domainname().as_deref().filter(|d| !d.is_empty()) {
+        // SAFETY: pointer and length of a live string.
+        let r = unsafe { libc::setdomainname(d.as_ptr().cast(), d.len()) };
+        if r < 0 {
+            return Err(format!(
+                "setdomainname {d:?}: {}",
+                spawn::errno_text(&io::Error::last_os_error())
+            ));
+        }
+    }
+    if let Some(sysctls) = spec.linux().as_ref().and_then(|l| l.sysctl().as_ref()) {
+        for (key, value) in sysctls {
+            let path = sysctl_path(key)?;
+            std::fs::write(&path, value.as_bytes())
+                .map_err(|e| format!("sysctl {key}={value}: {}", spawn::errno_text(&e)))?;
+        }
+    }
+    Ok(())
+}
+
+/// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`; no escaping /proc/sys.
+pub fn sysctl_path(key: &str) -> Result<String, String> {
+    if key.is_empty() || key.split(['.', '/']).any(|p| p.is_empty() || p == "..") {
+        return Err(format!("invalid sysctl name {key:?}"));
+    }
+    Ok(format!("/proc/sys/{}", key.replace('.', "/")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctl_paths() {
+        assert_eq!(
+            sysctl_path("net.ipv4.ip_forward").unwrap(),
+            "/proc/sys/net/ipv4/ip_forward"
+        );
+        assert_eq!(
+            sysctl_path("kernel/shmmax").unwrap(),
+            "/proc/sys/kernel/shmmax"
+        );
+        assert!(sysctl_path("net..x").is_err());
+        assert!(sysctl_path("../etc").is_err());
+        assert!(sysctl_path("").is_err());
+    }
+
+    #[test]
+    fn exit_code_file() {
+        let d = tempfile::tempdir().unwrap();
+        let root = OwnedFd::from(File::open(d.path()).unwrap());
+        write_exit_code(&root, 137).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(".a3s_exit_code")).unwrap(),
+            "137"
+        );
+        write_exit_code(&root, 0).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.path().join(".a3s_exit_code")).unwrap(),
+            "0"
+        );
+        // Never through a symlink.
+        std::fs::remove_file(d.path().join(".a3s_exit_code")).unwrap();
+        std::os::unix::fs::symlink("/tmp/elsewhere", d.path().join(".a3s_exit_code")).unwrap();
+        assert!(write_exit_code(&root, 1).is_err());
+    }
+}

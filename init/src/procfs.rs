@@ -1,0 +1,120 @@
+//! Process listing from /proc (the guest's, or the sandbox namespace's).
+
+use krun_oci_protocol::GuestProcess;
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// One /proc entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcEntry {
+    pub pid: i32,
+    pub ppid: i32,
+    pub state: char,
+    pub kernel_thread: bool,
+}
+
+/// Parses /proc/PID/stat (the command name may hold spaces and parentheses).
+pub fn parse_stat(pid: i32, stat: &str) -> Option<ProcEntry> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(0) ppid(1) pgrp(2) session(3) tty_nr(4) tpgid(5) flags(6)
+    let state = f.first()?.chars().next()?;
+    let ppid = f.get(1)?.parse().ok()?;
+    let flags: u64 = f.get(6)?.parse().ok()?;
+    Some(ProcEntry {
+        pid,
+        ppid,
+        state,
+        kernel_thread: flags & PF_KTHREAD != 0,
+    })
+}
+
+/// All user-space processes (kernel threads left out).
+pub fn entries() -> Vec<ProcEntry> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            parse_stat(pid, &stat)
+        })
+        .filter(|e| !e.kernel_thread)
+        .collect()
+}
+
+/// Pids of every live (non-zombie) user process except init itself.
+pub fn others() -> Vec<i32> {
+    entries()
+        .into_iter()
+        .filter(|e| e.pid != 1 && e.pid != std::process::id() as i32 && e.state != 'Z')
+        .map(|e| e.pid)
+        .collect()
+}
+
+fn uid_of(pid: i32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn cmd_of(pid: i32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let parts: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    if !parts.is_empty() {
+        return parts.join(" ");
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    format!("[{}]", comm.trim())
+}
+
+/// The `ps` answer: every user process, init included, zombies included.
+pub fn list() -> Vec<GuestProcess> {
+    entries()
+        .into_iter()
+        .map(|e| GuestProcess {
+            pid: e.pid,
+            ppid: e.ppid,
+            uid: uid_of(e.pid),
+            cmd: cmd_of(e.pid),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing() {
+        let s = "42 (a (weird) name) S 1 42 42 0 -1 4194560 100 0 0 0";
+        assert_eq!(
+            parse_stat(42, s),
+            Some(ProcEntry {
+                pid: 42,
+                ppid: 1,
+                state: 'S',
+                kernel_thread: false
+            })
+        );
+        let k = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0";
+        assert!(parse_stat(2, k).unwrap().kernel_thread);
+        assert_eq!(parse_stat(1, "garbage"), None);
+    }
+
+    #[test]
+    fn lists_ourselves() {
+        let me = std::process::id() as i32;
+        assert!(list().iter().any(|p| p.pid == me));
+    }
+}

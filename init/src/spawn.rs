@@ -1,0 +1,562 @@
+//! Turning an OCI `process` into a running child, for the main process and exec
+//! sessions alike.
+//!
+//! Everything that needs allocation, parsing or the filesystem (PATH lookup,
+//! capability masks, rlimits, the oom_score_adj value) is computed *before* the
+//! fork; the `pre_exec` hook only issues raw, async-signal-safe syscalls.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
+
+use krun_oci_protocol::Process;
+
+use crate::reaper::Reaper;
+
+/// PATH used when the process environment has none (the same default as runc).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How the child's stdio is wired.
+#[derive(Debug, Clone, Copy)]
+pub enum StdioMode {
+    /// Three pipes: stdin, stdout, stderr (never sockets).
+    Pipes,
+    /// A fresh guest pty of this size; the child gets the slave as its controlling tty.
+    Pty { rows: u16, cols: u16 },
+}
+
+/// A started child. Its exit code arrives on `exit` from the reaper.
+pub struct Spawned {
+    pub pid: i32,
+    pub exit: Receiver<i32>,
+    /// Write end of the stdin pipe, or a dup of the pty master.
+    pub stdin: Option<File>,
+    /// Read end of the stdout pipe, or the pty master.
+    pub stdout: Option<File>,
+    pub stderr: Option<File>,
+    /// The pty master (for resizing), when `StdioMode::Pty`.
+    pub pty: Option<File>,
+}
+
+/// Finds the program `arg0` names, as runc/Go's `exec.LookPath` would, inside
+/// `root` (the container root; "/" once init has switched into it). Returns the
+/// path as seen from inside the container.
+pub fn resolve_executable(
+    root: &Path,
+    cwd: &Path,
+    arg0: &str,
+    path_env: Option<&str>,
+) -> Result<PathBuf, String> {
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    if arg0.is_empty() {
+        return Err("exec: \"\": executable file not found in $PATH".into());
+    }
+    if arg0.contains('/') {
+        let candidate = cwd.join(arg0);
+        return match std::fs::metadata(inside(&candidate)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+                "exec: \"{arg0}\": stat {arg0}: no such file or directory"
+            )),
+            Err(e) => Err(format!("exec: \"{arg0}\": {}", errno_text(&e))),
+            Ok(m) if m.is_dir() || m.permissions().mode() & 0o111 == 0 => {
+                Err(format!("exec: \"{arg0}\": permission denied"))
+            }
+            Ok(_) => Ok(candidate),
+        };
+    }
+    for dir in path_env.unwrap_or(DEFAULT_PATH).split(':') {
+        let dir = if dir.is_empty() { "." } else { dir };
+        let candidate = cwd.join(dir).join(arg0);
+        if let Ok(m) = std::fs::metadata(inside(&candidate)) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(format!(
+        "exec: \"{arg0}\": executable file not found in $PATH"
+    ))
+}
+
+/// strerror-like text in lower case ("no such file or directory").
+pub fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_lowercase(),
+        None => e.to_string(),
+    }
+}
+
+/// Splits `K=V` entries; the last PATH wins.
+fn split_env(env: &[String]) -> (Vec<(String, String)>, Option<String>) {
+    let mut out = Vec::new();
+    let mut path = None;
+    for e in env {
+        if let Some((k, v)) = e.split_once('=') {
+            if k == "PATH" {
+                path = Some(v.to_string());
+            }
+            out.push((k.to_string(), v.to_string()));
+        }
+    }
+    (out, path)
+}
+
+fn rlimit_resource(name: &str) -> Option<libc::c_int> {
+    Some(match name {
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        _ => return None,
+    } as libc::c_int)
+}
+
+/// Capability sets as bit masks (bit n = capability n).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CapMasks {
+    pub bounding: u64,
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+    pub ambient: u64,
+}
+
+fn mask_of(set: Option<&oci_spec::runtime::Capabilities>) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for cap in set.into_iter().flatten() {
+        let name = serde_json::to_value(cap)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let parsed: caps::Capability = name
+            .parse()
+            .map_err(|_| format!("unknown capability {name:?}"))?;
+        mask |= 1u64 << parsed.index();
+    }
+    Ok(mask)
+}
+
+pub fn cap_masks(c: &oci_spec::runtime::LinuxCapabilities) -> Result<CapMasks, String> {
+    Ok(CapMasks {
+        bounding: mask_of(c.bounding().as_ref())?,
+        effective: mask_of(c.effective().as_ref())?,
+        permitted: mask_of(c.permitted().as_ref())?,
+        inheritable: mask_of(c.inheritable().as_ref())?,
+        ambient: mask_of(c.ambient().as_ref())?,
+    })
+}
+
+/// Everything the child needs after the fork, precomputed.
+struct ChildSetup {
+    tty: bool,
+    uid: u32,
+    gid: u32,
+    groups: Vec<libc::gid_t>,
+    umask: Option<u32>,
+    rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    caps: Option<CapMasks>,
+    last_cap: u32,
+    no_new_privs: bool,
+    oom_path: CString,
+    oom_value: Option<Vec<u8>>,
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+fn check(ret: libc::c_long) -> io::Result<()> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl ChildSetup {
+    /// Runs in the child between fork and exec: raw syscalls only, no allocation.
+    fn apply(&self) -> io::Result<()> {
+        // SAFETY: plain syscalls on values prepared before the fork.
+        unsafe {
+            check(libc::setsid() as libc::c_long)?;
+            if self.tty {
+                check(libc::ioctl(0, libc::TIOCSCTTY, 0) as libc::c_long)?;
+            }
+            if let Some(v) = &self.oom_value {
+                let fd = libc::open(self.oom_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd >= 0 {
+                    libc::write(fd, v.as_ptr().cast(), v.len());
+                    libc::close(fd);
+                }
+            }
+            for (res, lim) in &self.rlimits {
+                check(libc::setrlimit(*res as _, lim) as libc::c_long)?;
+            }
+            if let Some(m) = self.umask {
+                libc::umask(m as libc::mode_t);
+            }
+            if let Some(c) = &self.caps {
+                // Dropping from the bounding set needs CAP_SETPCAP: do it while still root.
+                for cap in 0..=self.last_cap {
+                    if c.bounding & (1u64 << cap) == 0 {
+                        let r = libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                        if r < 0 && *libc::__errno_location() != libc::EINVAL {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                }
+                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long)?;
+            }
+            check(libc::syscall(
+                libc::SYS_setgroups,
+                self.groups.len(),
+                self.groups.as_ptr(),
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresgid,
+                self.gid,
+                self.gid,
+                self.gid,
+            ))?;
+            check(libc::syscall(
+                libc::SYS_setresuid,
+                self.uid,
+                self.uid,
+                self.uid,
+            ))?;
+            if let Some(c) = &self.caps {
+                let header = CapHeader {
+                    version: LINUX_CAPABILITY_VERSION_3,
+                    pid: 0,
+                };
+                let data = [
+                    CapData {
+                        effective: c.effective as u32,
+                        permitted: c.permitted as u32,
+                        inheritable: c.inheritable as u32,
+                    },
+                    CapData {
+                        effective: (c.effective >> 32) as u32,
+                        permitted: (c.permitted >> 32) as u32,
+                        inheritable: (c.inheritable >> 32) as u32,
+                    },
+                ];
+                check(libc::syscall(libc::SYS_capset, &header, data.as_ptr()))?;
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                for cap in 0..=self.last_cap {
+                    if c.ambient & (1u64 << cap) != 0 {
+                        // Fails (EPERM) unless also permitted+inheritable: like runc, ignore.
+                        libc::prctl(
+                            libc::PR_CAP_AMBIENT,
+                            libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                            cap as libc::c_ulong,
+                            0,
+                            0,
+                        );
+                    }
+                }
+            }
+            if self.no_new_privs {
+                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+fn set_cloexec(fd: &OwnedFd) {
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+}
+
+/// Sets a terminal's window size.
+pub fn set_winsize(tty: &File, rows: u16, cols: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ with a valid winsize on a descriptor we own.
+    let r = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Starts `process` inside the container root (init's "/"), registered with the
+/// reaper before anything can reap it. Errors are user-facing reasons.
+pub fn spawn(process: &Process, mode: StdioMode, reaper: &Reaper) -> Result<Spawned, String> {
+    let args = process.args().clone().unwrap_or_default();
+    let Some(arg0) = args.first() else {
+        return Err("process.args must not be empty".into());
+    };
+    let (env, path_env) = split_env(process.env().as_deref().unwrap_or(&[]));
+    let cwd = process.cwd().clone();
+    if !cwd.is_absolute() {
+        return Err(format!("cwd {cwd:?} must be an absolute path"));
+    }
+    match std::fs::metadata(&cwd) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("chdir to cwd ({cwd:?}) failed: not a directory")),
+        Err(e) => return Err(format!("chdir to cwd ({cwd:?}) failed: {}", errno_text(&e))),
+    }
+    let program = resolve_executable(Path::new("/"), &cwd, arg0, path_env.as_deref())?;
+
+    let user = process.user();
+    let mut rlimits = Vec::new();
+    for rl in process.rlimits().iter().flatten() {
+        let name = serde_json::to_value(rl.typ())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let res = rlimit_resource(&name).ok_or_else(|| format!("unknown rlimit {name:?}"))?;
+        rlimits.push((
+            res,
+            libc::rlimit {
+                rlim_cur: rl.soft(),
+                rlim_max: rl.hard(),
+            },
+        ));
+    }
+    let setup = ChildSetup {
+        tty: matches!(mode, StdioMode::Pty { .. }),
+        uid: user.uid(),
+        gid: user.gid(),
+        groups: user.additional_gids().clone().unwrap_or_default(),
+        umask: user.umask(),
+        rlimits,
+        caps: process.capabilities().as_ref().map(cap_masks).transpose()?,
+        last_cap: last_cap(),
+        no_new_privs: process.no_new_privileges().unwrap_or(false),
+        oom_path: CString::new("/proc/self/oom_score_adj").expect("no NUL"),
+        oom_value: process.oom_score_adj().map(|v| v.to_string().into_bytes()),
+    };
+
+    let mut cmd = Command::new(&program);
+    cmd.arg0(arg0)
+        .args(&args[1..])
+        .env_clear()
+        .envs(env)
+        .current_dir(&cwd);
+    // SAFETY: `apply` only issues async-signal-safe syscalls (see ChildSetup::apply).
+    unsafe {
+        cmd.pre_exec(move || setup.apply());
+    }
+
+    // From here until the pid is registered no child may be reaped: hold the lock.
+    let mut registry = reaper.lock();
+    let mut master = None;
+    match mode {
+        StdioMode::Pipes => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+        StdioMode::Pty { rows, cols } => {
+            let ws = nix::pty::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pty = nix::pty::openpty(Some(&ws), None)
+                .map_err(|e| format!("allocating a pty: {}", e.desc().to_lowercase()))?;
+            set_cloexec(&pty.master);
+            set_cloexec(&pty.slave);
+            let slave = File::from(pty.slave);
+            let dup = |f: &File| {
+                f.try_clone()
+                    .map_err(|e| format!("pty: {}", errno_text(&e)))
+            };
+            cmd.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
+            master = Some(File::from(pty.master));
+        }
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let what = match e.raw_os_error() {
+            Some(libc::ENOENT) => "no such file or directory".to_string(),
+            Some(libc::EACCES) => "permission denied".to_string(),
+            _ => errno_text(&e),
+        };
+        format!("exec: {:?}: {what}", program.display().to_string())
+    })?;
+    let pid = child.id() as i32;
+    let exit = registry.register(pid);
+    drop(registry);
+    drop(cmd); // closes our copies of the pty slave
+
+    let file = |fd: Option<OwnedFd>| fd.map(File::from);
+    let mut spawned = Spawned {
+        pid,
+        exit,
+        stdin: file(child.stdin.take().map(OwnedFd::from)),
+        stdout: file(child.stdout.take().map(OwnedFd::from)),
+        stderr: file(child.stderr.take().map(OwnedFd::from)),
+        pty: None,
+    };
+    if let Some(m) = master {
+        spawned.stdin = m.try_clone().ok();
+        spawned.stdout = m.try_clone().ok();
+        spawned.pty = Some(m);
+    }
+    // `child` is dropped without waiting: the reaper owns its status.
+    Ok(spawned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn rootfs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("bin")).unwrap();
+        std::fs::create_dir_all(d.path().join("usr/bin")).unwrap();
+        std::fs::create_dir_all(d.path().join("work")).unwrap();
+        let exe = d.path().join("bin/tool");
+        std::fs::write(&exe, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let plain = d.path().join("usr/bin/plain");
+        std::fs::write(&plain, b"data").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        symlink("tool", d.path().join("bin/link")).unwrap();
+        let local = d.path().join("work/local");
+        std::fs::write(&local, b"x").unwrap();
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o700)).unwrap();
+        d
+    }
+
+    #[test]
+    fn path_lookup() {
+        let d = rootfs();
+        let r = d.path();
+        let cwd = Path::new("/");
+        let p = Some("/usr/bin:/bin");
+        assert_eq!(
+            resolve_executable(r, cwd, "tool", p).unwrap(),
+            Path::new("/bin/tool")
+        );
+        assert_eq!(
+            resolve_executable(r, cwd, "link", p).unwrap(),
+            Path::new("/bin/link")
+        );
+        let e = resolve_executable(r, cwd, "missing", p).unwrap_err();
+        assert!(e.contains("executable file not found in $PATH"), "{e}");
+        // Not executable: skipped on PATH, like Go's LookPath.
+        let e = resolve_executable(r, cwd, "plain", p).unwrap_err();
+        assert!(e.contains("executable file not found in $PATH"), "{e}");
+        // The default PATH applies when the env has none.
+        assert_eq!(
+            resolve_executable(r, cwd, "tool", None).unwrap(),
+            Path::new("/bin/tool")
+        );
+        let e = resolve_executable(r, cwd, "", p).unwrap_err();
+        assert!(e.contains("executable file not found in $PATH"), "{e}");
+    }
+
+    #[test]
+    fn explicit_paths() {
+        let d = rootfs();
+        let r = d.path();
+        let cwd = Path::new("/work");
+        assert_eq!(
+            resolve_executable(r, cwd, "/bin/tool", None).unwrap(),
+            Path::new("/bin/tool")
+        );
+        assert_eq!(
+            resolve_executable(r, cwd, "./local", None).unwrap(),
+            Path::new("/work/./local")
+        );
+        let e = resolve_executable(r, cwd, "/nope", None).unwrap_err();
+        assert!(e.contains("no such file or directory"), "{e}");
+        let e = resolve_executable(r, cwd, "/usr/bin/plain", None).unwrap_err();
+        assert!(e.contains("permission denied"), "{e}");
+        let e = resolve_executable(r, cwd, "/bin", None).unwrap_err();
+        assert!(e.contains("permission denied"), "{e}");
+        // An empty PATH entry means the working directory.
+        assert_eq!(
+            resolve_executable(r, cwd, "local", Some(":/bin")).unwrap(),
+            Path::new("/work/./local")
+        );
+    }
+
+    #[test]
+    fn env_split() {
+        let (env, path) = split_env(&[
+            "A=1".into(),
+            "PATH=/x".into(),
+            "bogus".into(),
+            "B=x=y".into(),
+        ]);
+        assert_eq!(path.as_deref(), Some("/x"));
+        assert_eq!(env.len(), 3);
+        assert_eq!(env[2], ("B".into(), "x=y".into()));
+    }
+
+    #[test]
+    fn capability_masks() {
+        let caps = oci_spec::runtime::LinuxCapabilities::default();
+        let m = cap_masks(&caps).unwrap();
+        let kill = 1u64 << caps::Capability::CAP_KILL.index();
+        assert_ne!(m.bounding & kill, 0);
+        assert_eq!(m.ambient & !m.bounding, 0);
+    }
+
+    #[test]
+    fn rlimit_names() {
+        assert_eq!(
+            rlimit_resource("RLIMIT_NOFILE"),
+            Some(libc::RLIMIT_NOFILE as libc::c_int)
+        );
+        assert_eq!(rlimit_resource("RLIMIT_BOGUS"), None);
+    }
+}
