@@ -234,18 +234,24 @@ impl Guest {
             let g = self.clone();
             pumps.push(pump(err, move |d| g.send_event(&Frame::Stderr(d.to_vec()))));
         }
-        if let (Some(mut stdin), Some(rx)) = (spawned.stdin, lock(&self.main_stdin_rx).take()) {
+        if let (Some(stdin), Some(rx)) = (spawned.stdin, lock(&self.main_stdin_rx).take()) {
+            let g_ack = self.clone();
             thread::spawn(move || {
+                let mut stdin = Some(stdin);
                 while let Ok(chunk) = rx.recv() {
                     match chunk {
                         StdinChunk::Data(d) => {
-                            if stdin.write_all(&d).is_err() {
-                                break;
+                            if stdin.as_mut().is_some_and(|s| s.write_all(&d).is_err()) {
+                                stdin = None;
                             }
+                            // Acknowledged even when dropped, so the host's window reopens.
+                            g_ack.send_event(&Frame::Message(Message::StdinAck {
+                                bytes: d.len() as u32,
+                            }));
                         }
                         // A terminal has no separate input to close.
                         StdinChunk::Close if tty => {}
-                        StdinChunk::Close => break,
+                        StdinChunk::Close => stdin = None,
                     }
                 }
             });
@@ -376,6 +382,7 @@ impl Guest {
             let mut stdin = spawned.stdin;
             let pty_master = spawned.pty;
             let mut reader = conn;
+            let ack_writer = writer.clone();
             thread::spawn(move || loop {
                 match proto::read_frame(&mut reader) {
                     Ok(Frame::Stdin(d)) => {
@@ -384,6 +391,11 @@ impl Guest {
                                 stdin = None;
                             }
                         }
+                        // Acknowledged even when dropped, so the host's window reopens.
+                        let ack = Message::StdinAck {
+                            bytes: d.len() as u32,
+                        };
+                        let _ = proto::send(&mut *lock(&ack_writer), ack);
                     }
                     Ok(Frame::StdinClose) => {
                         if pty_master.is_none() {

@@ -100,7 +100,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             &serde_json::to_vec_pretty(&cfg)?,
         )
         .ctx(|| "writing monitor.json".into())?;
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe)?;
+        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, terminal)?;
         record.pid = pid;
         record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
         record.log_path = Some(log_path);
@@ -157,6 +157,7 @@ fn spawn_monitor(
     root: &Path,
     dir: &crate::state::ContainerDir,
     exe: &Path,
+    terminal: bool,
 ) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
@@ -167,10 +168,18 @@ fn spawn_monitor(
         .arg(dir.monitor_log_file())
         .arg("monitor")
         .arg(&dir.id)
-        .env(monitor::SYNC_FD_ENV, write_fd.to_string())
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+        .env(monitor::SYNC_FD_ENV, write_fd.to_string());
+    // Without a terminal, create's stdio is the container's (runc semantics); with
+    // one, the console pty is, and holding create's fds would keep the caller's
+    // pipes open for the container's lifetime.
+    let stdio = || {
+        if terminal {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        }
+    };
+    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
