@@ -100,9 +100,13 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             &serde_json::to_vec_pretty(&cfg)?,
         )
         .ctx(|| "writing monitor.json".into())?;
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, terminal)?;
-        record.pid = pid;
-        record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+        // The monitor's pid is recorded as soon as it exists, so a create that is
+        // killed while the VM boots still leaves something `delete --force` can stop.
+        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, terminal, |pid| {
+            record.pid = pid;
+            record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+            dir.save(&record)
+        })?;
         record.log_path = Some(log_path);
         match report {
             SyncReport::Ready {
@@ -158,6 +162,7 @@ fn spawn_monitor(
     dir: &crate::state::ContainerDir,
     exe: &Path,
     terminal: bool,
+    on_spawned: impl FnOnce(i32) -> Result<()>,
 ) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
@@ -194,9 +199,13 @@ fn spawn_monitor(
         .spawn()
         .ctx(|| format!("starting the VM monitor {}", exe.display()))?;
     drop(write_end);
+    let pid = child.id() as i32;
+    if let Err(e) = on_spawned(pid) {
+        reap_quietly(pid);
+        return Err(e);
+    }
     let mut pipe = fs::File::from(read_end);
     let report = monitor::read_report(&mut pipe, &dir.monitor_log_file());
-    let pid = child.id() as i32;
     // The monitor outlives us; it is never waited for here (the caller or a
     // subreaper reaps it). Forget the handle without killing it.
     std::mem::forget(child);
