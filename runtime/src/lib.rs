@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod guest;
+pub mod image;
 pub mod vmm;
 
 pub use error::{Error, Result};
