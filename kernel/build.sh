@@ -11,7 +11,7 @@
 #
 # Output, in the guest-image cache:
 #   <cache>/kernel/own/<source version>-<sha256(fragment)[0:16]>/vmlinux
-#   ... and beside it .config (the final config) and krun-oci.config.
+#   ... and beside it .config (the final config), System.map and krun-oci.config.
 # <cache> is $KRUN_OCI_CACHE, else /var/lib/krun-oci for root, else
 # ${XDG_CACHE_HOME:-$HOME/.cache}/krun-oci. runtime/src/image/own_kernel.rs
 # computes the same key and must stay in step with this script.
@@ -165,6 +165,8 @@ main() {
 	tmp_out=$(mktemp -d "$own/.tmp-$key.XXXXXX")
 	cp "$build/vmlinux" "$tmp_out/vmlinux"
 	cp "$build/.config" "$tmp_out/.config"
+	# No KALLSYMS in the guest: System.map decodes initcall_debug/oops addresses.
+	cp "$build/System.map" "$tmp_out/System.map"
 	cp "$FRAGMENT" "$tmp_out/krun-oci.config"
 	chmod 755 "$tmp_out"
 	rm -rf "$out"
