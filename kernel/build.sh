@@ -30,6 +30,10 @@ readonly TARBALL=/usr/src/${SRC_PKG}.tar.xz
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly FRAGMENT=$here/krun-oci.config
 
+# Temp dirs of an unfinished unpack/install, removed if we stop early.
+cleanup=()
+trap 'rm -rf "${cleanup[@]}"' EXIT
+
 die() { echo "kernel/build.sh: $*" >&2; exit 1; }
 say() { echo "kernel/build.sh: $*" >&2; }
 
@@ -136,6 +140,7 @@ main() {
 		say "unpacking $TARBALL into $src"
 		local tmp_src
 		tmp_src=$(mktemp -d "$src.tmp.XXXXXX")
+		cleanup+=("$tmp_src")
 		tar -xJf "$TARBALL" -C "$tmp_src" --strip-components=1
 		chmod 755 "$tmp_src"
 		rm -rf "$src"
@@ -163,6 +168,7 @@ main() {
 
 	local tmp_out
 	tmp_out=$(mktemp -d "$own/.tmp-$key.XXXXXX")
+	cleanup+=("$tmp_out")
 	cp "$build/vmlinux" "$tmp_out/vmlinux"
 	cp "$build/.config" "$tmp_out/.config"
 	# No KALLSYMS in the guest: System.map decodes initcall_debug/oops addresses.
