@@ -41,6 +41,8 @@ pub struct CheckReport {
     pub libkrun: std::result::Result<(), String>,
     /// What the given choice resolves to, or why it cannot run.
     pub engine: std::result::Result<(Engine, String), String>,
+    /// Why our own kernel is (not) the one in use.
+    pub own_kernel: String,
 }
 
 impl CheckReport {
@@ -82,6 +84,7 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
         image,
         libkrun,
         engine,
+        own_kernel: crate::image::own_kernel::explain(&opts.cache_dir()),
     }
 }
 
@@ -132,6 +135,7 @@ impl fmt::Display for CheckReport {
             }
             Err(e) => writeln!(f, "  {} {:<20} {e}", mark(false), "guest image")?,
         }
+        writeln!(f, "  {}", self.own_kernel)?;
         writeln!(f)?;
         match &self.libkrun {
             Ok(()) => writeln!(f, "libkrun backend: ready")?,
@@ -180,6 +184,7 @@ mod tests {
                 Engine::Qemu(qemu::Accel::Tcg),
                 "auto: not libkrun because PVM".into(),
             )),
+            own_kernel: "own kernel: not built yet: run `make kernel`".into(),
         };
         let s = r.to_string();
         assert!(
@@ -188,6 +193,7 @@ mod tests {
         );
         assert!(s.contains("cargo install --locked virtiofsd"), "{s}");
         assert!(s.contains("engine: qemu + TCG"), "{s}");
+        assert!(s.contains("run `make kernel`"), "{s}");
         assert!(!r.can_run());
     }
 }

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod initramfs;
 pub mod kernel;
+pub mod own_kernel;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -137,11 +138,6 @@ fn file_identity(path: &Path) -> Result<String> {
     ))
 }
 
-/// Where our own minimal kernel is expected once built (branch `kernel`).
-pub fn own_kernel_path(cache_dir: &Path) -> PathBuf {
-    cache_dir.join("own-kernel").join("vmlinux")
-}
-
 /// Resolves the kernel: configured path, then our own built kernel, then the distro's.
 pub fn resolve_kernel(
     opts: &ImageOptions,
@@ -161,8 +157,7 @@ pub fn resolve_kernel(
         let vmlinux = dir.vmlinux();
         return Ok((dir, vmlinux, KernelOrigin::Configured));
     }
-    let own = own_kernel_path(cache_dir);
-    if own.is_file() {
+    if let Some(own) = own_kernel::cached(cache_dir) {
         let dir = KernelDir {
             dir: PathBuf::new(),
             identity: format!("own:{}", file_identity(&own)?),
