@@ -378,6 +378,7 @@ pub fn make_rootfs(rootfs: &Path) -> Result<()> {
         "root:x:0:0:root:/root:/bin/sh\nconf:x:1000:1000::/work:/bin/sh\n",
     )?;
     fs::write(rootfs.join("etc/group"), "root:x:0:\nconf:x:1000:\n")?;
+    fs::write(rootfs.join(".conformance-rootfs"), "")?;
     Ok(())
 }
 

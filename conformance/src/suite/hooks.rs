@@ -11,6 +11,8 @@ pub fn tests() -> Vec<Test> {
     tests![
         "hooks/order" => hooks_order,
         "hooks/stdin-state" => hooks_stdin,
+        "hooks/start-container" => hooks_start_container,
+        "hooks/create-container" => hooks_create_container,
         "hooks/create-runtime-failure-aborts" => hooks_create_fail,
         "hooks/poststart-failure-warns" => hooks_poststart_fail,
         "hooks/poststop-failure-warns" => hooks_poststop_fail,
@@ -68,30 +70,39 @@ fn hooks_order(ctx: &mut Ctx) -> Result<()> {
 
 fn hooks_stdin(ctx: &mut Ctx) -> Result<()> {
     let s1 = ctx.path("state-createRuntime");
-    let s2 = ctx.path("state-poststart");
+    let s2 = ctx.path("state-poststop");
     let (a, p) = (s1.display().to_string(), s2.display().to_string());
     let b = ctx.bundle(|c| {
         sleeper(c);
         c["hooks"] = json!({
             "createRuntime": [sh_hook(&format!("cat > {a}"))],
-            "poststart": [sh_hook(&format!("cat > {p}"))],
+            "poststop": [sh_hook(&format!("cat > {p}"))],
         });
     })?;
     let id = ctx.new_id();
     let c = ctx.create(&b, &id, &[])?;
     ctx.start(&id)?;
+    let out = ctx.rt(&["kill", &id, "KILL"])?;
+    ensure!(out.ok(), "kill: {}", out.brief());
+    ctx.wait_pid(c.pid)?;
+    ctx.wait_status(&id, "stopped")?;
+    let out = ctx.rt(&["delete", &id])?;
+    ensure!(out.ok(), "delete: {}", out.brief());
     let bundle = fs::canonicalize(&b)?.display().to_string();
-    for (file, statuses) in [(&s1, &["creating", "created"][..]), (&s2, &["running"][..])] {
+    for (file, statuses) in [(&s1, &["creating", "created"][..]), (&s2, &["stopped"][..])] {
         let text = fs::read_to_string(file).context("hook wrote no stdin copy")?;
         let st: Value = serde_json::from_str(&text)
             .with_context(|| format!("hook stdin is not state JSON: {text:?}"))?;
         ensure!(st["id"] == json!(id), "hook state id {}", st["id"]);
-        ensure!(
-            st["pid"] == json!(c.pid),
-            "hook state pid {} != {}",
-            st["pid"],
-            c.pid
-        );
+        // The stopped state a poststop hook sees may carry no pid.
+        if file == &s1 {
+            ensure!(
+                st["pid"] == json!(c.pid),
+                "createRuntime state pid {} != {}",
+                st["pid"],
+                c.pid
+            );
+        }
         ensure!(
             st["bundle"] == json!(bundle),
             "hook state bundle {}",
@@ -104,6 +115,46 @@ fn hooks_stdin(ctx: &mut Ctx) -> Result<()> {
             "hook state status {s:?}, want one of {statuses:?}"
         );
     }
+    Ok(())
+}
+
+/// startContainer runs in the container (its path resolves there), during start, before the
+/// main process. The rootfs has /.conformance-rootfs and the host does not: a hook in the wrong
+/// mount namespace reports to a host file in the test dir instead of writing the host's /.
+fn hooks_start_container(ctx: &mut Ctx) -> Result<()> {
+    let wrong = ctx.path("wrong-namespace");
+    let w = wrong.display().to_string();
+    let b = ctx.bundle(|c| {
+        c["process"]["args"] = json!(["sh", "-c", "echo main >> /hooklog"]);
+        c["hooks"] = json!({"startContainer": [sh_hook(&format!(
+            "if [ -e /.conformance-rootfs ]; then echo startContainer >> /hooklog; else echo x >> {w}; fi"
+        ))]});
+    })?;
+    let log = b.join("rootfs/hooklog");
+    let id = ctx.new_id();
+    let c = ctx.create(&b, &id, &[])?;
+    ensure!(log_lines(&log).is_empty(), "startContainer ran during create");
+    ctx.start(&id)?;
+    ctx.wait_pid(c.pid)?;
+    ensure!(log_lines(&wrong).is_empty(), "startContainer ran outside the container's root");
+    let got = log_lines(&log);
+    ensure!(got == ["startContainer", "main"], "the container's /hooklog: {got:?}");
+    Ok(())
+}
+
+/// createContainer runs during create, before pivot_root: its path resolves in the runtime
+/// namespace, so a host path written by it is visible on the host.
+fn hooks_create_container(ctx: &mut Ctx) -> Result<()> {
+    let log = ctx.path("hooklog");
+    let l = log.display().to_string();
+    let b = ctx.bundle(|c| {
+        sleeper(c);
+        c["hooks"] = json!({"createContainer": [sh_hook(&format!("echo createContainer >> {l}"))]});
+    })?;
+    let id = ctx.new_id();
+    ctx.create(&b, &id, &[])?;
+    let got = log_lines(&log);
+    ensure!(got == ["createContainer"], "after create: {got:?}");
     Ok(())
 }
 
