@@ -133,12 +133,21 @@ fn hooks_start_container(ctx: &mut Ctx) -> Result<()> {
     let log = b.join("rootfs/hooklog");
     let id = ctx.new_id();
     let c = ctx.create(&b, &id, &[])?;
-    ensure!(log_lines(&log).is_empty(), "startContainer ran during create");
+    ensure!(
+        log_lines(&log).is_empty(),
+        "startContainer ran during create"
+    );
     ctx.start(&id)?;
     ctx.wait_pid(c.pid)?;
-    ensure!(log_lines(&wrong).is_empty(), "startContainer ran outside the container's root");
+    ensure!(
+        log_lines(&wrong).is_empty(),
+        "startContainer ran outside the container's root"
+    );
     let got = log_lines(&log);
-    ensure!(got == ["startContainer", "main"], "the container's /hooklog: {got:?}");
+    ensure!(
+        got == ["startContainer", "main"],
+        "the container's /hooklog: {got:?}"
+    );
     Ok(())
 }
 
