@@ -39,12 +39,21 @@ pub fn parse_expected(text: &str) -> Result<Vec<Expected>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let mut it = line.splitn(4, char::is_whitespace);
-        let (Some(test), Some(runtime), Some(kind), Some(reason)) =
-            (it.next(), it.next(), it.next(), it.next())
-        else {
+        let mut rest = line;
+        let mut field = || {
+            let t = rest.trim_start();
+            let end = t.find(char::is_whitespace).unwrap_or(t.len());
+            let (f, r) = t.split_at(end);
+            rest = r;
+            (!f.is_empty()).then_some(f)
+        };
+        let (Some(test), Some(runtime), Some(kind)) = (field(), field(), field()) else {
             bail!("line {}: want `TEST RUNTIME KIND REASON`", n + 1);
         };
+        let reason = rest.trim();
+        if reason.is_empty() {
+            bail!("line {}: a reason is required", n + 1);
+        }
         if !KINDS.contains(&kind) {
             bail!("line {}: kind {kind:?} is not one of {KINDS:?}", n + 1);
         }
@@ -52,7 +61,7 @@ pub fn parse_expected(text: &str) -> Result<Vec<Expected>> {
             test: test.into(),
             runtime: runtime.into(),
             kind: kind.into(),
-            reason: reason.trim().into(),
+            reason: reason.into(),
         });
     }
     Ok(out)
