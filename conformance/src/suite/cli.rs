@@ -18,6 +18,11 @@ pub fn tests() -> Vec<Test> {
         "spec/default" => spec_default,
         "spec/refuses-overwrite" => spec_overwrite,
         "cli/version" => cli_version,
+        "cli/global-flags" => cli_global_flags,
+        "list/table" => list_table,
+        "pause/resume" => pause_resume,
+        "update/resources" => update_resources,
+        "events/stats" => events_stats,
     ]
 }
 
@@ -232,5 +237,92 @@ fn cli_version(ctx: &mut Ctx) -> Result<()> {
         "no `spec: 1.x` line: {:?}",
         out.stdout
     );
+    Ok(())
+}
+
+fn cli_global_flags(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.root.display().to_string();
+    for flags in [
+        &["--root", &r, "--debug", "list", "--format", "json"][..],
+        &["--root", &r, "--rootless=false", "list", "--format", "json"][..],
+        &["--root", &r, "--systemd-cgroup", "list", "--format", "json"][..],
+        &[
+            "--root",
+            &r,
+            "--log-format",
+            "text",
+            "list",
+            "--format",
+            "json",
+        ][..],
+    ] {
+        let out = ctx.raw(flags)?;
+        ensure!(out.ok(), "{flags:?}: {}", out.brief());
+        ensure!(
+            out.stdout.trim() == "null",
+            "{flags:?} printed {:?}",
+            out.stdout.trim()
+        );
+    }
+    Ok(())
+}
+
+fn list_table(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(sleeper)?;
+    let id = ctx.new_id();
+    ctx.create(&b, &id, &[])?;
+    let out = ctx.rt(&["list"])?;
+    ensure!(out.ok(), "list: {}", out.brief());
+    let mut lines = out.stdout.lines();
+    let header = lines.next().unwrap_or("");
+    ensure!(
+        header.split_whitespace().take(4).collect::<Vec<_>>() == ["ID", "PID", "STATUS", "BUNDLE"],
+        "table header {header:?}"
+    );
+    ensure!(
+        lines.any(|l| l.split_whitespace().next() == Some(id.as_str()) && l.contains("created")),
+        "no row for {id}: {:?}",
+        out.stdout
+    );
+    Ok(())
+}
+
+fn running(ctx: &mut Ctx) -> Result<String> {
+    let b = ctx.bundle(sleeper)?;
+    let id = ctx.new_id();
+    ctx.create(&b, &id, &[])?;
+    ctx.start(&id)?;
+    Ok(id)
+}
+
+fn pause_resume(ctx: &mut Ctx) -> Result<()> {
+    let id = running(ctx)?;
+    let out = ctx.rt(&["pause", &id])?;
+    ensure!(out.ok(), "pause: {}", out.brief());
+    ensure!(ctx.status(&id)? == "paused", "not paused after pause");
+    let out = ctx.rt(&["resume", &id])?;
+    ensure!(out.ok(), "resume: {}", out.brief());
+    ensure!(ctx.status(&id)? == "running", "not running after resume");
+    Ok(())
+}
+
+fn update_resources(ctx: &mut Ctx) -> Result<()> {
+    let id = running(ctx)?;
+    let f = ctx.path("resources.json");
+    fs::write(&f, r#"{"pids": {"limit": 512}}"#)?;
+    let p = f.display().to_string();
+    let out = ctx.rt(&["update", "--resources", &p, &id])?;
+    ensure!(out.ok(), "update --resources: {}", out.brief());
+    Ok(())
+}
+
+fn events_stats(ctx: &mut Ctx) -> Result<()> {
+    let id = running(ctx)?;
+    let out = ctx.rt(&["events", "--stats", &id])?;
+    ensure!(out.ok(), "events --stats: {}", out.brief());
+    let line = out.stdout.lines().next().unwrap_or("");
+    let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
+    ensure!(v["type"] == "stats", "event type {}", v["type"]);
+    ensure!(v["id"] == id.as_str(), "event id {}", v["id"]);
     Ok(())
 }
