@@ -140,7 +140,24 @@ impl Ctx {
     pub fn raw(&mut self, args: &[&str]) -> Result<Out> {
         let n = self.next();
         let runtime = self.cfg.runtime.clone();
-        run_command(&runtime, args, &self.dir, n, self.cfg.cmd_timeout)
+        run_command(&runtime, args, &self.dir, n, self.cfg.cmd_timeout, None)
+    }
+
+    /// The runtime with `--root` first, then `args`, with `fd3` as its fd 3 (`--preserve-fds`).
+    pub fn rt_with_fd3(&mut self, args: &[&str], fd3: &fs::File) -> Result<Out> {
+        let n = self.next();
+        let root = self.root.display().to_string();
+        let mut full = vec!["--root", root.as_str()];
+        full.extend_from_slice(args);
+        let runtime = self.cfg.runtime.clone();
+        run_command(
+            &runtime,
+            &full,
+            &self.dir,
+            n,
+            self.cfg.cmd_timeout,
+            Some(fd3),
+        )
     }
 
     /// A bundle: busybox rootfs plus `RUNTIME spec`, edited for tests (no terminal, writable
@@ -279,16 +296,37 @@ pub fn run_command(
     dir: &Path,
     n: usize,
     timeout: Duration,
+    fd3: Option<&fs::File>,
 ) -> Result<Out> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let stdout_path = dir.join(format!("cmd{n}.out"));
     let stderr_path = dir.join(format!("cmd{n}.err"));
-    let mut child = Command::new(prog)
-        .args(args)
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(fs::File::create(&stdout_path)?)
         .stderr(fs::File::create(&stderr_path)?)
-        .process_group(0)
+        .process_group(0);
+    if let Some(f) = fd3 {
+        let raw = f.as_raw_fd();
+        // SAFETY: dup2 and fcntl are async-signal-safe; dup2 clears FD_CLOEXEC on fd 3.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2(3, 3) would keep FD_CLOEXEC: clear it instead.
+                let r = if raw == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(raw, 3)
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd
         .spawn()
         .with_context(|| format!("spawn {}", prog.display()))?;
     let deadline = Instant::now() + timeout;
@@ -395,6 +433,7 @@ pub fn cleanup(cfg: &Config, root: &Path, dir: &Path, track: &Mutex<Tracked>) ->
             dir,
             100_000 + i,
             Duration::from_secs(30),
+            None,
         );
     }
     for pid in t.pids {

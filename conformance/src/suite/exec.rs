@@ -16,6 +16,7 @@ pub fn tests() -> Vec<Test> {
         "exec/env-cwd-user" => exec_env_cwd_user,
         "exec/process-file" => exec_process_file,
         "exec/detach-pid-file" => exec_detach,
+        "exec/detach-signal-forwarded" => exec_detach_signal,
         "exec/not-running" => exec_not_running,
         "exec/unknown" => exec_unknown,
         "console/create" => console_create,
@@ -125,6 +126,37 @@ fn exec_detach(ctx: &mut Ctx) -> Result<()> {
     ensure!(
         exit == Exit::Code(4),
         "waitpid(exec pid) gave {exit:?}, want exit 4"
+    );
+    Ok(())
+}
+
+/// The Rust runc shim signals exec pids directly: the exec'd process must get the signal.
+fn exec_detach_signal(ctx: &mut Ctx) -> Result<()> {
+    let (id, b) = running(ctx)?;
+    let pf = ctx.path("exec-pid");
+    let p = pf.display().to_string();
+    let out = ctx.rt(&[
+        "exec",
+        "--detach",
+        "--pid-file",
+        &p,
+        &id,
+        "sh",
+        "-c",
+        "trap 'exit 9' TERM; touch /exec-ready; while :; do sleep 0.05; done",
+    ])?;
+    ensure!(out.ok(), "exec --detach: {}", out.brief());
+    let pid: i32 = fs::read_to_string(&pf)?.trim().parse()?;
+    ctx.track_pid(pid);
+    crate::harness::wait_file(&b.join("rootfs/exec-ready"), ctx.cfg.cmd_timeout)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let exit = ctx.wait_pid(pid)?;
+    ensure!(
+        exit == Exit::Code(9),
+        "after kill(exec pid, SIGTERM): {exit:?}, want exit 9"
     );
     Ok(())
 }

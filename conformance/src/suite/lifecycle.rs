@@ -42,6 +42,8 @@ pub fn tests() -> Vec<Test> {
         "delete/missing" => delete_missing,
         "delete/nothing-left-behind" => delete_leftovers,
         "pidfile/wait-exit-code" => pidfile_wait,
+        "pidfile/signal-forwarded" => pidfile_signal,
+        "create/preserve-fds" => create_preserve_fds,
     ]
 }
 
@@ -607,5 +609,55 @@ fn pidfile_wait(ctx: &mut Ctx) -> Result<()> {
         exit == Exit::Code(7),
         "waitpid(pid file's pid) gave {exit:?}, want exit 7"
     );
+    Ok(())
+}
+
+/// conmon and the shims signal the pid from the pid file directly: the workload must get it.
+fn pidfile_signal(ctx: &mut Ctx) -> Result<()> {
+    let script = "trap 'echo USR1 > /sig; exit 3' USR1; touch /ready; while :; do sleep 0.05; done";
+    let b = ctx.bundle(|c| c["process"]["args"] = json!(["sh", "-c", script]))?;
+    let id = ctx.new_id();
+    let c = ctx.create(&b, &id, &[])?;
+    ctx.start(&id)?;
+    wait_file(&b.join("rootfs/ready"), ctx.cfg.cmd_timeout)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.pid),
+        nix::sys::signal::Signal::SIGUSR1,
+    )?;
+    let exit = ctx.wait_pid(c.pid)?;
+    ensure!(
+        exit == Exit::Code(3),
+        "after kill(pid, SIGUSR1): {exit:?}, want the trap's exit 3"
+    );
+    Ok(())
+}
+
+/// `--preserve-fds 1`: the caller's fd 3 reaches the workload as fd 3.
+fn create_preserve_fds(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(|c| c["process"]["args"] = json!(["sh", "-c", "echo through-fd3 >&3"]))?;
+    let id = ctx.new_id();
+    let sink = ctx.path("fd3-sink");
+    let f = fs::File::create(&sink)?;
+    let pf = ctx.path("pid");
+    let (bs, ps) = (b.display().to_string(), pf.display().to_string());
+    let args = [
+        "create",
+        "--bundle",
+        &bs,
+        "--pid-file",
+        &ps,
+        "--preserve-fds",
+        "1",
+        &id,
+    ];
+    let out = ctx.rt_with_fd3(&args, &f)?;
+    drop(f);
+    ensure!(out.ok(), "create --preserve-fds 1: {}", out.brief());
+    let pid: i32 = fs::read_to_string(&pf)?.trim().parse()?;
+    ctx.track_pid(pid);
+    ctx.start(&id)?;
+    ctx.wait_pid(pid)?;
+    let got = fs::read_to_string(&sink)?;
+    ensure!(got == "through-fd3\n", "fd 3 received {got:?}");
     Ok(())
 }
