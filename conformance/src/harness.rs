@@ -283,6 +283,25 @@ pub struct Created {
     pub out: Out,
 }
 
+/// After a failed create: `state` fails and the state root holds nothing for `id`.
+pub fn no_trace(ctx: &mut Ctx, id: &str) -> Result<()> {
+    let out = ctx.rt(&["state", id])?;
+    ensure!(
+        !out.ok(),
+        "state still answers for {id} after the failed create"
+    );
+    let left: Vec<String> = fs::read_dir(&ctx.root)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(id))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "the failed create left {left:?} in the state root"
+    );
+    Ok(())
+}
+
 pub fn write_json(path: &Path, v: &Value) -> Result<()> {
     fs::write(path, serde_json::to_vec_pretty(v)?)?;
     Ok(())
@@ -437,6 +456,11 @@ pub fn cleanup(cfg: &Config, root: &Path, dir: &Path, track: &Mutex<Tracked>) ->
         );
     }
     for pid in t.pids {
+        // Processes of a killed pid namespace die asynchronously: give them a moment.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while pid > 1 && pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if pid > 1 && pid_alive(pid) {
             notes.push(format!("pid {pid} still alive after delete --force"));
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

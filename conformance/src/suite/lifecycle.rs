@@ -119,7 +119,7 @@ fn create_missing_bundle(ctx: &mut Ctx) -> Result<()> {
     let missing = ctx.path("no-such-bundle").display().to_string();
     let out = ctx.rt(&["create", "--bundle", &missing, &id])?;
     fails(&out)?;
-    fails(&ctx.rt(&["state", &id])?).context("state after failed create")?;
+    crate::harness::no_trace(ctx, &id)?;
     Ok(())
 }
 
@@ -132,7 +132,7 @@ fn create_invalid_version(ctx: &mut Ctx) -> Result<()> {
     let bs = b.display().to_string();
     let out = ctx.rt(&["create", "--bundle", &bs, &id])?;
     fails(&out).context("ociVersion \"not-a-version\" was accepted")?;
-    fails(&ctx.rt(&["state", &id])?).context("state after failed create")?;
+    crate::harness::no_trace(ctx, &id)?;
     Ok(())
 }
 
@@ -217,7 +217,7 @@ fn create_missing_exe(ctx: &mut Ctx) -> Result<()> {
         "wording podman maps to 127 missing: {:?}",
         out.stderr.trim()
     );
-    fails(&ctx.rt(&["state", &id])?).context("state after failed create")?;
+    crate::harness::no_trace(ctx, &id)?;
     Ok(())
 }
 
