@@ -445,29 +445,57 @@ pub fn cleanup(cfg: &Config, root: &Path, dir: &Path, track: &Mutex<Tracked>) ->
     let mut notes = Vec::new();
     let t = std::mem::take(&mut *track.lock().unwrap());
     let r = root.display().to_string();
-    for (i, id) in t.ids.iter().enumerate() {
-        let _ = run_command(
-            &cfg.runtime,
-            &["--root", &r, "delete", "--force", id],
-            dir,
-            100_000 + i,
-            Duration::from_secs(30),
-            None,
-        );
-    }
-    for pid in t.pids {
+    let delete = |id: &str, n: usize| -> Option<String> {
+        let args = ["--root", r.as_str(), "delete", "--force", id];
+        match run_command(&cfg.runtime, &args, dir, n, Duration::from_secs(30), None) {
+            Ok(o) if o.ok() => None,
+            Ok(o) => Some(o.brief()),
+            Err(e) => Some(format!("{e:#}")),
+        }
+    };
+    // A pid namespace's init can only finish dying once its zombies are reaped, and some of
+    // them are ours (the subreaper): reap before, and retry the delete after killing.
+    reap_zombies();
+    let failed: Vec<&String> = t
+        .ids
+        .iter()
+        .enumerate()
+        .filter(|(i, id)| delete(id, 100_000 + i).is_some())
+        .map(|(_, id)| id)
+        .collect();
+    for pid in &t.pids {
+        let pid = *pid;
         // Processes of a killed pid namespace die asynchronously: give them a moment.
         let deadline = Instant::now() + Duration::from_secs(2);
         while pid > 1 && pid_alive(pid) && Instant::now() < deadline {
+            reap_zombies();
             std::thread::sleep(Duration::from_millis(10));
         }
         if pid > 1 && pid_alive(pid) {
-            notes.push(format!("pid {pid} still alive after delete --force"));
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let comm = stat.split(' ').take(3).collect::<Vec<_>>().join(" ");
+            notes.push(format!(
+                "killed pid still alive after delete --force: {comm}"
+            ));
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
     kill_orphans();
+    for (i, id) in failed.into_iter().enumerate() {
+        if let Some(why) = delete(id, 200_000 + i) {
+            notes.push(format!("delete --force {id} failed twice: {why}"));
+        }
+    }
+    kill_orphans();
     notes
+}
+
+fn reap_zombies() {
+    while let Ok(st) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if st == WaitStatus::StillAlive {
+            break;
+        }
+    }
 }
 
 /// SIGKILL and reap every child of this process (orphans reparented to the subreaper), bounded.
@@ -478,12 +506,7 @@ pub fn kill_orphans() {
         for k in &kids {
             let _ = kill(Pid::from_raw(*k), Signal::SIGKILL);
         }
-        loop {
-            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        reap_zombies();
         if kids.is_empty() {
             return;
         }
