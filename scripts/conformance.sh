@@ -35,7 +35,7 @@ rc_runc=${PIPESTATUS[0]}
 
 echo "== krun-oci ($KRUN)"
 "$RUNNER" run --runtime "$KRUN" --runtime-name krun-oci --timeout "$KRUN_TIMEOUT" \
-	--test-timeout $((KRUN_TIMEOUT * 4)) "${filter[@]}" \
+	--test-timeout $((KRUN_TIMEOUT * 4)) --preflight "${filter[@]}" \
 	--expected-failures "$EXPECTED" --json-out "$OUT/krun-oci.json" | tee "$OUT/krun-oci.tap"
 rc_krun=${PIPESTATUS[0]}
 

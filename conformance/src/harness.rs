@@ -28,10 +28,14 @@ pub fn skip<T>(why: impl Into<String>) -> Result<T> {
 }
 
 /// Settings shared by all tests of one run.
+#[derive(Clone)]
 pub struct Config {
     pub runtime: PathBuf,
     pub checker: Option<PathBuf>,
     pub cmd_timeout: Duration,
+    /// Set when the preflight container could not run: tests that need a bundle fail at once
+    /// with this reason instead of each waiting out its timeouts.
+    pub preflight_error: Option<String>,
 }
 
 /// What a test created, so cleanup can undo it even after a failure or a timeout.
@@ -163,6 +167,9 @@ impl Ctx {
     /// A bundle: busybox rootfs plus `RUNTIME spec`, edited for tests (no terminal, writable
     /// root, a shell main), then `edit`.
     pub fn bundle(&mut self, edit: impl FnOnce(&mut Value)) -> Result<PathBuf> {
+        if let Some(e) = &self.cfg.preflight_error {
+            bail!("not run: the preflight container failed: {e}");
+        }
         let bundle = self.path("bundle");
         let rootfs = bundle.join("rootfs");
         make_rootfs(&rootfs)?;

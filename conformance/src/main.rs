@@ -65,6 +65,10 @@ enum Cmd {
         /// Seconds one test may take in all.
         #[arg(long, default_value_t = 240)]
         test_timeout: u64,
+        /// First run one trivial container; if that fails, tests that need a container fail at
+        /// once with its reason (keeps a run against a runtime that cannot boot short).
+        #[arg(long)]
+        preflight: bool,
     },
     /// Side-by-side Markdown table from two JSON result files.
     Compare {
@@ -198,6 +202,7 @@ fn run(
     checker: Option<PathBuf>,
     timeout: u64,
     test_timeout: u64,
+    preflight: bool,
 ) -> Result<i32> {
     let runtime = std::fs::canonicalize(&runtime)
         .with_context(|| format!("runtime {}", runtime.display()))?;
@@ -218,11 +223,29 @@ fn run(
             "# no static conformance-checker found: the process/config/mounts tests will skip"
         );
     }
-    let cfg = Arc::new(Config {
+    let mut cfg = Config {
         runtime,
         checker,
         cmd_timeout: Duration::from_secs(timeout),
-    });
+        preflight_error: None,
+    };
+    if preflight {
+        let pre = suite::Test {
+            name: "preflight",
+            run: suite::preflight,
+        };
+        let arc = Arc::new(cfg);
+        let r = run_one(&arc, &pre, Duration::from_secs(test_timeout));
+        cfg = (*arc).clone();
+        match r.outcome {
+            Outcome::Pass => eprintln!("# preflight: a trivial container ran ({} ms)", r.millis),
+            Outcome::Fail(e) | Outcome::Skip(e) => {
+                eprintln!("# preflight failed, container tests will fail at once: {e}");
+                cfg.preflight_error = Some(e);
+            }
+        }
+    }
+    let cfg = Arc::new(cfg);
     let tests = selected(filter.as_deref());
     if tests.is_empty() {
         bail!("no test matches the filter");
@@ -312,6 +335,7 @@ fn main() {
             checker,
             timeout,
             test_timeout,
+            preflight,
         } => run(
             runtime,
             runtime_name,
@@ -322,6 +346,7 @@ fn main() {
             checker,
             timeout,
             test_timeout,
+            preflight,
         ),
         Cmd::Compare {
             oracle,

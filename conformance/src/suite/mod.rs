@@ -24,6 +24,14 @@ pub fn all() -> Vec<Test> {
     v
 }
 
+/// One trivial container, create to exit (see `run --preflight`).
+pub fn preflight(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(|_| {})?;
+    let (exit, _) = ctx.run_to_exit(&b)?;
+    ensure!(exit.code() == 0, "the trivial container exited {exit:?}");
+    Ok(())
+}
+
 /// A main that runs until killed.
 pub fn sleeper(c: &mut Value) {
     c["process"]["args"] = json!(["sleep", "100000"]);
