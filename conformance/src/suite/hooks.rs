@@ -168,6 +168,7 @@ fn hooks_create_container(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn hooks_create_fail(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(|c| {
         c["process"]["args"] = json!(["sh", "-c", "touch /ran"]);
         c["hooks"] = json!({"createRuntime": [sh_hook("exit 1")]});
@@ -225,6 +226,7 @@ fn hooks_poststop_fail(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn hooks_timeout(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(|c| {
         sleeper(c);
         let mut h = sh_hook("exec sleep 60");

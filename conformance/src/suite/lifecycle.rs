@@ -57,6 +57,7 @@ fn create_basic(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn create_flags_after_id(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(sleeper)?;
     let id = ctx.new_id();
     let pf = ctx.path("pid");
@@ -71,6 +72,7 @@ fn create_flags_after_id(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn create_bundle_short(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(sleeper)?;
     let id = ctx.new_id();
     let pf = ctx.path("pid");
@@ -181,6 +183,7 @@ fn create_edit_after(ctx: &mut Ctx) -> Result<()> {
 }
 
 fn create_pid_file(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(sleeper)?;
     let id = ctx.new_id();
     let pf = ctx.path("pid");
@@ -634,6 +637,7 @@ fn pidfile_signal(ctx: &mut Ctx) -> Result<()> {
 
 /// `--preserve-fds 1`: the caller's fd 3 reaches the workload as fd 3.
 fn create_preserve_fds(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
     let b = ctx.bundle(|c| c["process"]["args"] = json!(["sh", "-c", "echo through-fd3 >&3"]))?;
     let id = ctx.new_id();
     let sink = ctx.path("fd3-sink");
