@@ -267,7 +267,13 @@ fn run(
         results.push(r);
     }
     harness::kill_orphans();
-    let json = report::to_json(&name, &results, exp.as_deref());
+    let mut json = report::to_json(&name, &results, exp.as_deref());
+    if preflight {
+        json["preflight"] = match &cfg.preflight_error {
+            None => serde_json::json!("ok"),
+            Some(e) => serde_json::json!(e),
+        };
+    }
     if let Some(p) = json_out {
         std::fs::write(&p, serde_json::to_vec_pretty(&json)?)?;
     }

@@ -232,6 +232,15 @@ pub fn compare_markdown(a: &Value, b: &Value, exp: &[Expected]) -> Result<String
             count(v, "skipped")
         ));
     }
+    for (n, v) in [(&name_a, a), (&name_b, b)] {
+        if let Some(e) = v["preflight"].as_str().filter(|e| *e != "ok") {
+            md.push_str(&format!(
+                "\n**{n}: the preflight container failed** ({}), so every test that needs a \
+                 running container is reported failed without running.\n",
+                one_line(e)
+            ));
+        }
+    }
     md.push_str(&format!(
         "\n| test | {name_a} | {name_b} | reason |\n|---|---|---|---|\n"
     ));
