@@ -505,7 +505,7 @@ pub fn cleanup(cfg: &Config, root: &Path, dir: &Path, track: &Mutex<Tracked>) ->
     notes
 }
 
-fn reap_zombies() {
+pub fn reap_zombies() {
     while let Ok(st) = waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
         if st == WaitStatus::StillAlive {
             break;
@@ -529,7 +529,7 @@ pub fn kill_orphans() {
     }
 }
 
-fn children_of(ppid: i32) -> Vec<i32> {
+pub fn children_of(ppid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
         return out;

@@ -44,6 +44,7 @@ pub fn tests() -> Vec<Test> {
         "pidfile/wait-exit-code" => pidfile_wait,
         "pidfile/signal-forwarded" => pidfile_signal,
         "create/preserve-fds" => create_preserve_fds,
+        "create/interrupted-then-delete-force" => create_interrupted,
     ]
 }
 
@@ -663,5 +664,76 @@ fn create_preserve_fds(ctx: &mut Ctx) -> Result<()> {
     ctx.wait_pid(pid)?;
     let got = fs::read_to_string(&sink)?;
     ensure!(got == "through-fd3\n", "fd 3 received {got:?}");
+    Ok(())
+}
+
+/// conmon or a shim can die while `create` runs. A createRuntime hook holds create at a known
+/// point (the container, or VM, exists); create is SIGKILLed there; `delete --force ID` must then
+/// leave nothing: no state, no process (VMM, helper, init) left behind.
+fn create_interrupted(ctx: &mut Ctx) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
+    ctx.require_container()?;
+    let marker = ctx.path("hook-reached");
+    let m = marker.display().to_string();
+    let b = ctx.bundle(|c| {
+        sleeper(c);
+        c["hooks"] = json!({"createRuntime": [crate::harness::sh_hook(&format!("touch {m}; exec sleep 600"))]});
+    })?;
+    let id = ctx.new_id();
+    let log = fs::File::create(ctx.path("create.out"))?;
+    let mut child = Command::new(&ctx.cfg.runtime)
+        .arg("--root")
+        .arg(&ctx.root)
+        .args(["create", "--bundle"])
+        .arg(&b)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()?;
+    let reached = wait_file(&marker, ctx.cfg.cmd_timeout);
+    // SIGKILL create and its hook (same process group); the rest is the runtime's to clean.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(-(child.id() as i32)),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait();
+    reached.context("create never reached its createRuntime hook")?;
+    let out = ctx.rt(&["delete", "--force", &id])?;
+    ensure!(
+        out.ok(),
+        "delete --force after an interrupted create: {}",
+        out.brief()
+    );
+    crate::harness::no_trace(ctx, &id)?;
+    let me = std::process::id() as i32;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut left = Vec::new();
+    while std::time::Instant::now() < deadline {
+        crate::harness::reap_zombies();
+        left = crate::harness::children_of(me)
+            .into_iter()
+            .filter(|p| pid_alive(*p))
+            .map(|p| {
+                let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                format!(
+                    "{p}: {}",
+                    String::from_utf8_lossy(&cmd).replace('\0', " ").trim()
+                )
+            })
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    ensure!(left.is_empty(), "processes left behind: {left:?}");
+    let strays = processes_mentioning(&id);
+    ensure!(
+        strays.is_empty(),
+        "processes mentioning the ID remain: {strays:?}"
+    );
     Ok(())
 }
