@@ -301,4 +301,47 @@ mod tests {
         };
         assert_eq!(tap_line(3, &r, None), "not ok 3 - a/b # x y");
     }
+
+    #[test]
+    fn compare_lists_reasons_and_unlisted_failures() {
+        let a = json!({"runtime": "runc", "summary": {}, "tests": [
+            {"name": "x/one", "result": "pass"}, {"name": "x/two", "result": "fail", "reason": "r"}]});
+        let b = json!({"runtime": "krun-oci", "preflight": "boom", "summary": {}, "tests": [
+            {"name": "x/one", "result": "fail", "reason": "broke"}, {"name": "x/two", "result": "pass"}]});
+        let exp = parse_expected("x/two runc runc-deviates because\n").unwrap();
+        let md = compare_markdown(&a, &b, &exp).unwrap();
+        assert!(
+            md.contains("| `x/one` | pass | fail | krun-oci: UNLISTED — broke |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `x/two` | fail | pass | runc: runc-deviates — because |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("krun-oci: the preflight container failed"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn expected_failures_split_from_unexpected() {
+        let r = |n: &str, o: Outcome| TestResult {
+            name: n.into(),
+            outcome: o,
+            millis: 0,
+        };
+        let results = [
+            r("a/x", Outcome::Fail("f".into())),
+            r("a/y", Outcome::Fail("f".into())),
+            r("b/z", Outcome::Pass),
+        ];
+        let exp = parse_expected("a/x rt bug r\nb/* rt bug r\n").unwrap();
+        let s = summarize(&results, Some(&exp), "rt");
+        assert_eq!(s.expected_failures, 1);
+        assert_eq!(s.unexpected_failures, ["a/y"]);
+        assert_eq!(s.listed_but_passing, ["b/z"]);
+        let other = summarize(&results, Some(&exp), "runc");
+        assert_eq!(other.unexpected_failures.len(), 2);
+    }
 }
