@@ -9,6 +9,7 @@ pub fn tests() -> Vec<Test> {
     tests![
         "log/json-format" => log_json,
         "log/flag-equals-form" => log_equals,
+        "log/appends" => log_appends,
         "errors/exit-status-1" => errors_exit_status,
         "list/empty-is-null" => list_empty,
         "list/json" => list_json,
@@ -17,6 +18,7 @@ pub fn tests() -> Vec<Test> {
         "features/json" => features_json,
         "spec/default" => spec_default,
         "spec/refuses-overwrite" => spec_overwrite,
+        "spec/rootless" => spec_rootless,
         "cli/version" => cli_version,
         "cli/global-flags" => cli_global_flags,
         "list/table" => list_table,
@@ -324,5 +326,59 @@ fn events_stats(ctx: &mut Ctx) -> Result<()> {
     let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
     ensure!(v["type"] == "stats", "event type {}", v["type"]);
     ensure!(v["id"] == id.as_str(), "event id {}", v["id"]);
+    Ok(())
+}
+
+fn log_appends(ctx: &mut Ctx) -> Result<()> {
+    let log = ctx.path("log.json");
+    fs::write(
+        &log,
+        "{\"level\":\"info\",\"msg\":\"kept\",\"time\":\"2020-01-01T00:00:00Z\"}\n",
+    )?;
+    let (l, r) = (log.display().to_string(), ctx.root.display().to_string());
+    for _ in 0..2 {
+        let args = [
+            "--root",
+            &r,
+            "--log",
+            &l,
+            "--log-format",
+            "json",
+            "state",
+            "conf-no-such-container",
+        ];
+        fails_with(&ctx.raw(&args)?, "container does not exist")?;
+    }
+    let text = fs::read_to_string(&log)?;
+    ensure!(
+        text.starts_with("{\"level\":\"info\",\"msg\":\"kept\""),
+        "--log truncated the file: {text:?}"
+    );
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("container does not exist"))
+        .count();
+    ensure!(
+        errors == 2,
+        "{errors} error lines after two failures, want 2 (one per fatal error)"
+    );
+    check_json_log(&log, "container does not exist")
+}
+
+fn spec_rootless(ctx: &mut Ctx) -> Result<()> {
+    let dir = ctx.path("specdir");
+    fs::create_dir_all(&dir)?;
+    let d = dir.display().to_string();
+    let out = ctx.rt(&["spec", "--rootless", "--bundle", &d])?;
+    ensure!(out.ok(), "spec --rootless: {}", out.brief());
+    let v: Value = serde_json::from_str(&fs::read_to_string(dir.join("config.json"))?)?;
+    let ns = v["linux"]["namespaces"]
+        .as_array()
+        .context("no linux.namespaces")?;
+    ensure!(
+        ns.iter().any(|n| n["type"] == "user"),
+        "no user namespace: {ns:?}"
+    );
+    ensure!(v["linux"]["uidMappings"].is_array(), "no uidMappings");
     Ok(())
 }
