@@ -149,7 +149,34 @@ fn is_static(p: &Path) -> bool {
     })
 }
 
-fn run_one(cfg: &Arc<Config>, t: &suite::Test, test_timeout: Duration) -> TestResult {
+/// The test in progress, for the interrupt handler: (its temp dir, what it created).
+type Current = Arc<Mutex<Option<(PathBuf, Arc<Mutex<Tracked>>)>>>;
+
+/// On SIGINT/SIGTERM/SIGHUP: clean up the test in progress (delete --force, kill orphans: VMs
+/// included) before exiting, so an interrupted run leaves nothing behind either.
+fn cleanup_on_signal(cfg: Arc<Config>, current: Current) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("# interrupted (signal {sig}): cleaning up");
+            if let Some((dir, track)) = current.lock().unwrap().take() {
+                harness::cleanup(&cfg, &dir.join("root"), &dir, &track);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            harness::kill_orphans();
+            std::process::exit(128 + sig);
+        }
+    });
+    Ok(())
+}
+
+fn run_one(
+    cfg: &Arc<Config>,
+    t: &suite::Test,
+    test_timeout: Duration,
+    current: &Current,
+) -> TestResult {
     let t0 = Instant::now();
     let tmp = match tempfile::Builder::new().prefix("conf-").tempdir() {
         Ok(d) => d,
@@ -162,6 +189,7 @@ fn run_one(cfg: &Arc<Config>, t: &suite::Test, test_timeout: Duration) -> TestRe
         }
     };
     let track = Arc::new(Mutex::new(Tracked::default()));
+    *current.lock().unwrap() = Some((tmp.path().to_path_buf(), track.clone()));
     let (tx, rx) = mpsc::channel();
     let (cfg2, dir, track2, f) = (cfg.clone(), tmp.path().to_path_buf(), track.clone(), t.run);
     std::thread::spawn(move || {
@@ -180,6 +208,10 @@ fn run_one(cfg: &Arc<Config>, t: &suite::Test, test_timeout: Duration) -> TestRe
         Ok(Err(_)) => Outcome::Fail("the test panicked".into()),
         Err(_) => Outcome::Fail(format!("test timed out after {test_timeout:?}")),
     };
+    // The interrupt handler takes the test over if it got here first.
+    if current.lock().unwrap().take().is_none() {
+        std::thread::park();
+    }
     let notes = harness::cleanup(cfg, &tmp.path().join("root"), tmp.path(), &track);
     for n in notes {
         eprintln!("# cleanup {}: {n}", t.name);
@@ -223,19 +255,21 @@ fn run(
             "# no static conformance-checker found: the process/config/mounts tests will skip"
         );
     }
+    let current: Current = Arc::new(Mutex::new(None));
     let mut cfg = Config {
         runtime,
         checker,
         cmd_timeout: Duration::from_secs(timeout),
         preflight_error: None,
     };
+    cleanup_on_signal(Arc::new(cfg.clone()), current.clone())?;
     if preflight {
         let pre = suite::Test {
             name: "preflight",
             run: suite::preflight,
         };
         let arc = Arc::new(cfg);
-        let r = run_one(&arc, &pre, Duration::from_secs(test_timeout));
+        let r = run_one(&arc, &pre, Duration::from_secs(test_timeout), &current);
         cfg = (*arc).clone();
         match r.outcome {
             Outcome::Pass => eprintln!("# preflight: a trivial container ran ({} ms)", r.millis),
@@ -256,7 +290,7 @@ fn run(
     }
     let mut results = Vec::new();
     for (i, t) in tests.iter().enumerate() {
-        let r = run_one(&cfg, t, Duration::from_secs(test_timeout));
+        let r = run_one(&cfg, t, Duration::from_secs(test_timeout), &current);
         if format == Format::Tap {
             let e = exp
                 .as_deref()
