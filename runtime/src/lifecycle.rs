@@ -137,8 +137,9 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         #[allow(deprecated)]
         run_hooks("prestart", hooks.prestart().as_ref(), &state)?;
         run_hooks("createRuntime", hooks.create_runtime().as_ref(), &state)?;
-        // The VM boundary means these run on the host, not in the container's namespaces.
-        run_hooks("createContainer", hooks.create_container().as_ref(), &state)?;
+        // createContainer hooks belong in the container: they run inside the guest.
+        let link = container.record.link.clone().ok_or(Error::NotRunning)?;
+        run_guest_hooks("createContainer", hooks.create_container().as_ref(), &state, &link)?;
         Ok(container)
     })();
     match result {
@@ -246,6 +247,10 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         .clone()
         .ok_or_else(|| Error::InvalidInput("config has no process".into()))?;
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    // startContainer hooks run in the container (the guest), before the main; a
+    // failing one aborts start.
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    run_guest_hooks("startContainer", hooks.start_container().as_ref(), &state_bytes(&c, Status::Created), &link)?;
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
@@ -263,14 +268,52 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
             });
         }
     }
-    let hooks = spec.hooks().clone().unwrap_or_default();
     let state = state_bytes(&c, Status::Running);
-    // startContainer hooks run before the main in runc; the VM boundary puts them on the host here.
-    if let Err(e) = run_hooks("startContainer", hooks.start_container().as_ref(), &state) {
-        log::warn!("{e}");
-    }
     if let Err(e) = run_hooks("poststart", hooks.poststart().as_ref(), &state) {
         log::warn!("{e}");
+    }
+    Ok(())
+}
+
+/// Runs hooks inside the guest, in the container's root, over the exec channel:
+/// the state JSON on stdin, `timeout` honoured (the hook is killed when it runs out).
+fn run_guest_hooks(kind: &str, hooks: Option<&Vec<oci_spec::runtime::Hook>>, state: &[u8], link: &crate::guest::GuestLink) -> Result<()> {
+    for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
+        let fail = |why: String| Error::InvalidInput(format!("error running {kind} hook {}: {why}", hook.path().display()));
+        let mut args = vec![hook.path().display().to_string()];
+        args.extend(hook.args().as_deref().unwrap_or_default().iter().skip(1).cloned());
+        let mut process = krun_oci_protocol::Process::default();
+        process.set_args(Some(args));
+        process.set_env(Some(hook.env().clone().unwrap_or_else(|| vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()])));
+        process.set_terminal(Some(false));
+        process.set_capabilities(None);
+        process.set_rlimits(None);
+        let session = crate::exec::ExecSession::start(link, process, false, None).map_err(|e| fail(e.to_string()))?;
+        let (stdin_r, stdin_w) = nix::unistd::pipe()?;
+        // The state is small (far below a pipe's buffer): write it all, then close.
+        let _ = nix::unistd::write(&stdin_w, state);
+        drop(stdin_w);
+        let null = || fs::OpenOptions::new().write(true).open("/dev/null").map(std::os::fd::OwnedFd::from);
+        let (out, err) = (null().ctx(|| "/dev/null".into())?, null().ctx(|| "/dev/null".into())?);
+        let id = session.id.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.relay(stdin_r, out, err, None));
+        });
+        let code = match hook.timeout().filter(|t| *t > 0) {
+            Some(t) => match rx.recv_timeout(Duration::from_secs(t as u64)) {
+                Ok(code) => code,
+                Err(_) => {
+                    let kill = Message::Signal { target: SignalTarget::Exec(id), signal: libc::SIGKILL };
+                    let _ = monitor::connect_control(link).and_then(|mut s| monitor::request(&mut s, kill));
+                    return Err(fail(format!("timed out after {t}s")));
+                }
+            },
+            None => rx.recv().unwrap_or(crate::container::LOST_EXIT_CODE),
+        };
+        if code != 0 {
+            return Err(fail(format!("exit status {code}")));
+        }
     }
     Ok(())
 }
