@@ -121,7 +121,8 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             }
             SyncReport::Failed { error } => {
                 reap_quietly(pid);
-                return Err(Error::Vm(error));
+                // Already a whole message from the monitor.
+                return Err(Error::InvalidInput(error));
             }
         }
         dir.save(&record)?;
@@ -137,9 +138,10 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         #[allow(deprecated)]
         run_hooks("prestart", hooks.prestart().as_ref(), &state)?;
         run_hooks("createRuntime", hooks.create_runtime().as_ref(), &state)?;
-        // createContainer hooks belong in the container: they run inside the guest.
-        let link = container.record.link.clone().ok_or(Error::NotRunning)?;
-        run_guest_hooks("createContainer", hooks.create_container().as_ref(), &state, &link)?;
+        // createContainer's path resolves in the runtime namespace (the spec), so
+        // it runs on the host: the binary is not in the guest. startContainer's
+        // path resolves in the container, so that one runs in the guest.
+        run_hooks("createContainer", hooks.create_container().as_ref(), &state)?;
         Ok(container)
     })();
     match result {

@@ -95,7 +95,8 @@ impl ImageOptions {
 }
 
 /// Candidate locations of krun-oci-init, in search order: `$KRUN_OCI_INIT`, next to
-/// the running executable, `../lib/krun-oci/krun-oci-init` relative to it.
+/// the running executable, `../lib/krun-oci/krun-oci-init` relative to it (installed
+/// layout), and the static build of a source tree (`make build`).
 pub fn init_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(p) = std::env::var_os("KRUN_OCI_INIT").filter(|p| !p.is_empty()) {
@@ -104,24 +105,26 @@ pub fn init_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
     if let Some(dir) = exe.and_then(Path::parent) {
         v.push(dir.join("krun-oci-init"));
         v.push(dir.join("../lib/krun-oci/krun-oci-init"));
+        v.push(dir.join("../x86_64-unknown-linux-gnu/release/krun-oci-init"));
     }
     v
 }
 
-/// Finds the static krun-oci-init binary (see [`init_candidates`]).
+/// Finds the static krun-oci-init binary (see [`init_candidates`]); dynamically
+/// linked builds (a plain `cargo build` puts one next to krun-oci) are skipped.
 pub fn locate_init() -> Result<PathBuf> {
     let exe = std::env::current_exe().ok();
     let candidates = init_candidates(exe.as_deref());
     candidates
         .iter()
-        .find(|p| p.is_file())
+        .find(|p| p.is_file() && kernel::elf_has_interpreter(p) == Some(false))
         .cloned()
         .ok_or_else(|| {
             let list: Vec<_> = candidates.iter().map(|p| p.display().to_string()).collect();
             Error::Vm(format!(
-            "krun-oci-init not found (looked at: {}); build it with `make` or set KRUN_OCI_INIT",
-            list.join(", ")
-        ))
+                "no static krun-oci-init found (looked at: {}); build it with `make build` or set KRUN_OCI_INIT",
+                list.join(", ")
+            ))
         })
 }
 
