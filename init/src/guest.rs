@@ -129,7 +129,13 @@ impl Guest {
     /// `root.readonly`: keep a detached writable clone of the root mount for the
     /// exit-code file, then remount the container's root read-only.
     fn apply_readonly_root(&self, spec: &oci_spec::runtime::Spec) -> Result<(), String> {
-        if !spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) || self.root_rw.get().is_some() {
+        if !spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false)
+            || self.root_rw.get().is_some()
+        {
             return Ok(());
         }
         const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -143,7 +149,10 @@ impl Guest {
             )
         };
         if fd < 0 {
-            return Err(format!("cloning the root mount: {}", spawn::errno_text(&io::Error::last_os_error())));
+            return Err(format!(
+                "cloning the root mount: {}",
+                spawn::errno_text(&io::Error::last_os_error())
+            ));
         }
         // SAFETY: the syscall returned a fresh fd that nothing else owns.
         let clone = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
@@ -151,7 +160,9 @@ impl Guest {
             None::<&str>,
             "/",
             None::<&str>,
-            nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_BIND | nix::mount::MsFlags::MS_RDONLY,
+            nix::mount::MsFlags::MS_REMOUNT
+                | nix::mount::MsFlags::MS_BIND
+                | nix::mount::MsFlags::MS_RDONLY,
             None::<&str>,
         )
         .map_err(|e| format!("remounting the root read-only: {}", e.desc().to_lowercase()))?;

@@ -63,7 +63,11 @@ impl Container {
         }
         // No guest link yet: the VM is still booting, or its monitor died trying.
         if self.record.link.is_none() {
-            return if self.monitor_alive() { Status::Creating } else { Status::Stopped };
+            return if self.monitor_alive() {
+                Status::Creating
+            } else {
+                Status::Stopped
+            };
         }
         if self.dir.recorded_exit_code().is_some() || !self.monitor_alive() {
             return Status::Stopped;

@@ -252,7 +252,12 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
     // startContainer hooks run in the container (the guest), before the main; a
     // failing one aborts start.
     let hooks = spec.hooks().clone().unwrap_or_default();
-    run_guest_hooks("startContainer", hooks.start_container().as_ref(), &state_bytes(&c, Status::Created), &link)?;
+    run_guest_hooks(
+        "startContainer",
+        hooks.start_container().as_ref(),
+        &state_bytes(&c, Status::Created),
+        &link,
+    )?;
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
@@ -279,24 +284,52 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
 
 /// Runs hooks inside the guest, in the container's root, over the exec channel:
 /// the state JSON on stdin, `timeout` honoured (the hook is killed when it runs out).
-fn run_guest_hooks(kind: &str, hooks: Option<&Vec<oci_spec::runtime::Hook>>, state: &[u8], link: &crate::guest::GuestLink) -> Result<()> {
+fn run_guest_hooks(
+    kind: &str,
+    hooks: Option<&Vec<oci_spec::runtime::Hook>>,
+    state: &[u8],
+    link: &crate::guest::GuestLink,
+) -> Result<()> {
     for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
-        let fail = |why: String| Error::InvalidInput(format!("error running {kind} hook {}: {why}", hook.path().display()));
+        let fail = |why: String| {
+            Error::InvalidInput(format!(
+                "error running {kind} hook {}: {why}",
+                hook.path().display()
+            ))
+        };
         let mut args = vec![hook.path().display().to_string()];
-        args.extend(hook.args().as_deref().unwrap_or_default().iter().skip(1).cloned());
+        args.extend(
+            hook.args()
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .skip(1)
+                .cloned(),
+        );
         let mut process = krun_oci_protocol::Process::default();
         process.set_args(Some(args));
-        process.set_env(Some(hook.env().clone().unwrap_or_else(|| vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()])));
+        process.set_env(Some(hook.env().clone().unwrap_or_else(|| {
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
+        })));
         process.set_terminal(Some(false));
         process.set_capabilities(None);
         process.set_rlimits(None);
-        let session = crate::exec::ExecSession::start(link, process, false, None).map_err(|e| fail(e.to_string()))?;
+        let session = crate::exec::ExecSession::start(link, process, false, None)
+            .map_err(|e| fail(e.to_string()))?;
         let (stdin_r, stdin_w) = nix::unistd::pipe()?;
         // The state is small (far below a pipe's buffer): write it all, then close.
         let _ = nix::unistd::write(&stdin_w, state);
         drop(stdin_w);
-        let null = || fs::OpenOptions::new().write(true).open("/dev/null").map(std::os::fd::OwnedFd::from);
-        let (out, err) = (null().ctx(|| "/dev/null".into())?, null().ctx(|| "/dev/null".into())?);
+        let null = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .map(std::os::fd::OwnedFd::from)
+        };
+        let (out, err) = (
+            null().ctx(|| "/dev/null".into())?,
+            null().ctx(|| "/dev/null".into())?,
+        );
         let id = session.id.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -306,8 +339,12 @@ fn run_guest_hooks(kind: &str, hooks: Option<&Vec<oci_spec::runtime::Hook>>, sta
             Some(t) => match rx.recv_timeout(Duration::from_secs(t as u64)) {
                 Ok(code) => code,
                 Err(_) => {
-                    let kill = Message::Signal { target: SignalTarget::Exec(id), signal: libc::SIGKILL };
-                    let _ = monitor::connect_control(link).and_then(|mut s| monitor::request(&mut s, kill));
+                    let kill = Message::Signal {
+                        target: SignalTarget::Exec(id),
+                        signal: libc::SIGKILL,
+                    };
+                    let _ = monitor::connect_control(link)
+                        .and_then(|mut s| monitor::request(&mut s, kill));
                     return Err(fail(format!("timed out after {t}s")));
                 }
             },
