@@ -153,17 +153,19 @@ fn receive_master(listener: &UnixListener) -> OwnedFd {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     let (s, _) = listener.accept().unwrap();
     let mut buf = [0u8; 4096];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
-    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
     let mut fds = Vec::new();
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(f) = c {
-            fds.extend(f);
+    let n = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+        let msg =
+            recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(f) = c {
+                fds.extend(f);
+            }
         }
-    }
-    let n = msg.bytes;
-    drop(iov);
+        msg.bytes
+    };
     assert_eq!(fds.len(), 1, "exactly one fd");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("/dev/pts/"));
     // SAFETY: the fd was just received and is owned by nobody else.
