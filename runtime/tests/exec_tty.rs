@@ -163,7 +163,6 @@ fn receive_master(listener: &UnixListener) -> OwnedFd {
         }
     }
     let n = msg.bytes;
-    drop(iov);
     assert_eq!(fds.len(), 1, "exactly one fd");
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("/dev/pts/"));
     // SAFETY: the fd was just received and is owned by nobody else.

@@ -230,12 +230,13 @@ mod tests {
     #[test]
     fn init_lookup_order() {
         let c = init_candidates(Some(Path::new("/opt/k/bin/krun-oci")));
-        let tail: Vec<_> = c.iter().rev().take(2).rev().cloned().collect();
+        let tail: Vec<_> = c.iter().rev().take(3).rev().cloned().collect();
         assert_eq!(
             tail,
             [
                 PathBuf::from("/opt/k/bin/krun-oci-init"),
-                PathBuf::from("/opt/k/bin/../lib/krun-oci/krun-oci-init")
+                PathBuf::from("/opt/k/bin/../lib/krun-oci/krun-oci-init"),
+                PathBuf::from("/opt/k/bin/../x86_64-unknown-linux-gnu/release/krun-oci-init"),
             ]
         );
     }
