@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::image::{self, GuestImage, ImageOptions, KernelOrigin};
+use crate::image::{self, GuestImage, ImageOptions};
 use crate::vmm::detect::{self, assess_kvm, Engine, HostFacts, KvmAssessment, SelectionInputs};
 use crate::vmm::qemu::{self, Program};
 use crate::vmm::VmmChoice;
@@ -66,10 +66,11 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
     let image = image::ensure(opts).map_err(|e| e.to_string());
     let inputs = SelectionInputs {
         kvm: kvm.clone(),
-        libkrun_built: false,
-        libkrun_kernel: image
-            .as_ref()
-            .is_ok_and(|i| i.kernel_origin != KernelOrigin::DistroStock),
+        libkrun_built: true,
+        libkrun_kernel: image.as_ref().is_ok_and(|i| {
+            crate::vmm::libkrun::choose_kernel(i, crate::vmm::libkrun::libkrunfw_available())
+                .is_ok()
+        }),
     };
     let libkrun = detect::plan(VmmChoice::Libkrun, &inputs)
         .map(|_| ())
