@@ -85,6 +85,7 @@ fn test_init_image() -> GuestImage {
         kernel: std::env::var_os("KRUN_OCI_KERNEL").map(PathBuf::from),
         init: Some(init),
         extra_files: vec![("bin/busybox".into(), BUSYBOX.into())],
+        ..Default::default()
     };
     let t0 = Instant::now();
     let img = image::ensure(&opts).expect("guest image");
@@ -299,6 +300,7 @@ fn real_init_link() {
         kernel: std::env::var_os("KRUN_OCI_KERNEL").map(PathBuf::from),
         init: Some(init),
         extra_files: vec![],
+        ..Default::default()
     };
     let mut image = image::ensure(&opts).unwrap();
     // KRUN_OCI_TEST_VERBOSE=1 shows the guest kernel's and init's log on the console.
@@ -380,6 +382,7 @@ fn check_report_on_this_host() {
         kernel: std::env::var_os("KRUN_OCI_KERNEL").map(PathBuf::from),
         init: Some(dir.join("test-init.sh")),
         extra_files: vec![("bin/busybox".into(), BUSYBOX.into())],
+        ..Default::default()
     };
     let r = krun_oci::check::report(VmmChoice::Auto, &opts);
     eprintln!("{r}");

@@ -45,6 +45,34 @@ impl std::fmt::Display for KernelOrigin {
     }
 }
 
+/// Which kernel the search of [`resolve_kernel`] may pick when none is configured
+/// (`KRUN_OCI_KERNEL_SOURCE`). For comparing kernels (`make bench`) and for
+/// debugging a boot with the other kernel; `Auto` is what containers want.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KernelSource {
+    /// Our own kernel when it is built, else the distro's stock kernel.
+    #[default]
+    Auto,
+    /// Only our own kernel: an error when it is not built.
+    Own,
+    /// Only the distro's stock kernel, even when our own is built.
+    Distro,
+}
+
+impl std::str::FromStr for KernelSource {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<KernelSource> {
+        match s {
+            "" | "auto" => Ok(KernelSource::Auto),
+            "own" => Ok(KernelSource::Own),
+            "distro" => Ok(KernelSource::Distro),
+            other => Err(Error::InvalidInput(format!(
+                "KRUN_OCI_KERNEL_SOURCE={other:?}: expected auto, own or distro"
+            ))),
+        }
+    }
+}
+
 /// A bootable guest: kernel, initramfs and what the kernel command line must add.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestImage {
@@ -69,22 +97,29 @@ pub struct ImageOptions {
     /// Extra files (guest path, host file) put into the initramfs, mode 0755.
     /// For debugging and tests (e.g. a shell); containers never need them.
     pub extra_files: Vec<(String, PathBuf)>,
+    /// Restricts the kernel search when `kernel` is `None`.
+    pub kernel_source: KernelSource,
 }
 
 impl ImageOptions {
-    /// Options from the environment: `KRUN_OCI_CACHE`, `KRUN_OCI_KERNEL`, `KRUN_OCI_INIT`.
-    pub fn from_env() -> ImageOptions {
+    /// Options from the environment: `KRUN_OCI_CACHE`, `KRUN_OCI_KERNEL`, `KRUN_OCI_INIT`,
+    /// `KRUN_OCI_KERNEL_SOURCE` (`auto`, `own`, `distro`; anything else is an error).
+    pub fn from_env() -> Result<ImageOptions> {
         let path = |k: &str| {
             std::env::var_os(k)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
-        ImageOptions {
+        let kernel_source = std::env::var("KRUN_OCI_KERNEL_SOURCE")
+            .unwrap_or_default()
+            .parse()?;
+        Ok(ImageOptions {
             cache_dir: path("KRUN_OCI_CACHE"),
             kernel: path("KRUN_OCI_KERNEL"),
             init: path("KRUN_OCI_INIT"),
             extra_files: Vec::new(),
-        }
+            kernel_source,
+        })
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -141,7 +176,8 @@ fn file_identity(path: &Path) -> Result<String> {
     ))
 }
 
-/// Resolves the kernel: configured path, then our own built kernel, then the distro's.
+/// Resolves the kernel: configured path, then our own built kernel, then the distro's
+/// (the last two as `opts.kernel_source` allows).
 pub fn resolve_kernel(
     opts: &ImageOptions,
     cache_dir: &Path,
@@ -160,7 +196,17 @@ pub fn resolve_kernel(
         let vmlinux = dir.vmlinux();
         return Ok((dir, vmlinux, KernelOrigin::Configured));
     }
-    if let Some(own) = own_kernel::cached(cache_dir) {
+    let own = match opts.kernel_source {
+        KernelSource::Distro => None,
+        KernelSource::Auto => own_kernel::cached(cache_dir),
+        KernelSource::Own => Some(own_kernel::cached(cache_dir).ok_or_else(|| {
+            Error::Vm(format!(
+                "KRUN_OCI_KERNEL_SOURCE=own but {}",
+                own_kernel::explain(cache_dir)
+            ))
+        })?),
+    };
+    if let Some(own) = own {
         let dir = KernelDir {
             dir: PathBuf::new(),
             identity: format!("own:{}", file_identity(&own)?),
@@ -253,6 +299,7 @@ mod tests {
             kernel: Some(kernel.clone()),
             init: Some(init.clone()),
             extra_files: vec![],
+            kernel_source: KernelSource::Auto,
         };
         let a = ensure(&opts).unwrap();
         assert_eq!(a.kernel, kernel);
@@ -267,5 +314,45 @@ mod tests {
         fs::write(&kernel, b"\x7fELF fake, rebuilt").unwrap();
         let c = ensure(&opts).unwrap();
         assert_ne!(b.initrd, c.initrd, "new kernel, new image");
+    }
+
+    #[test]
+    fn kernel_source_values() {
+        assert_eq!("".parse::<KernelSource>().unwrap(), KernelSource::Auto);
+        assert_eq!("auto".parse::<KernelSource>().unwrap(), KernelSource::Auto);
+        assert_eq!("own".parse::<KernelSource>().unwrap(), KernelSource::Own);
+        assert_eq!(
+            "distro".parse::<KernelSource>().unwrap(),
+            KernelSource::Distro
+        );
+        let e = "stock".parse::<KernelSource>().unwrap_err().to_string();
+        assert!(e.contains("KRUN_OCI_KERNEL_SOURCE"), "{e}");
+    }
+
+    #[test]
+    fn kernel_source_own_without_own_kernel_is_an_error() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = ImageOptions {
+            kernel_source: KernelSource::Own,
+            ..Default::default()
+        };
+        let e = resolve_kernel(&opts, d.path()).unwrap_err().to_string();
+        assert!(e.contains("KRUN_OCI_KERNEL_SOURCE=own"), "{e}");
+    }
+
+    #[test]
+    fn configured_kernel_wins_over_kernel_source() {
+        let d = tempfile::tempdir().unwrap();
+        let kernel = d.path().join("vmlinux");
+        fs::write(&kernel, b"\x7fELF fake").unwrap();
+        for source in [KernelSource::Own, KernelSource::Distro] {
+            let opts = ImageOptions {
+                kernel: Some(kernel.clone()),
+                kernel_source: source,
+                ..Default::default()
+            };
+            let (_, path, origin) = resolve_kernel(&opts, d.path()).unwrap();
+            assert_eq!((path, origin), (kernel.clone(), KernelOrigin::Configured));
+        }
     }
 }

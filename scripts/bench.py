@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""krun-oci figures beside runc's: create, start, state, exec, boot-to-ready and host
+memory per idle VM (our kernel and the distro's stock kernel). Prints; never asserts.
+
+Usage: bench.py KRUN_OCI_BINARY [-n N] [--runc PATH] [--tb-sizes 0,32,...]
+
+Method (also in docs/benchmarks.md):
+- Bundles: busybox-static rootfs (applets symlinked to /bin/busybox), config.json from
+  `krun-oci spec`, terminal false, root writable. One bundle per runtime.
+- The main is `sh -c 'echo > /started; echo started; exec sleep 1000'`. Its FIRST action
+  creates /started in the rootfs (virtio-fs for krun-oci: the file appears on the host
+  when virtiofsd creates it). The host watches the rootfs with inotify from before
+  `start` is invoked: "start -> main running" is the time from invoking `start` to the
+  IN_CREATE event. The same clock also gives when `start` returned and when the main's
+  "started" line reached create's stdout (a pipe the bench holds).
+- create / state / exec: wall time of the CLI invocation (fork+exec to exit).
+- boot-to-ready: the monitor's `boot-timing:` line in <root>/<id>/monitor.log: from
+  launching the VMM (helpers included) to the guest's Ready message.
+- Memory: ~IDLE_S after start (the main sleeping), sum of Pss (and Rss) from
+  /proc/PID/smaps_rollup over the monitor and all its descendants (qemu, virtiofsd,
+  vhost-device-vsock).
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+IDLE_S = 2.0
+MAIN = ["sh", "-c", "echo > /started; echo started; exec sleep 1000"]
+IN_CREATE = 0x100
+IN_MOVED_TO = 0x80
+
+
+def now():
+    return time.monotonic()
+
+
+class Inotify:
+    """A minimal inotify watch on one directory (ctypes; no third-party module)."""
+
+    def __init__(self, path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        wd = self.libc.inotify_add_watch(self.fd, path.encode(), IN_CREATE | IN_MOVED_TO)
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+
+    def wait_for(self, name, timeout):
+        """Monotonic time at which `name` was created in the watched directory, or None."""
+        deadline = now() + timeout
+        while True:
+            left = deadline - now()
+            if left <= 0:
+                return None
+            r, _, _ = select.select([self.fd], [], [], left)
+            if not r:
+                continue
+            t = now()
+            buf = os.read(self.fd, 4096)
+            off = 0
+            while off + 16 <= len(buf):
+                _wd, _mask, _cookie, ln = struct.unpack_from("iIII", buf, off)
+                ev = buf[off + 16:off + 16 + ln].rstrip(b"\0").decode()
+                off += 16 + ln
+                if ev == name:
+                    return t
+
+    def close(self):
+        os.close(self.fd)
+
+
+def run(cmd, env=None, check=True, **kw):
+    t0 = now()
+    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       timeout=120, **kw)
+    dt = now() - t0
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: rc {p.returncode}: {p.stderr.decode().strip()}")
+    return dt, p
+
+
+def make_bundle(krun, path):
+    rootfs = os.path.join(path, "rootfs")
+    for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "run"]:
+        os.makedirs(os.path.join(rootfs, d), exist_ok=True)
+    bb = os.path.join(rootfs, "bin", "busybox")
+    shutil.copy2("/bin/busybox", bb)
+    applets = subprocess.run([bb, "--list"], stdout=subprocess.PIPE, check=True).stdout.split()
+    for a in applets:
+        a = a.decode()
+        if a != "busybox":
+            os.symlink("busybox", os.path.join(rootfs, "bin", a))
+    subprocess.run([krun, "spec", "--bundle", path], check=True)
+    cfg_path = os.path.join(path, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["process"]["terminal"] = False
+    cfg["process"]["args"] = MAIN
+    cfg["root"]["readonly"] = False
+    json.dump(cfg, open(cfg_path, "w"), indent=2)
+    return rootfs
+
+
+class Runtime:
+    def __init__(self, name, binary, root, bundle, env=None):
+        self.name, self.binary, self.root, self.bundle = name, binary, root, bundle
+        self.rootfs = os.path.join(bundle, "rootfs")
+        self.env = env or dict(os.environ)
+
+    def cli(self, *args):
+        return [self.binary, "--root", self.root, *args]
+
+
+def descendants(pid):
+    """pid and all its descendants (from /proc/*/stat ppid)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{d}/stat").read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def memory_kb(pid):
+    """{comm: (pss_kb, rss_kb)} for pid and its descendants."""
+    res = {}
+    for p in descendants(pid):
+        try:
+            comm = open(f"/proc/{p}/comm").read().strip()
+            pss = rss = 0
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+        except OSError:
+            continue
+        name = "monitor" if p == pid else comm
+        a, b = res.get(name, (0, 0))
+        res[name] = (a + pss, b + rss)
+    return res
+
+
+def boot_timing(root, cid):
+    """(ready_ms, kernel, init steps) from the monitor's boot-timing line."""
+    try:
+        text = open(os.path.join(root, cid, "monitor.log")).read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        i = line.find("boot-timing:")
+        if i < 0:
+            continue
+        msg = line[i:].rstrip('"')
+        fields = dict(f.split("=", 1) for f in msg.split()[1:] if "=" in f)
+        return {
+            "ready_ms": float(fields.get("ready_ms", "nan")),
+            "launch_ms": float(fields.get("launch_ms", "nan")),
+            "kernel": fields.get("kernel", "?").strip('\\"'),
+        }
+    return None
+
+
+def one_lifecycle(rt, cid, measure_vm=False):
+    """create, start (timed against the main's first write), state, exec true, [memory],
+    delete. Returns a dict of figures in seconds / kB."""
+    r = {}
+    started = os.path.join(rt.rootfs, "started")
+    if os.path.exists(started):
+        os.unlink(started)
+    pid_file = os.path.join(os.path.dirname(rt.root), f"{cid}.pid")
+    # create's stdout is the container's: a pipe we keep reading. Its stderr goes to a
+    # file: the container keeps it open, so a pipe would never reach EOF.
+    rfd, wfd = os.pipe()
+    err_path = os.path.join(os.path.dirname(rt.root), f"{cid}.stderr")
+    with open(err_path, "wb") as err:
+        t0 = now()
+        p = subprocess.Popen(
+            rt.cli("create", "--bundle", rt.bundle, "--pid-file", pid_file, cid),
+            stdin=subprocess.DEVNULL, stdout=wfd, stderr=err, env=rt.env)
+        os.close(wfd)
+        p.wait(timeout=120)
+        r["create"] = now() - t0
+    if p.returncode != 0:
+        os.close(rfd)
+        run(rt.cli("delete", "--force", cid), env=rt.env, check=False)
+        raise RuntimeError(f"{rt.name} create: rc {p.returncode}: {open(err_path).read().strip()}")
+    try:
+        if measure_vm:
+            bt = boot_timing(rt.root, cid)
+            if bt:
+                r["ready"] = bt["ready_ms"] / 1000
+                r["kernel"] = bt["kernel"]
+        watch = Inotify(rt.rootfs)
+        t0 = now()
+        dt, _ = run(rt.cli("start", cid), env=rt.env)
+        r["start_returned"] = dt
+        seen = watch.wait_for("started", 30)
+        watch.close()
+        r["start_main"] = (seen - t0) if seen else float("nan")
+        ready, _, _ = select.select([rfd], [], [], 30)
+        r["start_stdout"] = (now() - t0) if ready else float("nan")
+        r["state"], _ = run(rt.cli("state", cid), env=rt.env)
+        r["exec"], _ = run(rt.cli("exec", cid, "true"), env=rt.env)
+        if measure_vm:
+            time.sleep(IDLE_S)
+            mon = int(open(pid_file).read().strip())
+            mem = memory_kb(mon)
+            r["pss_kb"] = sum(v[0] for v in mem.values())
+            r["rss_kb"] = sum(v[1] for v in mem.values())
+            r["pss_by_process"] = {k: v[0] for k, v in mem.items()}
+    finally:
+        os.close(rfd)
+        run(rt.cli("delete", "--force", cid), env=rt.env, check=False)
+        if os.path.exists(pid_file):
+            os.unlink(pid_file)
+    return r
+
+
+def stats(values):
+    v = [x for x in values if x == x]  # drop NaN
+    if not v:
+        return None
+    return statistics.median(v), min(v), max(v), len(v)
+
+
+def fmt_s(values):
+    s = stats(values)
+    if not s:
+        return "n/a"
+    med, lo, hi, n = s
+    return f"{med * 1000:8.1f} ms  (min {lo * 1000:.1f}, max {hi * 1000:.1f}, n={n})"
+
+
+def fmt_mb(values):
+    s = stats(values)
+    if not s:
+        return "n/a"
+    med, lo, hi, n = s
+    return f"{med / 1024:7.1f} MB  (min {lo / 1024:.1f}, max {hi / 1024:.1f}, n={n})"
+
+
+def qemu_wrapper(work, tb_size):
+    """A qemu stand-in that adds tb-size=N to `-accel tcg` (exec keeps the pid)."""
+    real = shutil.which("qemu-system-x86_64")
+    path = os.path.join(work, f"qemu-tb{tb_size}")
+    with open(path, "w") as f:
+        f.write(f"""#!/bin/bash
+args=()
+for a in "$@"; do [ "$a" = tcg ] && a=tcg,tb-size={tb_size}; args+=("$a"); done
+exec {real} "${{args[@]}}"
+""")
+    os.chmod(path, 0o755)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("krun_oci")
+    ap.add_argument("-n", type=int, default=int(os.environ.get("BENCH_N", "7")))
+    ap.add_argument("--runc", default="/usr/sbin/runc")
+    ap.add_argument("--tb-sizes", default=os.environ.get("BENCH_TB_SIZES", ""),
+                    help="comma-separated TCG tb-size values (MiB) to try, e.g. 16,32,64")
+    ap.add_argument("--skip-distro", action="store_true")
+    a = ap.parse_args()
+    # SIGTERM/SIGHUP (e.g. make interrupted) still run the cleanup below.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: sys.exit(128 + s))
+    krun = os.path.abspath(a.krun_oci)
+    work = tempfile.mkdtemp(prefix="krun-oci-bench.")
+    rts = []
+    try:
+        for name, binary in [("runc", a.runc), ("krun-oci", krun)]:
+            bundle = os.path.join(work, f"bundle-{name}")
+            os.makedirs(bundle)
+            make_bundle(krun, bundle)
+            rts.append(Runtime(name, binary, os.path.join(work, f"state-{name}"), bundle))
+        runc, kr = rts
+        variants = [("krun-oci (own kernel)", "own", None)]
+        if not a.skip_distro:
+            variants.append(("krun-oci (distro kernel)", "distro", None))
+        for tb in [t for t in a.tb_sizes.split(",") if t.strip()]:
+            variants.append((f"krun-oci (own kernel, tb-size={tb})", "own", int(tb)))
+
+        print(f"# krun-oci bench: N={a.n}, {time.strftime('%Y-%m-%d %H:%M:%S %z')}, "
+              f"host {os.uname().release}, {os.cpu_count()} CPUs", flush=True)
+        results = {"runc": []}
+        for label, _, _ in variants:
+            results[label] = []
+        for i in range(a.n):
+            results["runc"].append(one_lifecycle(runc, f"bench-runc-{i}"))
+            for label, source, tb in variants:
+                env = dict(os.environ, KRUN_OCI_KERNEL_SOURCE=source)
+                if tb is not None:
+                    env["KRUN_OCI_QEMU"] = qemu_wrapper(work, tb)
+                rt = Runtime(label, krun, kr.root, kr.bundle, env)
+                results[label].append(one_lifecycle(rt, f"bench-krun-{i}", measure_vm=True))
+            print(f"  run {i + 1}/{a.n} done", file=sys.stderr, flush=True)
+
+        def col(label, key):
+            return [r.get(key, float("nan")) for r in results[label]]
+
+        sections = [
+            ("create (cold VM boot to `created`)", "create", fmt_s),
+            ("start: invoke `start` -> main's first write seen (inotify)", "start_main", fmt_s),
+            ("start: invoke `start` -> `start` returned", "start_returned", fmt_s),
+            ("start: invoke `start` -> main's first stdout line on create's stdout",
+             "start_stdout", fmt_s),
+            ("state", "state", fmt_s),
+            ("exec ID true", "exec", fmt_s),
+            ("boot-to-ready (VMM launch -> guest Ready, monitor.log)", "ready", fmt_s),
+            ("host memory per idle VM, PSS (monitor+qemu+virtiofsd+vhost-device-vsock)",
+             "pss_kb", fmt_mb),
+            ("host memory per idle VM, RSS (same processes)", "rss_kb", fmt_mb),
+        ]
+        for title, key, f in sections:
+            print(f"\n## {title}")
+            for label in results:
+                if key in ("ready", "pss_kb", "rss_kb") and label == "runc":
+                    continue
+                print(f"  {label:40s} {f(col(label, key))}")
+        print("\n## PSS by process (median, MB)")
+        for label in results:
+            if label == "runc":
+                continue
+            per = {}
+            for r in results[label]:
+                for k, v in r.get("pss_by_process", {}).items():
+                    per.setdefault(k, []).append(v)
+            parts = [f"{k} {statistics.median(v) / 1024:.1f}" for k, v in sorted(per.items())]
+            kernels = sorted({r.get("kernel", "?") for r in results[label]})
+            print(f"  {label:40s} {', '.join(parts)}  [kernel: {', '.join(kernels)}]")
+    finally:
+        for rt in rts:
+            if os.path.isdir(rt.root):
+                for cid in os.listdir(rt.root):
+                    subprocess.run(rt.cli("delete", "--force", cid),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+        left = subprocess.run(["pgrep", "-a", "-f", work], stdout=subprocess.PIPE).stdout.decode()
+        print("\n## cleanup: " + ("nothing left" if not left.strip() else f"LEFT OVER:\n{left}"))
+
+
+if __name__ == "__main__":
+    main()
