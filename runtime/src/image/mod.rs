@@ -50,7 +50,7 @@ impl std::fmt::Display for KernelOrigin {
 /// debugging a boot with the other kernel; `Auto` is what containers want.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum KernelSource {
-    /// Our own kernel when it is built, else the distro's stock kernel.
+    /// The distro's stock kernel, else our own (see `resolve_kernel` for why).
     #[default]
     Auto,
     /// Only our own kernel: an error when it is not built.
@@ -198,7 +198,20 @@ pub fn resolve_kernel(
     }
     let own = match opts.kernel_source {
         KernelSource::Distro => None,
-        KernelSource::Auto => own_kernel::cached(cache_dir),
+        // The distro kernel first, for now: with our own 6.12 kernel, vsock streams
+        // carrying heavy traffic both ways stall under vhost-device-vsock 0.3 (10 MiB
+        // through `exec cat` hangs; 6.1 does not). Our kernel is the fallback and
+        // stays one variable away (KRUN_OCI_KERNEL_SOURCE=own). See docs/kernel.md.
+        KernelSource::Auto => match kernel::distro_kernel(cache_dir) {
+            Ok(dir) => {
+                let vmlinux = dir.vmlinux();
+                return Ok((dir, vmlinux, KernelOrigin::DistroStock));
+            }
+            Err(e) => {
+                log::info!("distro kernel unavailable ({e}); using our own");
+                own_kernel::cached(cache_dir)
+            }
+        },
         KernelSource::Own => Some(own_kernel::cached(cache_dir).ok_or_else(|| {
             Error::Vm(format!(
                 "KRUN_OCI_KERNEL_SOURCE=own but {}",
