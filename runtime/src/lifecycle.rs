@@ -3,10 +3,11 @@
 //! One implementation, used by the CLI and the shim.
 
 use std::fs;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use krun_oci_protocol::{Message, SignalTarget};
@@ -35,6 +36,10 @@ pub struct CreateOptions {
     pub vmm: VmmChoice,
     /// Path of this binary, re-executed as the monitor.
     pub exe: PathBuf,
+    /// The container's stdio (stdin, stdout, stderr) as the monitor's fds 0/1/2.
+    /// `None`: the caller's own fds 0/1/2 (runc semantics for the CLI). A shim
+    /// passes containerd's fifos here.
+    pub stdio: Option<[Arc<OwnedFd>; 3]>,
 }
 
 /// Creates the container: validates, snapshots, starts the monitor (which boots
@@ -88,7 +93,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         };
         write_atomic(&dir.monitor_config_file(), &serde_json::to_vec_pretty(&cfg)?)
             .ctx(|| "writing monitor.json".into())?;
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe)?;
+        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, opts.stdio.as_ref())?;
         record.pid = pid;
         record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
         record.log_path = Some(log_path);
@@ -133,7 +138,12 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
 }
 
 /// Starts the monitor detached (own session) and waits for its report.
-fn spawn_monitor(root: &Path, dir: &crate::state::ContainerDir, exe: &Path) -> Result<(i32, SyncReport)> {
+fn spawn_monitor(
+    root: &Path,
+    dir: &crate::state::ContainerDir,
+    exe: &Path,
+    stdio: Option<&[Arc<OwnedFd>; 3]>,
+) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -143,10 +153,16 @@ fn spawn_monitor(root: &Path, dir: &crate::state::ContainerDir, exe: &Path) -> R
         .arg(dir.monitor_log_file())
         .arg("monitor")
         .arg(&dir.id)
-        .env(monitor::SYNC_FD_ENV, write_fd.to_string())
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
+        .env(monitor::SYNC_FD_ENV, write_fd.to_string());
+    match stdio {
+        Some([i, o, e]) => {
+            let dup = |fd: &Arc<OwnedFd>| fd.try_clone().map(Stdio::from).ctx(|| "duplicating a stdio fd".into());
+            cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
+        }
+        None => {
+            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        }
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
