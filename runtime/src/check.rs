@@ -71,7 +71,10 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
     };
     let libkrun = detect::plan(VmmChoice::Libkrun, &inputs)
         .map(|_| ())
-        .map_err(|e| e.to_string());
+        .map_err(|e| {
+            e.to_string()
+                .replace("vm: --vmm libkrun cannot run here: ", "")
+        });
     let engine = detect::plan(choice, &inputs).map_err(|e| e.to_string());
     CheckReport {
         kvm,

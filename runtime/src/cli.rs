@@ -86,6 +86,19 @@ pub enum Command {
     /// Internal: the per-container VM monitor (started by `create`).
     #[command(hide = true)]
     Monitor(MonitorArgs),
+    /// Internal: relays a detached exec's stdio and signals (started by `exec --detach`).
+    #[command(hide = true)]
+    ExecRelay(ExecRelayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExecRelayArgs {
+    /// The exec's process as OCI process JSON (removed once read).
+    #[arg(long)]
+    pub process_json: PathBuf,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    pub id: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod console;
 pub mod container;
 pub mod error;
+pub mod exec;
 pub mod guest;
 pub mod hooks;
 pub mod image;

@@ -349,7 +349,7 @@ fn kill_monitor(c: &Container) {
     }
 }
 
-fn load_snapshot(c: &Container) -> Result<Spec> {
+pub fn load_snapshot(c: &Container) -> Result<Spec> {
     Ok(serde_json::from_slice(&fs::read(c.dir.config_file()).ctx(|| "reading config snapshot".into())?)?)
 }
 

@@ -54,5 +54,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs(a) => commands::logs(&ctx, a).map(|_| 0),
         Command::Check => commands::check(&ctx),
         Command::Monitor(a) => commands::monitor(&ctx, &a.id),
+        Command::ExecRelay(a) => commands::exec_relay(&ctx, a),
     }
 }

@@ -2,7 +2,6 @@
 //! through its PVH note, and fetching the distro kernel without installing it.
 
 use std::fs;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,15 +26,10 @@ pub fn extract_vmlinux(image: &[u8]) -> Result<Vec<u8>> {
     while let Some(pos) = find(&image[from..], XZ_MAGIC) {
         let start = from + pos;
         let mut out = Vec::with_capacity(image.len() * 4);
-        let mut input = Cursor::new(&image[start..]);
-        let complete = match lzma_rs::xz_decompress(&mut input, &mut out) {
-            Ok(()) => true,
-            // lzma-rs checks for EOF only after the footer (and its CRC) verified, so
-            // this error means "a whole stream, then the bzImage trailer": fine.
-            Err(lzma_rs::error::Error::XzError(m)) => m.contains("after last XZ block"),
-            Err(_) => false,
-        };
-        if complete && out.starts_with(ELF_MAGIC) {
+        // One stream; liblzma stops at its end, so the bzImage trailer is ignored.
+        // (lzma-rs cannot be used: the kernel's stream carries the x86 BCJ filter.)
+        let mut dec = liblzma::read::XzDecoder::new(&image[start..]);
+        if std::io::Read::read_to_end(&mut dec, &mut out).is_ok() && out.starts_with(ELF_MAGIC) {
             return Ok(out);
         }
         from = start + 1;
@@ -58,6 +52,28 @@ pub fn is_elf(path: &Path) -> bool {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
         .map(|()| magic == ELF_MAGIC)
         .unwrap_or(false)
+}
+
+/// Whether the ELF file at `path` names a program interpreter (is dynamically
+/// linked). `None` when it is not an ELF64 file (e.g. a script).
+pub fn elf_has_interpreter(path: &Path) -> Option<bool> {
+    const PT_INTERP: u32 = 3;
+    let data = fs::read(path).ok()?;
+    if !data.starts_with(ELF_MAGIC) || data.get(4) != Some(&2) {
+        return None;
+    }
+    let u16_at = |o: usize| {
+        data.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let phoff = usize::try_from(u64::from_le_bytes(data.get(0x20..0x28)?.try_into().ok()?)).ok()?;
+    let (phentsize, phnum) = (u16_at(0x36)?, u16_at(0x38)?);
+    let has = (0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        data.get(o..o + 4)
+            .is_some_and(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == PT_INTERP)
+    });
+    Some(has)
 }
 
 /// A kernel unpacked into the cache: `vmlinux`, and for modular kernels the
@@ -308,8 +324,20 @@ mod tests {
     fn vmlinux_from_synthetic_bzimage() {
         let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
         elf.extend((0..50_000u32).map(|i| (i % 251) as u8));
+        // Compressed like the kernel's payload: x86 BCJ filter + LZMA2, CRC32.
+        let mut filters = liblzma::stream::Filters::new();
+        filters
+            .x86()
+            .lzma2(&liblzma::stream::LzmaOptions::new_preset(6).unwrap());
+        let stream =
+            liblzma::stream::Stream::new_stream_encoder(&filters, liblzma::stream::Check::Crc32)
+                .unwrap();
         let mut xz = Vec::new();
-        lzma_rs::xz_compress(&mut Cursor::new(&elf), &mut xz).unwrap();
+        std::io::Read::read_to_end(
+            &mut liblzma::read::XzEncoder::new_stream(&elf[..], stream),
+            &mut xz,
+        )
+        .unwrap();
         // A fake setup header with a stray magic-like prefix, the stream, then trailer bytes.
         let mut bz = b"MZ fake setup \xFD7zXZ".to_vec();
         bz.extend_from_slice(&xz);
@@ -318,6 +346,24 @@ mod tests {
         // An ELF passes through unchanged; garbage is refused.
         assert_eq!(extract_vmlinux(&elf).unwrap(), elf);
         assert!(extract_vmlinux(b"not a kernel").is_err());
+    }
+
+    #[test]
+    fn interpreter_detection() {
+        let me = std::env::current_exe().unwrap();
+        // Test binaries are linked dynamically against glibc.
+        assert_eq!(elf_has_interpreter(&me), Some(true));
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("s"), "#!/bin/sh\n").unwrap();
+        assert_eq!(elf_has_interpreter(&d.path().join("s")), None);
+        if Path::new("/bin/busybox").exists()
+            && std::process::Command::new("ldd")
+                .arg("/bin/busybox")
+                .output()
+                .is_ok_and(|o| !o.status.success())
+        {
+            assert_eq!(elf_has_interpreter(Path::new("/bin/busybox")), Some(false));
+        }
     }
 
     #[test]

@@ -182,6 +182,12 @@ pub fn ensure(opts: &ImageOptions) -> Result<GuestImage> {
         Some(p) => p.clone(),
         None => locate_init()?,
     };
+    if kernel::elf_has_interpreter(&init) == Some(true) {
+        return Err(Error::Vm(format!(
+            "{} is dynamically linked; the guest has no libc: build krun-oci-init static (musl)",
+            init.display()
+        )));
+    }
     let (kdir, vmlinux, origin) = resolve_kernel(opts, &cache_dir)?;
 
     let init_hash = cache::sha256_file(&init)?;

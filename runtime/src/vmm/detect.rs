@@ -179,8 +179,8 @@ pub fn plan(choice: VmmChoice, inputs: &SelectionInputs) -> Result<(Engine, Stri
     };
     let libkrun_blocker = if !inputs.kvm.usable {
         Some(format!(
-            "libkrun needs hardware KVM, which is {}",
-            inputs.kvm
+            "libkrun needs hardware KVM, which is not usable here: {}",
+            inputs.kvm.reason
         ))
     } else if !inputs.libkrun_built {
         Some("this build has no libkrun backend".to_string())

@@ -146,6 +146,10 @@ impl RunPaths {
         for p in [&self.vsock_ctl, &self.vsock_uds, &self.fs_sock] {
             let _ = fs::remove_file(p);
         }
+        // virtiofsd's lock file next to its socket (left behind when it is killed).
+        let mut pid = self.fs_sock.clone().into_os_string();
+        pid.push(".pid");
+        let _ = fs::remove_file(pid);
         let prefix = format!(
             "{}_",
             self.vsock_uds
@@ -496,51 +500,74 @@ fn exit_of(component: &str, st: std::process::ExitStatus) -> VmExit {
     }
 }
 
+/// How long QEMU may take to exit after a helper exited cleanly (power-off).
+const POWER_OFF_GRACE: Duration = Duration::from_secs(2);
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if t0.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits until a child exits or `stop` becomes readable; returns the first exit seen.
 fn supervise(running: &mut [Running], stop: &OwnedFd) -> VmExit {
+    let use_pidfds = running.iter().all(|r| r.pidfd.is_some());
     loop {
-        // qemu first: on power-off virtiofsd exits right after it and must not be blamed.
-        for r in running.iter_mut().rev() {
-            if let Ok(Some(st)) = r.child.try_wait() {
-                return exit_of(r.component, st);
-            }
+        let mut fds: Vec<PollFd> = Vec::new();
+        if use_pidfds {
+            fds.extend(
+                running
+                    .iter()
+                    .filter_map(|r| r.pidfd.as_ref())
+                    .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN)),
+            );
         }
-        let mut fds: Vec<PollFd> = running
-            .iter()
-            .filter_map(|r| {
-                r.pidfd
-                    .as_ref()
-                    .map(|fd| PollFd::new(fd.as_fd(), PollFlags::POLLIN))
-            })
-            .collect();
         fds.push(PollFd::new(stop.as_fd(), PollFlags::POLLIN));
         // Without pidfds (old kernels) fall back to polling every 100 ms.
-        let timeout = if fds.len() == running.len() + 1 {
+        let timeout = if use_pidfds {
             PollTimeout::NONE
         } else {
             PollTimeout::from(100u16)
         };
         let _ = nix::poll::poll(&mut fds, timeout);
-        if fds
-            .last()
-            .and_then(|f| f.revents())
-            .is_some_and(|r| !r.is_empty())
-        {
-            let qemu = running.iter_mut().next_back();
-            return match qemu {
-                Some(r) => match r.child.try_wait() {
-                    Ok(Some(st)) => exit_of(r.component, st),
-                    _ => VmExit::Exited {
-                        component: r.component.to_owned(),
-                        status: None,
-                        signal: Some(libc::SIGKILL),
-                    },
-                },
-                None => VmExit::Exited {
-                    component: "qemu".into(),
-                    status: None,
-                    signal: Some(libc::SIGKILL),
-                },
+        let fired = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+        let stop_requested = fds.last().is_some_and(fired);
+        // Children that exited in this wake-up (all of them without pidfds).
+        let exited: Vec<usize> = if use_pidfds {
+            (0..running.len()).filter(|&i| fired(&fds[i])).collect()
+        } else {
+            (0..running.len()).collect()
+        };
+        drop(fds);
+        // qemu (last) first: on power-off virtiofsd exits right after it and must not be blamed.
+        for &i in exited.iter().rev() {
+            if let Ok(Some(st)) = running[i].child.try_wait() {
+                // On power-off QEMU closes the vhost-user sockets before it exits, and
+                // virtiofsd then exits cleanly: that is QEMU's exit, report it as such.
+                let is_vmm = i + 1 == running.len();
+                if !is_vmm && st.success() {
+                    if let Some(vmm) = running.last_mut() {
+                        if let Some(vst) = wait_timeout(&mut vmm.child, POWER_OFF_GRACE) {
+                            return exit_of(vmm.component, vst);
+                        }
+                    }
+                }
+                return exit_of(running[i].component, st);
+            }
+        }
+        if stop_requested {
+            let component = running.last().map_or("qemu", |r| r.component);
+            return VmExit::Exited {
+                component: component.to_owned(),
+                status: None,
+                signal: Some(libc::SIGKILL),
             };
         }
     }
