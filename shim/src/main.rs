@@ -49,6 +49,8 @@ impl containerd_shim::Shim for KrunShim {
         // One shim per container (no grouping of pods yet).
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // The server removes its socket on shutdown by reading this file (in the bundle).
+        containerd_shim::util::write_address(&address)?;
         Ok(address)
     }
 
