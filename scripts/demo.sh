@@ -10,7 +10,7 @@ echo "== bundle: busybox-static rootfs in $work/bundle"
 mkdir -p "$work/bundle/rootfs/bin" "$work/bundle/rootfs"/{etc,tmp,proc,sys,dev,run}
 cp /bin/busybox "$work/bundle/rootfs/bin/busybox"
 for applet in $("$work/bundle/rootfs/bin/busybox" --list); do
-	ln -sf busybox "$work/bundle/rootfs/bin/$applet" 2>/dev/null || true
+	[ "$applet" = busybox ] || ln -sf busybox "$work/bundle/rootfs/bin/$applet"
 done
 "$KRUN_OCI" spec --bundle "$work/bundle"
 python3 - "$work/bundle/config.json" <<'PY'

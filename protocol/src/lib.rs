@@ -138,7 +138,9 @@ pub struct ExecRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// First frame in each direction of every connection.
-    Hello { version: u32 },
+    Hello {
+        version: u32,
+    },
     /// Guest -> host, first message on the events stream: the ready beacon.
     Ready {
         init_version: String,
@@ -150,33 +152,55 @@ pub enum Message {
     /// Host -> guest on the control port, once after `Ready` and before `SpawnMain`:
     /// apply the per-container guest setup the config asks for (hostname, sysctls,
     /// mounts, ...). The process part is ignored here. Answered `Ack` or `Nack`.
-    Setup { spec: Box<oci_spec::runtime::Spec> },
+    Setup {
+        spec: Box<oci_spec::runtime::Spec>,
+    },
     /// Host -> guest: run the container's main process now. Accepted exactly once.
-    SpawnMain { process: Process },
+    SpawnMain {
+        process: Process,
+    },
     /// Guest -> host reply to `SpawnMain`.
-    MainStarted { pid: i32 },
+    MainStarted {
+        pid: i32,
+    },
     /// Guest -> host on the events stream: the main process exited with `code`
     /// (WEXITSTATUS or 128+signal). Sent after all of its output.
-    MainExited { code: i32 },
+    MainExited {
+        code: i32,
+    },
     /// Host -> guest: deliver `signal` to `target`.
-    Signal { target: SignalTarget, signal: i32 },
+    Signal {
+        target: SignalTarget,
+        signal: i32,
+    },
     /// Host -> guest: start an exec session (on the exec or pty port).
     Exec(ExecRequest),
     /// Guest -> host: the exec session's process runs with this (guest) pid.
-    ExecStarted { pid: i32 },
+    ExecStarted {
+        pid: i32,
+    },
     /// Guest -> host: the exec session's process exited (after its output).
-    ExecExited { code: i32 },
+    ExecExited {
+        code: i32,
+    },
     /// Host -> guest: terminal size changed.
-    Resize { rows: u16, cols: u16 },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
     /// Host -> guest: list processes.
     Ps,
-    Processes { processes: Vec<GuestProcess> },
+    Processes {
+        processes: Vec<GuestProcess>,
+    },
     /// Host -> guest: stop everything and power off.
     Shutdown,
     /// Generic success reply.
     Ack,
     /// Generic failure reply; `reason` is shown to the user.
-    Nack { reason: String },
+    Nack {
+        reason: String,
+    },
 }
 
 /// One decoded frame.
@@ -317,7 +341,12 @@ pub fn recv<R: Read>(r: &mut R) -> Result<Message> {
 
 /// Sends our `Hello` and checks the peer's. Both sides call this first.
 pub fn handshake<S: Read + Write>(s: &mut S) -> Result<()> {
-    send(s, Message::Hello { version: PROTOCOL_VERSION })?;
+    send(
+        s,
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+        },
+    )?;
     expect_hello(recv(s)?)
 }
 
@@ -370,10 +399,16 @@ mod tests {
     fn oversized_length_rejected_before_allocation() {
         // Claims 4 GiB; must fail on the header alone.
         let mut cur = io::Cursor::new(vec![0xff, 0xff, 0xff, 0xff, 0x01]);
-        assert!(matches!(read_frame(&mut cur), Err(ProtocolError::FrameTooLong(_))));
+        assert!(matches!(
+            read_frame(&mut cur),
+            Err(ProtocolError::FrameTooLong(_))
+        ));
         let mut d = Decoder::new();
         d.push(&[0x7f, 0, 0, 0]);
-        assert!(matches!(d.next_frame(), Err(ProtocolError::FrameTooLong(_))));
+        assert!(matches!(
+            d.next_frame(),
+            Err(ProtocolError::FrameTooLong(_))
+        ));
     }
 
     #[test]
@@ -384,11 +419,20 @@ mod tests {
         let mut cur = io::Cursor::new(Vec::new());
         assert!(matches!(read_frame(&mut cur), Err(ProtocolError::Closed)));
         let mut cur = io::Cursor::new(vec![0, 0, 0, 0]);
-        assert!(matches!(read_frame(&mut cur), Err(ProtocolError::EmptyFrame)));
+        assert!(matches!(
+            read_frame(&mut cur),
+            Err(ProtocolError::EmptyFrame)
+        ));
         let mut cur = io::Cursor::new(vec![0, 0, 0, 1, 0x99]);
-        assert!(matches!(read_frame(&mut cur), Err(ProtocolError::UnknownKind(0x99))));
+        assert!(matches!(
+            read_frame(&mut cur),
+            Err(ProtocolError::UnknownKind(0x99))
+        ));
         let mut cur = io::Cursor::new(vec![0, 0, 0, 3, 0x01, b'{', b'x']);
-        assert!(matches!(read_frame(&mut cur), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            read_frame(&mut cur),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -399,7 +443,10 @@ mod tests {
 
     #[test]
     fn handshake_checks_version() {
-        assert!(expect_hello(Message::Hello { version: PROTOCOL_VERSION }).is_ok());
+        assert!(expect_hello(Message::Hello {
+            version: PROTOCOL_VERSION
+        })
+        .is_ok());
         assert!(matches!(
             expect_hello(Message::Hello { version: 99 }),
             Err(ProtocolError::VersionMismatch { peer: 99 })
@@ -415,12 +462,7 @@ mod tests {
             let mut d = Decoder::new();
             for c in &chunks {
                 d.push(c);
-                loop {
-                    match d.next_frame() {
-                        Ok(Some(_)) => continue,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
+                while let Ok(Some(_)) = d.next_frame() {}
             }
         }
 

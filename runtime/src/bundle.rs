@@ -35,11 +35,13 @@ impl Bundle {
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("config.json has no root".into()))?;
         let rootfs = path.join(root.path());
-        let rootfs = fs::canonicalize(&rootfs).map_err(|e| {
-            Error::InvalidInput(format!("rootfs {}: {e}", rootfs.display()))
-        })?;
+        let rootfs = fs::canonicalize(&rootfs)
+            .map_err(|e| Error::InvalidInput(format!("rootfs {}: {e}", rootfs.display())))?;
         if !rootfs.is_dir() {
-            return Err(Error::InvalidInput(format!("rootfs {} is not a directory", rootfs.display())));
+            return Err(Error::InvalidInput(format!(
+                "rootfs {} is not a directory",
+                rootfs.display()
+            )));
         }
         let bundle = Bundle { path, spec, rootfs };
         bundle.validate_process()?;
@@ -73,12 +75,17 @@ impl Bundle {
 pub fn validate_version(v: &str) -> Result<()> {
     let core = v.split(['-', '+']).next().unwrap_or("");
     let parts: Vec<_> = core.split('.').collect();
-    let numeric = parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let numeric = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     if !numeric {
         return Err(Error::InvalidInput(format!("invalid ociVersion {v:?}")));
     }
     if parts[0] != "1" {
-        return Err(Error::InvalidInput(format!("unsupported ociVersion {v:?}: krun-oci implements 1.x")));
+        return Err(Error::InvalidInput(format!(
+            "unsupported ociVersion {v:?}: krun-oci implements 1.x"
+        )));
     }
     Ok(())
 }
@@ -87,7 +94,12 @@ pub fn validate_version(v: &str) -> Result<()> {
 /// inside `rootfs`, following symlinks as the guest would: absolute targets
 /// are relative to the rootfs and `..` never leaves it.
 pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
-    let mut pending: Vec<String> = path.split('/').filter(|c| !c.is_empty()).map(String::from).rev().collect();
+    let mut pending: Vec<String> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .rev()
+        .collect();
     let mut resolved: Vec<String> = Vec::new();
     let mut hops = 0;
     while let Some(comp) = pending.pop() {
@@ -99,7 +111,9 @@ pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
             }
             _ => {}
         }
-        let candidate = rootfs.join(resolved.iter().collect::<PathBuf>()).join(&comp);
+        let candidate = rootfs
+            .join(resolved.iter().collect::<PathBuf>())
+            .join(&comp);
         match fs::symlink_metadata(&candidate) {
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
@@ -129,7 +143,12 @@ pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
 
 /// Finds `arg0` the way the guest will exec it, with the error wording
 /// podman maps to exit codes 127 (not found) and 126 (permission denied).
-pub fn resolve_executable(rootfs: &Path, arg0: &str, path_var: &str, cwd: &Path) -> Result<PathBuf> {
+pub fn resolve_executable(
+    rootfs: &Path,
+    arg0: &str,
+    path_var: &str,
+    cwd: &Path,
+) -> Result<PathBuf> {
     let check = |p: &Path, shown: &str| -> Result<PathBuf> {
         let m = fs::metadata(p).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::InvalidInput(format!(
@@ -138,7 +157,9 @@ pub fn resolve_executable(rootfs: &Path, arg0: &str, path_var: &str, cwd: &Path)
             _ => Error::InvalidInput(format!("exec: {arg0:?}: stat {shown}: {e}")),
         })?;
         if m.is_dir() || m.permissions().mode() & 0o111 == 0 {
-            return Err(Error::InvalidInput(format!("exec: {arg0:?}: permission denied")));
+            return Err(Error::InvalidInput(format!(
+                "exec: {arg0:?}: permission denied"
+            )));
         }
         Ok(p.to_path_buf())
     };
@@ -149,7 +170,9 @@ pub fn resolve_executable(rootfs: &Path, arg0: &str, path_var: &str, cwd: &Path)
             format!("{}/{arg0}", cwd.display())
         };
         let host = resolve_in_root(rootfs, &in_container).map_err(|_| {
-            Error::InvalidInput(format!("exec: {arg0:?}: stat {in_container}: no such file or directory"))
+            Error::InvalidInput(format!(
+                "exec: {arg0:?}: stat {in_container}: no such file or directory"
+            ))
         })?;
         return check(&host, &in_container);
     }
@@ -163,7 +186,9 @@ pub fn resolve_executable(rootfs: &Path, arg0: &str, path_var: &str, cwd: &Path)
             }
         }
     }
-    Err(Error::InvalidInput(format!("exec: {arg0:?}: executable file not found in $PATH")))
+    Err(Error::InvalidInput(format!(
+        "exec: {arg0:?}: executable file not found in $PATH"
+    )))
 }
 
 #[cfg(test)]
@@ -192,22 +217,36 @@ mod tests {
         let r = d.path();
         let p = resolve_executable(r, "sh", "/usr/bin:/bin", Path::new("/")).unwrap();
         assert_eq!(p, r.join("bin/busybox"));
-        assert_eq!(resolve_executable(r, "env", "/usr/bin", Path::new("/")).unwrap(), r.join("bin/busybox"));
-        assert_eq!(resolve_executable(r, "/bin/sh", "", Path::new("/")).unwrap(), r.join("bin/busybox"));
+        assert_eq!(
+            resolve_executable(r, "env", "/usr/bin", Path::new("/")).unwrap(),
+            r.join("bin/busybox")
+        );
+        assert_eq!(
+            resolve_executable(r, "/bin/sh", "", Path::new("/")).unwrap(),
+            r.join("bin/busybox")
+        );
     }
 
     #[test]
     fn errors_use_runc_wording() {
         let d = rootfs();
         let r = d.path();
-        let e = resolve_executable(r, "nope", "/bin", Path::new("/")).unwrap_err().to_string();
+        let e = resolve_executable(r, "nope", "/bin", Path::new("/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("executable file not found in $PATH"), "{e}");
-        let e = resolve_executable(r, "/bin/nope", "/bin", Path::new("/")).unwrap_err().to_string();
+        let e = resolve_executable(r, "/bin/nope", "/bin", Path::new("/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no such file or directory"), "{e}");
-        let e = resolve_executable(r, "/bin/noexec", "/bin", Path::new("/")).unwrap_err().to_string();
+        let e = resolve_executable(r, "/bin/noexec", "/bin", Path::new("/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("permission denied"), "{e}");
         // /bin/evil -> /etc/passwd resolves inside the rootfs, where it does not exist.
-        let e = resolve_executable(r, "/bin/evil", "/bin", Path::new("/")).unwrap_err().to_string();
+        let e = resolve_executable(r, "/bin/evil", "/bin", Path::new("/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no such file or directory"), "{e}");
     }
 
@@ -215,7 +254,10 @@ mod tests {
     fn dotdot_cannot_escape() {
         let d = rootfs();
         let r = d.path();
-        assert_eq!(resolve_in_root(r, "/../../../bin/busybox").unwrap(), r.join("bin/busybox"));
+        assert_eq!(
+            resolve_in_root(r, "/../../../bin/busybox").unwrap(),
+            r.join("bin/busybox")
+        );
     }
 
     #[test]

@@ -335,7 +335,14 @@ mod tests {
             assert_eq!(c.bundle, PathBuf::from("/b"));
             assert_eq!(c.pid_file, Some(PathBuf::from("/p")));
         }
-        let c = create(&["create", "--console-socket", "/s", "--preserve-fds=2", "--no-pivot", "x"]);
+        let c = create(&[
+            "create",
+            "--console-socket",
+            "/s",
+            "--preserve-fds=2",
+            "--no-pivot",
+            "x",
+        ]);
         assert_eq!(c.console_socket, Some(PathBuf::from("/s")));
         assert_eq!(c.preserve_fds, 2);
         assert_eq!(create(&["create", "x"]).bundle, PathBuf::from("."));
@@ -344,8 +351,16 @@ mod tests {
     #[test]
     fn global_flags() {
         let cli = parse(&[
-            "--root", "/r", "--log=/l", "--log-format", "json", "--debug", "--systemd-cgroup",
-            "--rootless=false", "state", "x",
+            "--root",
+            "/r",
+            "--log=/l",
+            "--log-format",
+            "json",
+            "--debug",
+            "--systemd-cgroup",
+            "--rootless=false",
+            "state",
+            "x",
         ]);
         assert_eq!(cli.root, Some(PathBuf::from("/r")));
         assert_eq!(cli.log, Some(PathBuf::from("/l")));
@@ -391,7 +406,12 @@ mod tests {
 
     #[test]
     fn exec_positional_form_keeps_command_flags() {
-        match parse(&["exec", "-t", "--cwd", "/tmp", "-e", "A=1", "-e=B=2", "-u", "1:2", "x", "sh", "-c", "exit 3"]).command {
+        match parse(&[
+            "exec", "-t", "--cwd", "/tmp", "-e", "A=1", "-e=B=2", "-u", "1:2", "x", "sh", "-c",
+            "exit 3",
+        ])
+        .command
+        {
             Some(Command::Exec(e)) => {
                 assert!(e.tty);
                 assert_eq!(e.cwd.as_deref(), Some("/tmp"));
@@ -402,7 +422,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match parse(&["exec", "--pid-file", "/p", "--process", "/f", "--detach", "x"]).command {
+        match parse(&[
+            "exec",
+            "--pid-file",
+            "/p",
+            "--process",
+            "/f",
+            "--detach",
+            "x",
+        ])
+        .command
+        {
             Some(Command::Exec(e)) => {
                 assert!(e.detach);
                 assert_eq!(e.process, Some(PathBuf::from("/f")));

@@ -4,7 +4,10 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use krun_oci::cli::{CreateArgs, DeleteArgs, ExecArgs, ExecRelayArgs, KillArgs, ListArgs, LogsArgs, OutputFormat, PsArgs, RunArgs, SpecArgs};
+use krun_oci::cli::{
+    CreateArgs, DeleteArgs, ExecArgs, ExecRelayArgs, KillArgs, ListArgs, LogsArgs, OutputFormat,
+    PsArgs, RunArgs, SpecArgs,
+};
 use krun_oci::container::Container;
 use krun_oci::exec;
 use krun_oci::lifecycle::{self, CreateOptions};
@@ -28,7 +31,10 @@ impl Context {
 
 fn create_options(ctx: &Context, args: &CreateArgs) -> Result<CreateOptions> {
     if args.preserve_fds > 0 {
-        log::warn!("--preserve-fds {}: fds cannot cross the VM boundary; ignored", args.preserve_fds);
+        log::warn!(
+            "--preserve-fds {}: fds cannot cross the VM boundary; ignored",
+            args.preserve_fds
+        );
     }
     Ok(CreateOptions {
         bundle: args.bundle.clone(),
@@ -94,11 +100,18 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<i32> {
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
     let store = ctx.store()?;
     let c = Container::load(&store, &args.id)?;
-    let base = lifecycle::load_snapshot(&c)?.process().clone().unwrap_or_default();
+    let base = lifecycle::load_snapshot(&c)?
+        .process()
+        .clone()
+        .unwrap_or_default();
     let process = match &args.process {
         Some(f) => {
             let data = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            exec::process_from_file(&base, serde_json::from_slice(&data).with_context(|| format!("parsing {}", f.display()))?)
+            exec::process_from_file(
+                &base,
+                serde_json::from_slice(&data)
+                    .with_context(|| format!("parsing {}", f.display()))?,
+            )
         }
         None => exec::process_from_overrides(
             &base,
@@ -115,8 +128,12 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
     };
     let tty = process.terminal().unwrap_or(false);
     match (tty, &args.console_socket, args.detach) {
-        (false, Some(_), _) => anyhow::bail!("cannot use console socket if runc will not detach or allocate tty"),
-        (true, None, true) => anyhow::bail!("cannot allocate tty if runc will detach without setting console socket"),
+        (false, Some(_), _) => {
+            anyhow::bail!("cannot use console socket if runc will not detach or allocate tty")
+        }
+        (true, None, true) => {
+            anyhow::bail!("cannot allocate tty if runc will detach without setting console socket")
+        }
         _ => {}
     }
     let link = match exec::prepare(&c, &process) {
@@ -139,13 +156,14 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
 /// Prints a failed exec's error and picks the status podman maps it by.
 fn exec_failure(e: Error) -> Result<i32> {
     let msg = e.to_string();
-    let code = if msg.contains("executable file not found") || msg.contains("no such file or directory") {
-        127
-    } else if msg.contains("permission denied") {
-        126
-    } else {
-        return Err(e.into());
-    };
+    let code =
+        if msg.contains("executable file not found") || msg.contains("no such file or directory") {
+            127
+        } else if msg.contains("permission denied") {
+            126
+        } else {
+            return Err(e.into());
+        };
     log::error!("{msg}");
     eprintln!("krun-oci: {msg}");
     Ok(code)
@@ -163,9 +181,16 @@ fn run_session(
     use std::os::fd::AsFd;
     let dup = |fd: i32| {
         // SAFETY: fds 0/1/2 stay open for the life of the process; we duplicate them.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| Error::Io { context: "dup".into(), source: e })
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|e| Error::Io {
+                context: "dup".into(),
+                source: e,
+            })
     };
-    let pty = console_socket.map(krun_oci::console::send_pty_to_console_socket).transpose();
+    let pty = console_socket
+        .map(krun_oci::console::send_pty_to_console_socket)
+        .transpose();
     let pty = match pty {
         Ok(p) => p,
         Err(e) => {
@@ -178,10 +203,24 @@ fn run_session(
     let stdin_is_tty = nix::unistd::isatty(std::io::stdin().as_fd()).unwrap_or(false);
     let (input, out, err, tty_fd) = match &pty {
         Some(p) => {
-            let f = || p.slave.try_clone().map_err(|e| Error::Io { context: "dup pty".into(), source: e });
+            let f = || {
+                p.slave.try_clone().map_err(|e| Error::Io {
+                    context: "dup pty".into(),
+                    source: e,
+                })
+            };
             (f()?, f()?, f()?, Some(f()?))
         }
-        None => (dup(0)?, dup(1)?, dup(2)?, if tty && stdin_is_tty { Some(dup(0)?) } else { None }),
+        None => (
+            dup(0)?,
+            dup(1)?,
+            dup(2)?,
+            if tty && stdin_is_tty {
+                Some(dup(0)?)
+            } else {
+                None
+            },
+        ),
     };
     let size = tty_fd.as_ref().and_then(krun_oci::console::window_size);
     let session = match exec::ExecSession::start(link, process, tty, size) {
@@ -218,11 +257,16 @@ fn spawn_exec_relay(
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(&ctx.root).arg("exec-relay").arg("--process-json").arg(&json);
+    cmd.arg("--root")
+        .arg(&ctx.root)
+        .arg("exec-relay")
+        .arg("--process-json")
+        .arg(&json);
     if let Some(s) = console_socket {
         cmd.arg("--console-socket").arg(s);
     }
-    cmd.arg(c.id()).env(krun_oci::monitor::SYNC_FD_ENV, write_fd.to_string());
+    cmd.arg(c.id())
+        .env(krun_oci::monitor::SYNC_FD_ENV, write_fd.to_string());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -235,7 +279,9 @@ fn spawn_exec_relay(
     let child = cmd.spawn().context("starting the exec relay")?;
     drop(write_end);
     let mut report = String::new();
-    std::fs::File::from(read_end).take(64 * 1024).read_to_string(&mut report)?;
+    std::fs::File::from(read_end)
+        .take(64 * 1024)
+        .read_to_string(&mut report)?;
     let pid = child.id() as i32;
     // The relay outlives us (its parent becomes the caller's subreaper).
     std::mem::forget(child);
@@ -243,7 +289,11 @@ fn spawn_exec_relay(
     match report.trim().strip_prefix("started ") {
         Some(_) => Ok(pid),
         None => {
-            let msg = report.trim().strip_prefix("error ").unwrap_or("the exec relay exited").to_string();
+            let msg = report
+                .trim()
+                .strip_prefix("error ")
+                .unwrap_or("the exec relay exited")
+                .to_string();
             Err(anyhow::anyhow!(msg))
         }
     }
@@ -261,7 +311,8 @@ pub fn exec_relay(ctx: &Context, args: ExecRelayArgs) -> Result<i32> {
     std::env::remove_var(krun_oci::monitor::SYNC_FD_ENV);
     let result = (|| -> Result<(krun_oci::guest::GuestLink, krun_oci_protocol::Process)> {
         let c = Container::load(&ctx.store()?, &args.id)?;
-        let process: krun_oci_protocol::Process = serde_json::from_slice(&std::fs::read(&args.process_json)?)?;
+        let process: krun_oci_protocol::Process =
+            serde_json::from_slice(&std::fs::read(&args.process_json)?)?;
         let _ = std::fs::remove_file(&args.process_json);
         Ok((exec::prepare(&c, &process)?, process))
     })();
@@ -283,7 +334,14 @@ pub fn exec_relay(ctx: &Context, args: ExecRelayArgs) -> Result<i32> {
             };
         }
     };
-    Ok(run_session(&link, process, tty, args.console_socket.as_deref(), Some(&mut report)).unwrap_or(krun_oci::container::LOST_EXIT_CODE))
+    Ok(run_session(
+        &link,
+        process,
+        tty,
+        args.console_socket.as_deref(),
+        Some(&mut report),
+    )
+    .unwrap_or(krun_oci::container::LOST_EXIT_CODE))
 }
 
 pub fn list(ctx: &Context, args: ListArgs) -> Result<()> {
@@ -306,7 +364,11 @@ pub fn list(ctx: &Context, args: ListArgs) -> Result<()> {
         OutputFormat::Json if states.is_empty() => writeln!(out, "null")?,
         OutputFormat::Json => writeln!(out, "{}", serde_json::to_string(&states)?)?,
         OutputFormat::Table => {
-            writeln!(out, "{:<12} {:<8} {:<10} {:<40} {:<30} OWNER", "ID", "PID", "STATUS", "BUNDLE", "CREATED")?;
+            writeln!(
+                out,
+                "{:<12} {:<8} {:<10} {:<40} {:<30} OWNER",
+                "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+            )?;
             for s in &states {
                 writeln!(
                     out,
@@ -342,7 +404,10 @@ pub fn ps(ctx: &Context, args: PsArgs) -> Result<()> {
 }
 
 pub fn features() -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(&krun_oci::spec::features()?)?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&krun_oci::spec::features()?)?
+    );
     Ok(())
 }
 
@@ -353,14 +418,28 @@ pub fn spec(args: SpecArgs) -> Result<()> {
 
 pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
     let c = Container::load(&ctx.store()?, &args.id)?;
-    let path = c.record.log_path.clone().unwrap_or_else(|| c.dir.path.join("container.log"));
+    let path = c
+        .record
+        .log_path
+        .clone()
+        .unwrap_or_else(|| c.dir.path.join("container.log"));
     let since = match &args.since {
-        Some(s) => Some(krun_oci::logs::parse_since(s).with_context(|| format!("invalid --since {s:?}"))?),
+        Some(s) => {
+            Some(krun_oci::logs::parse_since(s).with_context(|| format!("invalid --since {s:?}"))?)
+        }
         None => None,
     };
-    let opts = krun_oci::logs::PrintOptions { tail: args.tail, since, timestamps: args.timestamps };
+    let opts = krun_oci::logs::PrintOptions {
+        tail: args.tail,
+        since,
+        timestamps: args.timestamps,
+    };
     let mut running = || c.status() != krun_oci::state::Status::Stopped;
-    let follow: Option<&mut dyn FnMut() -> bool> = if args.follow { Some(&mut running) } else { None };
+    let follow: Option<&mut dyn FnMut() -> bool> = if args.follow {
+        Some(&mut running)
+    } else {
+        None
+    };
     krun_oci::logs::print(&path, &opts, follow)?;
     Ok(())
 }
@@ -373,6 +452,9 @@ pub fn check(ctx: &Context) -> Result<i32> {
 
 pub fn monitor(ctx: &Context, id: &str) -> Result<i32> {
     let store = ctx.store()?;
-    let dir = krun_oci::state::ContainerDir { id: id.to_string(), path: store.root().join(id) };
+    let dir = krun_oci::state::ContainerDir {
+        id: id.to_string(),
+        path: store.root().join(id),
+    };
     Ok(krun_oci::monitor::run(&dir)?)
 }

@@ -45,7 +45,12 @@ pub fn send_pty_to_console_socket(socket: &Path) -> Result<HostPty> {
 
 /// Current window size of a terminal fd.
 pub fn window_size(fd: &impl AsRawFd) -> Option<(u16, u16)> {
-    let mut ws = Winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = Winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes a Winsize into the pointer we pass.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
     (rc == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
@@ -68,7 +73,8 @@ mod tests {
             let mut buf = [0u8; 256];
             let mut iov = [IoSliceMut::new(&mut buf)];
             let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
-            let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).unwrap();
+            let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+                .unwrap();
             let mut fds = Vec::new();
             for c in msg.cmsgs().unwrap() {
                 if let ControlMessageOwned::ScmRights(f) = c {
@@ -83,7 +89,11 @@ mod tests {
         assert!(name.starts_with("/dev/pts/"), "{name}");
         assert_eq!(fds.len(), 1);
         // Bytes written to the master come out of the slave.
-        nix::unistd::write(unsafe { std::os::fd::BorrowedFd::borrow_raw(fds[0]) }, b"hi").unwrap();
+        nix::unistd::write(
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(fds[0]) },
+            b"hi",
+        )
+        .unwrap();
         let mut b = [0u8; 2];
         nix::unistd::read(&pty.slave, &mut b).unwrap();
         assert_eq!(&b, b"hi");

@@ -91,11 +91,18 @@ impl Container {
         StateJson {
             oci_version: crate::spec::OCI_VERSION.to_string(),
             id: self.id().to_string(),
-            pid: if status == Status::Stopped { 0 } else { self.record.pid },
+            pid: if status == Status::Stopped {
+                0
+            } else {
+                self.record.pid
+            },
             status,
             bundle: self.record.bundle.clone(),
             rootfs: self.record.rootfs.clone(),
-            created: self.record.created.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            created: self
+                .record
+                .created
+                .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             owner: self.record.owner.clone(),
             annotations: self.record.annotations.clone(),
             exit_code: self.exit_code(),
@@ -118,7 +125,10 @@ pub fn read_guest_exit_code(rootfs: &std::path::Path) -> Option<i32> {
     }
     let mut buf = String::new();
     f.take(16).read_to_string(&mut buf).ok()?;
-    buf.trim().parse::<i32>().ok().filter(|c| (0..=255).contains(c))
+    buf.trim()
+        .parse::<i32>()
+        .ok()
+        .filter(|c| (0..=255).contains(c))
 }
 
 #[cfg(test)]

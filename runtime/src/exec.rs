@@ -58,7 +58,9 @@ pub fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
 /// the exec's args, cwd, env and user on top.
 pub fn process_from_overrides(base: &Process, o: &ExecOverrides) -> Result<Process> {
     if o.args.is_empty() {
-        return Err(Error::InvalidInput("exec needs a command (or --process FILE)".into()));
+        return Err(Error::InvalidInput(
+            "exec needs a command (or --process FILE)".into(),
+        ));
     }
     let mut p = base.clone();
     p.set_args(Some(o.args.clone()));
@@ -66,7 +68,10 @@ pub fn process_from_overrides(base: &Process, o: &ExecOverrides) -> Result<Proce
     if let Some(cwd) = &o.cwd {
         p.set_cwd(PathBuf::from(cwd));
     }
-    p.set_env(Some(merge_env(p.env().as_deref().unwrap_or_default(), &o.env)));
+    p.set_env(Some(merge_env(
+        p.env().as_deref().unwrap_or_default(),
+        &o.env,
+    )));
     if let Some((uid, gid)) = o.user {
         let user = UserBuilder::default()
             .uid(uid)
@@ -75,7 +80,8 @@ pub fn process_from_overrides(base: &Process, o: &ExecOverrides) -> Result<Proce
             .build()?;
         p.set_user(user);
     } else if !o.additional_gids.is_empty() {
-        p.user_mut().set_additional_gids(Some(o.additional_gids.clone()));
+        p.user_mut()
+            .set_additional_gids(Some(o.additional_gids.clone()));
     }
     if o.no_new_privs {
         p.set_no_new_privileges(Some(true));
@@ -86,7 +92,10 @@ pub fn process_from_overrides(base: &Process, o: &ExecOverrides) -> Result<Proce
 /// A process given as an OCI process JSON (`--process FILE`): used as given, with
 /// the container's environment underneath its own.
 pub fn process_from_file(base: &Process, mut p: Process) -> Process {
-    p.set_env(Some(merge_env(base.env().as_deref().unwrap_or_default(), p.env().as_deref().unwrap_or_default())));
+    p.set_env(Some(merge_env(
+        base.env().as_deref().unwrap_or_default(),
+        p.env().as_deref().unwrap_or_default(),
+    )));
     p
 }
 
@@ -95,7 +104,12 @@ pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
     if !matches!(c.status(), Status::Created | Status::Running) {
         return Err(Error::NotRunning);
     }
-    let arg0 = process.args().as_ref().and_then(|a| a.first()).cloned().unwrap_or_default();
+    let arg0 = process
+        .args()
+        .as_ref()
+        .and_then(|a| a.first())
+        .cloned()
+        .unwrap_or_default();
     let path = process
         .env()
         .as_deref()
@@ -120,8 +134,17 @@ pub struct ExecSession {
 
 impl ExecSession {
     /// Starts `process` in the guest.
-    pub fn start(link: &GuestLink, process: Process, tty: bool, size: Option<(u16, u16)>) -> Result<Self> {
-        let port = if tty { proto::PTY_PORT } else { proto::EXEC_PORT };
+    pub fn start(
+        link: &GuestLink,
+        process: Process,
+        tty: bool,
+        size: Option<(u16, u16)>,
+    ) -> Result<Self> {
+        let port = if tty {
+            proto::PTY_PORT
+        } else {
+            proto::EXEC_PORT
+        };
         let mut s = link
             .connect(port, monitor::CONTROL_TIMEOUT)
             .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
@@ -129,16 +152,32 @@ impl ExecSession {
         let id = format!(
             "exec-{}-{}",
             std::process::id(),
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
         );
-        proto::send(&mut s, Message::Exec(ExecRequest { id: id.clone(), process, tty, size }))?;
+        proto::send(
+            &mut s,
+            Message::Exec(ExecRequest {
+                id: id.clone(),
+                process,
+                tty,
+                size,
+            }),
+        )?;
         let guest_pid = match proto::recv(&mut s)? {
             Message::ExecStarted { pid } => pid,
             Message::Nack { reason } => return Err(Error::InvalidInput(reason)),
             other => return Err(Error::Guest(format!("unexpected reply to exec: {other:?}"))),
         };
         let reader = s.try_clone().map_err(|e| Error::Guest(e.to_string()))?;
-        Ok(Self { id, guest_pid, link: link.clone(), reader, writer: Arc::new(Mutex::new(s)) })
+        Ok(Self {
+            id,
+            guest_pid,
+            link: link.clone(),
+            reader,
+            writer: Arc::new(Mutex::new(s)),
+        })
     }
 
     /// Relays stdio until the guest process exits; returns its status.
@@ -167,21 +206,27 @@ impl ExecSession {
     }
 
     fn forward_signals(&self, tty_fd: Option<OwnedFd>) {
-        let Ok(mut signals) = signal_hook::iterator::Signals::new(monitor::FORWARDED_SIGNALS) else {
+        let Ok(mut signals) = signal_hook::iterator::Signals::new(monitor::FORWARDED_SIGNALS)
+        else {
             return;
         };
         let (link, id, writer) = (self.link.clone(), self.id.clone(), self.writer.clone());
         std::thread::spawn(move || {
             for sig in signals.forever() {
                 if sig == libc::SIGWINCH {
-                    if let Some((rows, cols)) = tty_fd.as_ref().and_then(crate::console::window_size) {
+                    if let Some((rows, cols)) =
+                        tty_fd.as_ref().and_then(crate::console::window_size)
+                    {
                         if let Ok(mut w) = writer.lock() {
                             let _ = proto::send(&mut *w, Message::Resize { rows, cols });
                         }
                     }
                     continue;
                 }
-                let msg = Message::Signal { target: SignalTarget::Exec(id.clone()), signal: sig };
+                let msg = Message::Signal {
+                    target: SignalTarget::Exec(id.clone()),
+                    signal: sig,
+                };
                 if let Ok(mut c) = monitor::connect_control(&link) {
                     let _ = monitor::request(&mut c, msg);
                 }
@@ -201,7 +246,10 @@ pub fn spawn_input_pump(input: OwnedFd, writer: Arc<Mutex<UnixStream>>) {
                 Ok(n) => Frame::Stdin(buf[..n].to_vec()),
             };
             let last = frame == Frame::StdinClose;
-            let sent = writer.lock().map(|mut w| proto::write_frame(&mut *w, &frame).is_ok()).unwrap_or(false);
+            let sent = writer
+                .lock()
+                .map(|mut w| proto::write_frame(&mut *w, &frame).is_ok())
+                .unwrap_or(false);
             if last || !sent {
                 return;
             }
@@ -222,13 +270,17 @@ impl RawMode {
         let mut raw = saved.clone();
         termios::cfmakeraw(&mut raw);
         termios::tcsetattr(fd, termios::SetArg::TCSANOW, &raw).ok()?;
-        Some(Self { fd: fd.as_fd().try_clone_to_owned().ok()?, saved })
+        Some(Self {
+            fd: fd.as_fd().try_clone_to_owned().ok()?,
+            saved,
+        })
     }
 }
 
 impl Drop for RawMode {
     fn drop(&mut self) {
-        let _ = nix::sys::termios::tcsetattr(&self.fd, nix::sys::termios::SetArg::TCSANOW, &self.saved);
+        let _ =
+            nix::sys::termios::tcsetattr(&self.fd, nix::sys::termios::SetArg::TCSANOW, &self.saved);
     }
 }
 
@@ -265,7 +317,10 @@ mod tests {
         let p = process_from_overrides(&base, &o).unwrap();
         assert_eq!(p.args().as_ref().unwrap(), &vec!["sh".to_string()]);
         assert_eq!(p.cwd(), &PathBuf::from("/tmp"));
-        assert_eq!(p.env().as_ref().unwrap(), &vec!["PATH=/bin".to_string(), "X=2".to_string()]);
+        assert_eq!(
+            p.env().as_ref().unwrap(),
+            &vec!["PATH=/bin".to_string(), "X=2".to_string()]
+        );
         assert_eq!((p.user().uid(), p.user().gid()), (7, 8));
         assert_eq!(p.user().additional_gids().as_ref().unwrap(), &vec![9]);
         assert_eq!(p.terminal(), Some(true));

@@ -12,8 +12,12 @@ use crate::error::{Error, Result};
 /// Runs `hooks` in order; the first failure stops the sequence.
 pub fn run_hooks(kind: &str, hooks: Option<&Vec<Hook>>, state_json: &[u8]) -> Result<()> {
     for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
-        run_hook(hook, state_json)
-            .map_err(|e| Error::InvalidInput(format!("error running {kind} hook {}: {e}", hook.path().display())))?;
+        run_hook(hook, state_json).map_err(|e| {
+            Error::InvalidInput(format!(
+                "error running {kind} hook {}: {e}",
+                hook.path().display()
+            ))
+        })?;
     }
     Ok(())
 }
@@ -33,7 +37,9 @@ fn run_hook(hook: &Hook, state_json: &[u8]) -> std::result::Result<(), String> {
     }
     // Own process group, so a timeout kills whatever the hook started too.
     cmd.process_group(0);
-    cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| e.to_string())?;
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its stdin is fine.
@@ -61,7 +67,10 @@ fn run_hook(hook: &Hook, state_json: &[u8]) -> std::result::Result<(), String> {
                 nix::sys::signal::Signal::SIGKILL,
             );
             let _ = child.wait();
-            return Err(format!("timed out after {}s", hook.timeout().unwrap_or_default()));
+            return Err(format!(
+                "timed out after {}s",
+                hook.timeout().unwrap_or_default()
+            ));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -73,9 +82,11 @@ mod tests {
     use oci_spec::runtime::HookBuilder;
 
     fn hook(script: &str, timeout: Option<i64>) -> Hook {
-        let mut b = HookBuilder::default()
-            .path("/bin/sh")
-            .args(vec!["sh".to_string(), "-c".to_string(), script.to_string()]);
+        let mut b = HookBuilder::default().path("/bin/sh").args(vec![
+            "sh".to_string(),
+            "-c".to_string(),
+            script.to_string(),
+        ]);
         if let Some(t) = timeout {
             b = b.timeout(t);
         }
@@ -87,20 +98,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
         let hooks = vec![
-            hook(&format!("cat >> {}; echo one >> {}", out.display(), out.display()), None),
+            hook(
+                &format!("cat >> {}; echo one >> {}", out.display(), out.display()),
+                None,
+            ),
             hook(&format!("echo two >> {}", out.display()), Some(5)),
         ];
         run_hooks("prestart", Some(&hooks), b"{\"id\":\"x\"}\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"id\":\"x\"}\none\ntwo\n");
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "{\"id\":\"x\"}\none\ntwo\n"
+        );
     }
 
     #[test]
     fn failure_and_timeout_are_errors() {
-        let e = run_hooks("createRuntime", Some(&vec![hook("echo bad >&2; exit 3", None)]), b"{}")
+        let e = run_hooks(
+            "createRuntime",
+            Some(&vec![hook("echo bad >&2; exit 3", None)]),
+            b"{}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("createRuntime") && e.contains("bad"), "{e}");
+        let e = run_hooks("poststart", Some(&vec![hook("sleep 30", Some(1))]), b"{}")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("createRuntime") && e.contains("bad"), "{e}");
-        let e = run_hooks("poststart", Some(&vec![hook("sleep 30", Some(1))]), b"{}").unwrap_err().to_string();
         assert!(e.contains("timed out"), "{e}");
     }
 }

@@ -46,13 +46,22 @@ pub struct CreateOptions {
 /// the VM), runs the create-time hooks. On failure nothing is left behind.
 pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Container> {
     let bundle = Bundle::load(&opts.bundle)?;
-    let terminal = bundle.spec.process().as_ref().and_then(|p| p.terminal()).unwrap_or(false);
+    let terminal = bundle
+        .spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
     match (terminal, &opts.console_socket) {
         (true, None) => {
-            return Err(Error::InvalidInput("cannot allocate tty if runc will detach without setting console socket".into()))
+            return Err(Error::InvalidInput(
+                "cannot allocate tty if runc will detach without setting console socket".into(),
+            ))
         }
         (false, Some(_)) => {
-            return Err(Error::InvalidInput("cannot use console socket if runc will not detach or allocate tty".into()))
+            return Err(Error::InvalidInput(
+                "cannot use console socket if runc will not detach or allocate tty".into(),
+            ))
         }
         _ => {}
     }
@@ -91,14 +100,22 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             console_socket: opts.console_socket.clone(),
             log_path: log_path.clone(),
         };
-        write_atomic(&dir.monitor_config_file(), &serde_json::to_vec_pretty(&cfg)?)
-            .ctx(|| "writing monitor.json".into())?;
+        write_atomic(
+            &dir.monitor_config_file(),
+            &serde_json::to_vec_pretty(&cfg)?,
+        )
+        .ctx(|| "writing monitor.json".into())?;
         let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, opts.stdio.as_ref())?;
         record.pid = pid;
         record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
         record.log_path = Some(log_path);
         match report {
-            SyncReport::Ready { link, helper_pids, vmm, .. } => {
+            SyncReport::Ready {
+                link,
+                helper_pids,
+                vmm,
+                ..
+            } => {
                 record.link = Some(link);
                 record.helper_pids = helper_pids;
                 record.vmm = vmm;
@@ -109,7 +126,10 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             }
         }
         dir.save(&record)?;
-        let container = Container { dir: dir.clone(), record };
+        let container = Container {
+            dir: dir.clone(),
+            record,
+        };
         if let Some(p) = &opts.pid_file {
             write_pid_file(p, pid)?;
         }
@@ -156,11 +176,17 @@ fn spawn_monitor(
         .env(monitor::SYNC_FD_ENV, write_fd.to_string());
     match stdio {
         Some([i, o, e]) => {
-            let dup = |fd: &Arc<OwnedFd>| fd.try_clone().map(Stdio::from).ctx(|| "duplicating a stdio fd".into());
+            let dup = |fd: &Arc<OwnedFd>| {
+                fd.try_clone()
+                    .map(Stdio::from)
+                    .ctx(|| "duplicating a stdio fd".into())
+            };
             cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
         }
         None => {
-            cmd.stdin(Stdio::inherit()).stdout(Stdio::inherit()).stderr(Stdio::inherit());
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
         }
     }
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -173,7 +199,9 @@ fn spawn_monitor(
             Ok(())
         });
     }
-    let child = cmd.spawn().ctx(|| format!("starting the VM monitor {}", exe.display()))?;
+    let child = cmd
+        .spawn()
+        .ctx(|| format!("starting the VM monitor {}", exe.display()))?;
     drop(write_end);
     let mut pipe = fs::File::from(read_end);
     let report = monitor::read_report(&mut pipe, &dir.monitor_log_file());
@@ -206,7 +234,11 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         Status::Created => {}
         Status::Stopped => return Err(Error::StartStopped),
         Status::Running => return Err(Error::AlreadyRunning),
-        other => return Err(Error::InvalidInput(format!("cannot start a container in the {other} state"))),
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "cannot start a container in the {other} state"
+            )))
+        }
     }
     let spec = load_snapshot(&c)?;
     let process = spec
@@ -217,7 +249,8 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
-    let reply = monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::SpawnMain { process }));
+    let reply = monitor::connect_control(&link)
+        .and_then(|mut s| monitor::request(&mut s, Message::SpawnMain { process }));
     match reply {
         Ok(Message::MainStarted { .. }) => {}
         other => {
@@ -252,7 +285,10 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
     if status == Status::Created {
         // No main yet: the signal ends the container, as it would end runc's waiting init.
-        let _ = write_atomic(&c.dir.exit_code_file(), (128 + signal).to_string().as_bytes());
+        let _ = write_atomic(
+            &c.dir.exit_code_file(),
+            (128 + signal).to_string().as_bytes(),
+        );
         if let Ok(mut s) = monitor::connect_control(&link) {
             let _ = monitor::request(&mut s, Message::Shutdown);
         } else {
@@ -260,8 +296,13 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
         }
         return Ok(());
     }
-    let target = if all { SignalTarget::All } else { SignalTarget::Main };
-    let reply = monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
+    let target = if all {
+        SignalTarget::All
+    } else {
+        SignalTarget::Main
+    };
+    let reply = monitor::connect_control(&link)
+        .and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
     match reply {
         Ok(Message::Ack) => Ok(()),
         Ok(Message::Nack { reason }) => Err(Error::Guest(reason)),
@@ -279,7 +320,10 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
 /// Lists the processes inside the container's VM (guest pids).
 pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestProcess>> {
     let c = Container::load(store, id)?;
-    if !matches!(c.status(), Status::Created | Status::Running | Status::Paused) {
+    if !matches!(
+        c.status(),
+        Status::Created | Status::Running | Status::Paused
+    ) {
         return Err(Error::NotRunning);
     }
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
@@ -306,7 +350,12 @@ pub fn delete(store: &StateStore, id: &str, force: bool) -> Result<()> {
     match c.status() {
         Status::Stopped | Status::Created => {}
         status if force => log::debug!("force-deleting {id} ({status})"),
-        status => return Err(Error::NotStopped { id: id.to_string(), status: status.to_string() }),
+        status => {
+            return Err(Error::NotStopped {
+                id: id.to_string(),
+                status: status.to_string(),
+            })
+        }
     }
     destroy(&c);
     let spec = load_snapshot(&c).ok();
@@ -328,15 +377,19 @@ fn destroy(c: &Container) {
     }
     for &pid in &c.record.helper_pids {
         if pid > 0 && crate::process_info::start_time(pid).is_some() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     let any_alive = || {
         (c.record.pid > 0 && crate::process_info::is_alive(c.record.pid, c.record.pid_start_time))
-            || c.record.helper_pids.iter().any(|&p| {
-                crate::process_info::state_letter(p).is_some_and(|s| s != 'Z')
-            })
+            || c.record
+                .helper_pids
+                .iter()
+                .any(|&p| crate::process_info::state_letter(p).is_some_and(|s| s != 'Z'))
     };
     while any_alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -345,12 +398,17 @@ fn destroy(c: &Container) {
 
 fn kill_monitor(c: &Container) {
     if c.monitor_alive() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.record.pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.record.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
 pub fn load_snapshot(c: &Container) -> Result<Spec> {
-    Ok(serde_json::from_slice(&fs::read(c.dir.config_file()).ctx(|| "reading config snapshot".into())?)?)
+    Ok(serde_json::from_slice(
+        &fs::read(c.dir.config_file()).ctx(|| "reading config snapshot".into())?,
+    )?)
 }
 
 fn state_bytes(c: &Container, status: Status) -> Vec<u8> {
@@ -361,7 +419,8 @@ fn state_bytes(c: &Container, status: Status) -> Vec<u8> {
 
 /// Writes the pid file atomically, with no trailing newline.
 pub fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
-    write_atomic(path, pid.to_string().as_bytes()).ctx(|| format!("writing pid file {}", path.display()))
+    write_atomic(path, pid.to_string().as_bytes())
+        .ctx(|| format!("writing pid file {}", path.display()))
 }
 
 fn remove_guest_exit_code(rootfs: &Path) {
@@ -374,20 +433,33 @@ fn remove_guest_exit_code(rootfs: &Path) {
 pub fn vm_size(spec: &Spec) -> (u32, u32) {
     use crate::spec::*;
     let ann = spec.annotations().clone().unwrap_or_default();
-    let get = |keys: [&str; 2]| keys.iter().find_map(|k| ann.get(*k)).and_then(|v| v.trim().parse::<u32>().ok());
+    let get = |keys: [&str; 2]| {
+        keys.iter()
+            .find_map(|k| ann.get(*k))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+    };
     let resources = spec.linux().as_ref().and_then(|l| l.resources().clone());
-    let cpus_from_resources = resources.as_ref().and_then(|r| r.cpu().clone()).and_then(|cpu| {
-        match (cpu.quota(), cpu.period()) {
-            (Some(q), Some(p)) if q > 0 && p > 0 => Some(((q as u64).div_ceil(p)) as u32),
-            _ => cpu.cpus().as_ref().map(|s| count_cpuset(s)).filter(|n| *n > 0),
-        }
-    });
+    let cpus_from_resources =
+        resources
+            .as_ref()
+            .and_then(|r| r.cpu().clone())
+            .and_then(|cpu| match (cpu.quota(), cpu.period()) {
+                (Some(q), Some(p)) if q > 0 && p > 0 => Some(((q as u64).div_ceil(p)) as u32),
+                _ => cpu
+                    .cpus()
+                    .as_ref()
+                    .map(|s| count_cpuset(s))
+                    .filter(|n| *n > 0),
+            });
     let ram_from_resources = resources
         .as_ref()
         .and_then(|r| r.memory().as_ref().and_then(|m| m.limit()))
         .filter(|l| *l > 0)
         .map(|l| ((l as u64) / (1024 * 1024)) as u32);
-    let vcpus = get([ANNOTATION_CPUS, ANNOTATION_CRUN_CPUS]).or(cpus_from_resources).unwrap_or(DEFAULT_VCPUS).clamp(1, 64);
+    let vcpus = get([ANNOTATION_CPUS, ANNOTATION_CRUN_CPUS])
+        .or(cpus_from_resources)
+        .unwrap_or(DEFAULT_VCPUS)
+        .clamp(1, 64);
     let ram = get([ANNOTATION_RAM_MIB, ANNOTATION_CRUN_RAM_MIB])
         .or(ram_from_resources)
         .unwrap_or(DEFAULT_RAM_MIB)
@@ -410,13 +482,19 @@ fn count_cpuset(s: &str) -> u32 {
 
 /// The VMM for this container: the annotation wins over the global flag.
 fn vmm_choice(spec: &Spec, flag: VmmChoice) -> Result<VmmChoice> {
-    let ann = spec.annotations().as_ref().and_then(|a| a.get(crate::spec::ANNOTATION_VMM));
+    let ann = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(crate::spec::ANNOTATION_VMM));
     match ann.map(|s| s.as_str()) {
         None => Ok(flag),
         Some("auto") => Ok(VmmChoice::Auto),
         Some("qemu") => Ok(VmmChoice::Qemu),
         Some("libkrun") => Ok(VmmChoice::Libkrun),
-        Some(other) => Err(Error::InvalidInput(format!("annotation {}: unknown VMM {other:?}", crate::spec::ANNOTATION_VMM))),
+        Some(other) => Err(Error::InvalidInput(format!(
+            "annotation {}: unknown VMM {other:?}",
+            crate::spec::ANNOTATION_VMM
+        ))),
     }
 }
 
@@ -435,11 +513,16 @@ mod tests {
     #[test]
     fn vm_size_from_resources_and_annotations() {
         assert_eq!(vm_size(&Spec::default()), (DEFAULT_VCPUS, DEFAULT_RAM_MIB));
-        let s = spec(serde_json::json!({"linux": {"resources": {"memory": {"limit": 1073741824i64}, "cpu": {"quota": 150000, "period": 100000}}}}));
+        let s = spec(
+            serde_json::json!({"linux": {"resources": {"memory": {"limit": 1073741824i64}, "cpu": {"quota": 150000, "period": 100000}}}}),
+        );
         assert_eq!(vm_size(&s), (2, 1024));
-        let s = spec(serde_json::json!({"linux": {"resources": {"cpu": {"cpus": "0-3,6"}, "memory": {"limit": 1048576}}}}));
+        let s = spec(
+            serde_json::json!({"linux": {"resources": {"cpu": {"cpus": "0-3,6"}, "memory": {"limit": 1048576}}}}),
+        );
         assert_eq!(vm_size(&s), (5, MIN_RAM_MIB));
-        let s = spec(serde_json::json!({"annotations": {"krun.cpus": "3", "krun-oci.ram_mib": "768"}}));
+        let s =
+            spec(serde_json::json!({"annotations": {"krun.cpus": "3", "krun-oci.ram_mib": "768"}}));
         assert_eq!(vm_size(&s), (3, 768));
     }
 

@@ -32,8 +32,12 @@ pub fn format_line(format: LogFormat, level: Level, msg: &str) -> String {
     let time = Utc::now().to_rfc3339_opts(SecondsFormat::Nanos, true);
     let level = level.as_str().to_ascii_lowercase();
     match format {
-        LogFormat::Json => serde_json::to_string(&JsonLine { level: &level, msg, time })
-            .unwrap_or_else(|_| String::from("{\"level\":\"error\",\"msg\":\"log encoding failed\"}")),
+        LogFormat::Json => serde_json::to_string(&JsonLine {
+            level: &level,
+            msg,
+            time,
+        })
+        .unwrap_or_else(|_| String::from("{\"level\":\"error\",\"msg\":\"log encoding failed\"}")),
         LogFormat::Text => format!("time=\"{time}\" level={level} msg={msg:?}"),
     }
 }
@@ -73,7 +77,9 @@ impl Log for Logger {
 /// Installs the process-wide logger. `path` is opened for appending.
 pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Result<()> {
     let file = match path {
-        Some(p) => Some(Mutex::new(OpenOptions::new().create(true).append(true).open(p)?)),
+        Some(p) => Some(Mutex::new(
+            OpenOptions::new().create(true).append(true).open(p)?,
+        )),
         None => None,
     };
     let level = if debug {
@@ -83,7 +89,11 @@ pub fn init(path: Option<&Path>, format: LogFormat, debug: bool) -> std::io::Res
     } else {
         LevelFilter::Warn
     };
-    let logger = Logger { file, format, level };
+    let logger = Logger {
+        file,
+        format,
+        level,
+    };
     log::set_max_level(level);
     // A second init (tests) keeps the first logger.
     let _ = log::set_boxed_logger(Box::new(logger));
@@ -96,7 +106,11 @@ mod tests {
 
     #[test]
     fn json_line_is_runc_shaped() {
-        let line = format_line(LogFormat::Json, Level::Error, "container does not exist \"x\"");
+        let line = format_line(
+            LogFormat::Json,
+            Level::Error,
+            "container does not exist \"x\"",
+        );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["level"], "error");
         assert_eq!(v["msg"], "container does not exist \"x\"");

@@ -112,13 +112,21 @@ impl JsonLogWriter {
 
     fn rotate(&mut self) -> io::Result<()> {
         for i in (1..self.max_files).rev() {
-            let from = if i == 1 { self.path.clone() } else { rotated(&self.path, i - 1) };
+            let from = if i == 1 {
+                self.path.clone()
+            } else {
+                rotated(&self.path, i - 1)
+            };
             let _ = fs::rename(&from, rotated(&self.path, i));
         }
         if self.max_files == 1 {
             let _ = fs::remove_file(&self.path);
         }
-        self.file = OpenOptions::new().create(true).append(true).truncate(false).open(&self.path)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .truncate(false)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
@@ -132,7 +140,10 @@ fn rotated(path: &Path, n: usize) -> PathBuf {
 
 /// All log files of `path`, oldest first.
 pub fn files(path: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = (1..16).map(|i| rotated(path, i)).filter(|p| p.exists()).collect();
+    let mut out: Vec<PathBuf> = (1..16)
+        .map(|i| rotated(path, i))
+        .filter(|p| p.exists())
+        .collect();
     out.reverse();
     if path.exists() {
         out.push(path.to_path_buf());
@@ -170,7 +181,12 @@ pub fn parse_since(s: &str) -> Option<DateTime<Utc>> {
 }
 
 /// Writes one entry the way `logs` prints it.
-pub fn print_entry(e: &Entry, timestamps: bool, out: &mut impl Write, err: &mut impl Write) -> io::Result<()> {
+pub fn print_entry(
+    e: &Entry,
+    timestamps: bool,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<()> {
     let w: &mut dyn Write = if e.stream == Stream::Stdout { out } else { err };
     if timestamps {
         write!(w, "{} ", e.time)?;
@@ -191,17 +207,26 @@ fn keep(e: &Entry, since: Option<DateTime<Utc>>) -> bool {
 }
 
 /// Prints the log; with `follow`, keeps printing new entries while it returns true.
-pub fn print(path: &Path, opts: &PrintOptions, follow: Option<&mut dyn FnMut() -> bool>) -> io::Result<()> {
+pub fn print(
+    path: &Path,
+    opts: &PrintOptions,
+    follow: Option<&mut dyn FnMut() -> bool>,
+) -> io::Result<()> {
     let stdout = io::stdout();
     let stderr = io::stderr();
     let (mut out, mut err) = (stdout.lock(), stderr.lock());
-    let entries: Vec<Entry> = read_entries(path)?.into_iter().filter(|e| keep(e, opts.since)).collect();
+    let entries: Vec<Entry> = read_entries(path)?
+        .into_iter()
+        .filter(|e| keep(e, opts.since))
+        .collect();
     let skip = opts.tail.map_or(0, |n| entries.len().saturating_sub(n));
     for e in &entries[skip..] {
         print_entry(e, opts.timestamps, &mut out, &mut err)?;
     }
     out.flush()?;
-    let Some(still_running) = follow else { return Ok(()) };
+    let Some(still_running) = follow else {
+        return Ok(());
+    };
     // Follow: keep reading the current file from where we are, reopening it after a rotation.
     let mut file = File::open(path).ok();
     let mut reader = file.take().map(|f| {
@@ -211,7 +236,9 @@ pub fn print(path: &Path, opts: &PrintOptions, follow: Option<&mut dyn FnMut() -
         let _ = io::Read::read_to_end(&mut r, &mut sink);
         r
     });
-    let mut ino = fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+    let mut ino = fs::metadata(path)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok();
     loop {
         let running = still_running();
         if let Some(r) = reader.as_mut() {
@@ -231,7 +258,9 @@ pub fn print(path: &Path, opts: &PrintOptions, follow: Option<&mut dyn FnMut() -
         if !running {
             return Ok(());
         }
-        let now = fs::metadata(path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).ok();
+        let now = fs::metadata(path)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .ok();
         if now != ino {
             ino = now;
             reader = File::open(path).ok().map(BufReader::new);
@@ -289,7 +318,10 @@ mod tests {
             w.write(Stream::Stdout, &[b'x'; 200]).unwrap();
             w.write(Stream::Stdout, b"\n").unwrap();
         }
-        let total: u64 = files(&p).iter().map(|f| fs::metadata(f).unwrap().len()).sum();
+        let total: u64 = files(&p)
+            .iter()
+            .map(|f| fs::metadata(f).unwrap().len())
+            .sum();
         assert!(total <= 2 * 64 * 1024 + 1024, "{total}");
         assert_eq!(files(&p).len(), 2);
     }

@@ -30,11 +30,18 @@ fn main() {
 
 /// Runs the chosen verb; `Ok(code)` is the process exit status.
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let root = cli.root.clone().unwrap_or_else(krun_oci::state::default_root);
+    let root = cli
+        .root
+        .clone()
+        .unwrap_or_else(krun_oci::state::default_root);
     let Some(command) = cli.command else {
         anyhow::bail!("no command given; see --help");
     };
-    let ctx = commands::Context { root, vmm: cli.vmm.unwrap_or_default(), systemd_cgroup: cli.systemd_cgroup };
+    let ctx = commands::Context {
+        root,
+        vmm: cli.vmm.unwrap_or_default(),
+        systemd_cgroup: cli.systemd_cgroup,
+    };
     match command {
         Command::Create(a) => commands::create(&ctx, a).map(|_| 0),
         Command::Start(a) => commands::start(&ctx, &a.id).map(|_| 0),

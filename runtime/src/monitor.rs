@@ -54,8 +54,15 @@ pub struct MonitorConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SyncReport {
-    Ready { link: GuestLink, helper_pids: Vec<i32>, vmm: String, timings: Vec<proto::BootTiming> },
-    Failed { error: String },
+    Ready {
+        link: GuestLink,
+        helper_pids: Vec<i32>,
+        vmm: String,
+        timings: Vec<proto::BootTiming>,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 impl ContainerDir {
@@ -73,12 +80,19 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     let cfg: MonitorConfig = serde_json::from_slice(
         &std::fs::read(dir.monitor_config_file()).ctx(|| "reading monitor.json".into())?,
     )?;
-    let spec: Spec = serde_json::from_slice(&std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?)?;
+    let spec: Spec = serde_json::from_slice(
+        &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
+    )?;
     let booted = match boot(dir, &cfg, &spec) {
         Ok(b) => b,
         Err(e) => {
             log::error!("boot failed: {e}");
-            report(sync, &SyncReport::Failed { error: e.to_string() });
+            report(
+                sync,
+                &SyncReport::Failed {
+                    error: e.to_string(),
+                },
+            );
             return Ok(1);
         }
     };
@@ -101,7 +115,10 @@ fn take_sync_pipe() -> Option<File> {
     // SAFETY: create passed this fd to us for exactly this purpose; nothing else owns it.
     let f = unsafe { File::from_raw_fd(fd) };
     // Keep it out of every process we spawn.
-    let _ = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    let _ = nix::fcntl::fcntl(
+        &f,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    );
     Some(f)
 }
 
@@ -138,7 +155,8 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
     let link = selection.vmm.link(&vm_spec);
     let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
     let _ = std::fs::remove_file(&events_path);
-    let listener = UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))?;
+    let listener =
+        UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))?;
     let mut vm = selection.vmm.launch(&vm_spec)?;
     let ready = (|| {
         let mut events = accept_beacon(&listener, vm.as_mut())?;
@@ -148,10 +166,21 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
             other => return Err(Error::Guest(format!("expected ready, got {other:?}"))),
         };
         let mut control = connect_control(&link)?;
-        match request(&mut control, Message::Setup { spec: Box::new(spec.clone()) })? {
+        match request(
+            &mut control,
+            Message::Setup {
+                spec: Box::new(spec.clone()),
+            },
+        )? {
             Message::Ack => {}
-            Message::Nack { reason } => return Err(Error::Guest(format!("guest setup failed: {reason}"))),
-            other => return Err(Error::Guest(format!("unexpected reply to setup: {other:?}"))),
+            Message::Nack { reason } => {
+                return Err(Error::Guest(format!("guest setup failed: {reason}")))
+            }
+            other => {
+                return Err(Error::Guest(format!(
+                    "unexpected reply to setup: {other:?}"
+                )))
+            }
         }
         let pty = match (&cfg.console_socket, cfg.terminal) {
             (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
@@ -161,18 +190,30 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
     })();
     let _ = std::fs::remove_file(&events_path);
     match ready {
-        Ok((events, timings, pty)) => Ok(Booted { vm, vmm_name: selection.vmm.name(), events, timings, pty }),
+        Ok((events, timings, pty)) => Ok(Booted {
+            vm,
+            vmm_name: selection.vmm.name(),
+            events,
+            timings,
+            pty,
+        }),
         Err(e) => {
             let tail = vm.console_tail(2048);
             vm.kill();
-            Err(if tail.trim().is_empty() { e } else { Error::Vm(format!("{e}; console: {}", tail.trim())) })
+            Err(if tail.trim().is_empty() {
+                e
+            } else {
+                Error::Vm(format!("{e}; console: {}", tail.trim()))
+            })
         }
     }
 }
 
 /// Waits for the guest's connection on the events port, bounded by VM liveness.
 fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream> {
-    listener.set_nonblocking(true).ctx(|| "events listener".into())?;
+    listener
+        .set_nonblocking(true)
+        .ctx(|| "events listener".into())?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         match listener.accept() {
@@ -184,10 +225,15 @@ fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream>
             Err(e) => return Err(e).ctx(|| "accepting the guest's beacon".into()),
         }
         if let Some(exit) = vm.try_wait().ctx(|| "checking the VM".into())? {
-            return Err(Error::Vm(format!("the VM stopped before the guest was ready: {exit:?}")));
+            return Err(Error::Vm(format!(
+                "the VM stopped before the guest was ready: {exit:?}"
+            )));
         }
         if Instant::now() > deadline {
-            return Err(Error::Vm(format!("the guest was not ready within {}s", READY_TIMEOUT.as_secs())));
+            return Err(Error::Vm(format!(
+                "the guest was not ready within {}s",
+                READY_TIMEOUT.as_secs()
+            )));
         }
         let fd = listener.as_raw_fd();
         let mut pfd = [nix::poll::PollFd::new(
@@ -204,7 +250,8 @@ pub fn connect_control(link: &GuestLink) -> Result<UnixStream> {
     let mut s = link
         .connect(proto::CONTROL_PORT, CONTROL_TIMEOUT)
         .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
-    s.set_read_timeout(Some(CONTROL_TIMEOUT)).ctx(|| "control socket".into())?;
+    s.set_read_timeout(Some(CONTROL_TIMEOUT))
+        .ctx(|| "control socket".into())?;
     proto::handshake(&mut s)?;
     Ok(s)
 }
@@ -223,7 +270,12 @@ enum Event {
 
 /// Relays stdio and signals until the workload ends; returns the exit status.
 fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
-    let Booted { mut vm, events, pty, .. } = booted;
+    let Booted {
+        mut vm,
+        events,
+        pty,
+        ..
+    } = booted;
     let link = vm.link();
     let log = JsonLogWriter::open(&cfg.log_path)
         .map_err(|e| log::warn!("json-file log {}: {e}", cfg.log_path.display()))
@@ -233,7 +285,10 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
 
     // Output: frames from the guest to our fds (or the pty) and the log.
     let (out_fd, err_fd): (OwnedFd, OwnedFd) = match &pty {
-        Some(p) => (p.slave.try_clone().expect("dup pty"), p.slave.try_clone().expect("dup pty")),
+        Some(p) => (
+            p.slave.try_clone().expect("dup pty"),
+            p.slave.try_clone().expect("dup pty"),
+        ),
         None => (dup_fd(1), dup_fd(2)),
     };
     {
@@ -290,7 +345,9 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                         return;
                     }
                     Ok(n) => {
-                        if proto::write_frame(&mut events, &Frame::Stdin(buf[..n].to_vec())).is_err() {
+                        if proto::write_frame(&mut events, &Frame::Stdin(buf[..n].to_vec()))
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -299,7 +356,10 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         });
     }
 
-    forward_signals(link.clone(), pty.as_ref().map(|p| p.slave.try_clone().expect("dup pty")));
+    forward_signals(
+        link.clone(),
+        pty.as_ref().map(|p| p.slave.try_clone().expect("dup pty")),
+    );
 
     // Wait for the workload's end or the VM's death.
     let code = loop {
@@ -348,7 +408,12 @@ fn dup_fd(fd: i32) -> OwnedFd {
     // SAFETY: fds 0/1/2 are open for the life of the process; we duplicate, not take.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     borrowed.try_clone_to_owned().unwrap_or_else(|_| {
-        File::options().read(true).write(true).open("/dev/null").expect("/dev/null").into()
+        File::options()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null")
+            .into()
     })
 }
 
@@ -380,7 +445,10 @@ fn forward_signals(link: GuestLink, pty: Option<OwnedFd>) {
                     None => continue,
                 }
             } else {
-                Message::Signal { target: SignalTarget::Main, signal: sig }
+                Message::Signal {
+                    target: SignalTarget::Main,
+                    signal: sig,
+                }
             };
             // Reuse one control connection; reconnect once if it broke.
             for _ in 0..2 {
@@ -409,13 +477,27 @@ pub fn log_path(dir: &ContainerDir, spec: &Spec) -> PathBuf {
 /// Reads the monitor's report from the sync pipe (EOF = the monitor died).
 pub fn read_report(pipe: &mut File, monitor_log: &Path) -> Result<SyncReport> {
     let mut buf = Vec::new();
-    pipe.take(1024 * 1024).read_to_end(&mut buf).ctx(|| "reading the monitor's report".into())?;
-    match serde_json::from_slice::<SyncReport>(buf.split(|&b| b == b'\n').next().unwrap_or_default()) {
+    pipe.take(1024 * 1024)
+        .read_to_end(&mut buf)
+        .ctx(|| "reading the monitor's report".into())?;
+    match serde_json::from_slice::<SyncReport>(
+        buf.split(|&b| b == b'\n').next().unwrap_or_default(),
+    ) {
         Ok(r) => Ok(r),
         Err(_) => {
             let log = std::fs::read_to_string(monitor_log).unwrap_or_default();
-            let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("; ");
-            Err(Error::Vm(format!("the VM monitor exited before the guest was ready: {tail}")))
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("; ");
+            Err(Error::Vm(format!(
+                "the VM monitor exited before the guest was ready: {tail}"
+            )))
         }
     }
 }

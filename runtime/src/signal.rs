@@ -11,10 +11,18 @@ pub fn parse_signal(s: &str) -> Result<i32> {
     let bad = || Error::InvalidInput(format!("unknown signal {s:?}"));
     if let Ok(n) = s.parse::<i32>() {
         // Real-time signals have no nix name; accept the whole valid range.
-        return if (1..=libc::SIGRTMAX()).contains(&n) { Ok(n) } else { Err(bad()) };
+        return if (1..=libc::SIGRTMAX()).contains(&n) {
+            Ok(n)
+        } else {
+            Err(bad())
+        };
     }
     let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
     Signal::from_str(&name).map(|s| s as i32).map_err(|_| bad())
 }
 

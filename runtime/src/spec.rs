@@ -6,9 +6,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
 
-use oci_spec::runtime::{
-    Features, FeaturesBuilder, LinuxFeatureBuilder, LinuxNamespaceType, Spec,
-};
+use oci_spec::runtime::{Features, FeaturesBuilder, LinuxFeatureBuilder, LinuxNamespaceType, Spec};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -33,7 +31,10 @@ pub const OCI_VERSION_MIN: &str = "1.0.0";
 /// mounts, readonly root) with a hostname that says where it runs.
 pub fn default_spec(rootless: bool) -> Spec {
     let mut spec = if rootless {
-        Spec::rootless(nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())
+        Spec::rootless(
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
     } else {
         Spec::default()
     };
@@ -52,22 +53,34 @@ pub fn write_default_spec(bundle: &Path, rootless: bool) -> Result<()> {
     let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(Error::InvalidInput("File config.json exists. Remove it first".into()))
+            return Err(Error::InvalidInput(
+                "File config.json exists. Remove it first".into(),
+            ))
         }
         Err(e) => return Err(e).ctx(|| format!("creating {}", path.display())),
     };
-    f.write_all(&json).ctx(|| format!("writing {}", path.display()))
+    f.write_all(&json)
+        .ctx(|| format!("writing {}", path.display()))
 }
 
 /// The features document: only what krun-oci really honours.
 pub fn features() -> Result<Features> {
     let annotations: HashMap<String, String> = [
-        (ANNOTATION_VMM, "VMM for this container: auto, libkrun or qemu"),
+        (
+            ANNOTATION_VMM,
+            "VMM for this container: auto, libkrun or qemu",
+        ),
         (ANNOTATION_CPUS, "number of vCPUs of the container's VM"),
         (ANNOTATION_RAM_MIB, "RAM of the container's VM in MiB"),
         (ANNOTATION_LOG_PATH, "path of the container's json-file log"),
-        (ANNOTATION_CRUN_CPUS, "alias of krun-oci.cpus (crun-krun compatibility)"),
-        (ANNOTATION_CRUN_RAM_MIB, "alias of krun-oci.ram_mib (crun-krun compatibility)"),
+        (
+            ANNOTATION_CRUN_CPUS,
+            "alias of krun-oci.cpus (crun-krun compatibility)",
+        ),
+        (
+            ANNOTATION_CRUN_RAM_MIB,
+            "alias of krun-oci.ram_mib (crun-krun compatibility)",
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -83,19 +96,31 @@ pub fn features() -> Result<Features> {
             LinuxNamespaceType::Cgroup,
         ])
         .capabilities(
-            caps_all().into_iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            caps_all()
+                .into_iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>(),
         )
         .build()?;
     Ok(FeaturesBuilder::default()
         .oci_version_min(OCI_VERSION_MIN)
         .oci_version_max(OCI_VERSION)
         .hooks(
-            ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "prestart",
+                "createRuntime",
+                "createContainer",
+                "startContainer",
+                "poststart",
+                "poststop",
+            ]
+            .map(String::from)
+            .to_vec(),
         )
         .mount_options(
-            ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"].map(String::from).to_vec(),
+            ["ro", "rw", "bind", "rbind", "nosuid", "nodev", "noexec"]
+                .map(String::from)
+                .to_vec(),
         )
         .linux(linux)
         .annotations(annotations)
@@ -104,15 +129,47 @@ pub fn features() -> Result<Features> {
 
 fn caps_all() -> Vec<&'static str> {
     vec![
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-        "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-        "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-        "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-        "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-        "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-        "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-        "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-        "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_NICE",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_MKNOD",
+        "CAP_LEASE",
+        "CAP_AUDIT_WRITE",
+        "CAP_AUDIT_CONTROL",
+        "CAP_SETFCAP",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MAC_ADMIN",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_AUDIT_READ",
+        "CAP_PERFMON",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
     ]
 }
 
@@ -124,10 +181,17 @@ mod tests {
     fn spec_refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         write_default_spec(dir.path(), false).unwrap();
-        let spec: Spec = serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap()).unwrap();
-        assert_eq!(spec.process().as_ref().unwrap().args().as_ref().unwrap(), &vec!["sh".to_string()]);
+        let spec: Spec =
+            serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            spec.process().as_ref().unwrap().args().as_ref().unwrap(),
+            &vec!["sh".to_string()]
+        );
         assert!(spec.process().as_ref().unwrap().terminal().unwrap_or(false));
-        let err = write_default_spec(dir.path(), false).unwrap_err().to_string();
+        let err = write_default_spec(dir.path(), false)
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "File config.json exists. Remove it first");
     }
 
@@ -136,7 +200,11 @@ mod tests {
         let v = serde_json::to_value(features().unwrap()).unwrap();
         assert_eq!(v["ociVersionMax"], OCI_VERSION);
         assert!(v["annotations"][ANNOTATION_RAM_MIB].is_string());
-        assert!(v["hooks"].as_array().unwrap().iter().any(|h| h == "createRuntime"));
+        assert!(v["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "createRuntime"));
         assert!(v["linux"]["namespaces"].as_array().unwrap().len() >= 5);
     }
 }

@@ -32,7 +32,9 @@ pub fn validate_id(id: &str) -> Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '+' | '-' | '.'));
     if id.is_empty() || !ok_chars || id == "." || id == ".." {
-        return Err(Error::InvalidId(format!("invalid container ID format: {id:?}")));
+        return Err(Error::InvalidId(format!(
+            "invalid container ID format: {id:?}"
+        )));
     }
     if id.len() > MAX_ID_LEN {
         return Err(Error::InvalidId(format!(
@@ -46,7 +48,10 @@ pub fn validate_id(id: &str) -> Result<()> {
 /// Writes `data` to `path` atomically: temp file in the same dir, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -162,7 +167,11 @@ impl ContainerDir {
 
     /// The exit code the monitor recorded, if any.
     pub fn recorded_exit_code(&self) -> Option<i32> {
-        fs::read_to_string(self.exit_code_file()).ok()?.trim().parse().ok()
+        fs::read_to_string(self.exit_code_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Takes the container's exclusive lock (blocks until free). Released on drop.
@@ -217,10 +226,13 @@ impl StateStore {
             return Err(Error::InvalidInput("--root must not be empty".into()));
         }
         match fs::metadata(root) {
-            Ok(m) if !m.is_dir() => {
-                Err(Error::InvalidInput(format!("root {} is not a directory", root.display())))
-            }
-            _ => Ok(Self { root: root.to_path_buf() }),
+            Ok(m) if !m.is_dir() => Err(Error::InvalidInput(format!(
+                "root {} is not a directory",
+                root.display()
+            ))),
+            _ => Ok(Self {
+                root: root.to_path_buf(),
+            }),
         }
     }
 
@@ -235,7 +247,10 @@ impl StateStore {
         if !path.join("state.json").exists() {
             return Err(Error::NotExist);
         }
-        Ok(ContainerDir { id: id.to_string(), path })
+        Ok(ContainerDir {
+            id: id.to_string(),
+            path,
+        })
     }
 
     /// Atomically claims `id`: exactly one concurrent caller succeeds, the others get `Exists`.
@@ -248,7 +263,10 @@ impl StateStore {
             .ctx(|| format!("creating root directory {}", self.root.display()))?;
         let path = self.root.join(id);
         match fs::DirBuilder::new().mode(0o711).create(&path) {
-            Ok(()) => Ok(ContainerDir { id: id.to_string(), path }),
+            Ok(()) => Ok(ContainerDir {
+                id: id.to_string(),
+                path,
+            }),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(Error::Exists),
             Err(e) => Err(e).ctx(|| format!("creating {}", path.display())),
         }
@@ -293,7 +311,18 @@ mod tests {
             validate_id(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         let long = "a".repeat(1025);
-        for bad in ["", ".", "..", "../x", "a/b", "/abs", "a b", "a:b", "é", long.as_str()] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "a/b",
+            "/abs",
+            "a b",
+            "a:b",
+            "é",
+            long.as_str(),
+        ] {
             assert!(validate_id(bad).is_err(), "{bad:?} accepted");
         }
         validate_id(&"a".repeat(MAX_ID_LEN)).unwrap();
@@ -307,7 +336,10 @@ mod tests {
         write_atomic(&p, b"second").unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"second");
         // No temp files left behind.
-        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 
@@ -323,7 +355,10 @@ mod tests {
             std::thread::spawn(move || {
                 for _ in 0..2000 {
                     let d = fs::read(&*p).unwrap();
-                    assert!(d.iter().all(|&c| c == d[0]) && d.len() == 64 * 1024, "torn read");
+                    assert!(
+                        d.iter().all(|&c| c == d[0]) && d.len() == 64 * 1024,
+                        "torn read"
+                    );
                 }
             })
         };

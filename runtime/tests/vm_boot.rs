@@ -277,6 +277,8 @@ fn real_init() -> Option<PathBuf> {
     [
         "x86_64-unknown-linux-musl/release",
         "x86_64-unknown-linux-musl/debug",
+        "x86_64-unknown-linux-gnu/release",
+        "x86_64-unknown-linux-gnu/debug",
         "release",
         "debug",
     ]
@@ -298,7 +300,11 @@ fn real_init_link() {
         init: Some(init),
         extra_files: vec![],
     };
-    let image = image::ensure(&opts).unwrap();
+    let mut image = image::ensure(&opts).unwrap();
+    // KRUN_OCI_TEST_VERBOSE=1 shows the guest kernel's and init's log on the console.
+    if std::env::var_os("KRUN_OCI_TEST_VERBOSE").is_some() {
+        image.cmdline_extra = "loglevel=7".into();
+    }
     let sel = detect::select(VmmChoice::Auto, &image).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path(), "");

@@ -143,13 +143,7 @@ impl RunPaths {
 
     /// Removes every socket of the VM, including guest connect-out sockets `vsock_<port>`.
     fn remove_sockets(&self) {
-        for p in [&self.vsock_ctl, &self.vsock_uds, &self.fs_sock] {
-            let _ = fs::remove_file(p);
-        }
-        // virtiofsd's lock file next to its socket (left behind when it is killed).
-        let mut pid = self.fs_sock.clone().into_os_string();
-        pid.push(".pid");
-        let _ = fs::remove_file(pid);
+        self.remove_helper_sockets();
         let prefix = format!(
             "{}_",
             self.vsock_uds
@@ -168,6 +162,17 @@ impl RunPaths {
                 }
             }
         }
+    }
+
+    /// Removes the sockets (and lock file) the helpers create.
+    fn remove_helper_sockets(&self) {
+        for p in [&self.vsock_ctl, &self.vsock_uds, &self.fs_sock] {
+            let _ = fs::remove_file(p);
+        }
+        // virtiofsd's lock file next to its socket (left behind when it is killed).
+        let mut pid = self.fs_sock.clone().into_os_string();
+        pid.push(".pid");
+        let _ = fs::remove_file(pid);
     }
 }
 
@@ -300,7 +305,9 @@ impl Vmm for QemuVmm {
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
         let paths = RunPaths::new(&spec.run_dir);
         fs::create_dir_all(&paths.run_dir).ctx(|| format!("create {}", paths.run_dir.display()))?;
-        paths.remove_sockets();
+        // Stale sockets of our helpers only: `vsock_<port>` listeners are already bound
+        // by the monitor (the guest's beacon lands there).
+        paths.remove_helper_sockets();
         let _ = fs::remove_file(&paths.console);
         let children = vec![
             ChildSpec::new(
@@ -596,7 +603,7 @@ impl QemuVm {
                 let mut running = match start_children(&specs) {
                     Ok(r) => r,
                     Err(e) => {
-                        thread_paths.remove_sockets();
+                        thread_paths.remove_helper_sockets();
                         let _ = started_tx.send(Err(e));
                         return;
                     }

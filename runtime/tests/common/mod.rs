@@ -45,7 +45,11 @@ pub fn which(bin: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
         .map(PathBuf::from)
-        .chain([PathBuf::from(format!("{home}/.cargo/bin")), PathBuf::from("/usr/local/bin"), PathBuf::from("/bin")])
+        .chain([
+            PathBuf::from(format!("{home}/.cargo/bin")),
+            PathBuf::from("/usr/local/bin"),
+            PathBuf::from("/bin"),
+        ])
         .map(|d| d.join(bin))
         .find(|p| p.is_file())
 }
@@ -66,7 +70,9 @@ impl TestBundle {
     pub fn new(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs");
-        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "run", "root"] {
+        for d in [
+            "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "run", "root",
+        ] {
             fs::create_dir_all(rootfs.join(d)).unwrap();
         }
         fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
@@ -108,8 +114,16 @@ impl TestBundle {
         let mut cfg: Value = match fs::read(&cfg_path) {
             Ok(d) => serde_json::from_slice(&d).unwrap(),
             Err(_) => {
-                let out = Command::new(KRUN_OCI).args(["spec", "--bundle"]).arg(self.path()).output().unwrap();
-                assert!(out.status.success(), "spec: {}", String::from_utf8_lossy(&out.stderr));
+                let out = Command::new(KRUN_OCI)
+                    .args(["spec", "--bundle"])
+                    .arg(self.path())
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "spec: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 let mut v: Value = serde_json::from_slice(&fs::read(&cfg_path).unwrap()).unwrap();
                 v["process"]["terminal"] = Value::Bool(false);
                 v["root"]["readonly"] = Value::Bool(false);
@@ -128,7 +142,9 @@ pub struct Runtime {
 
 impl Runtime {
     pub fn new() -> Self {
-        Runtime { root: tempfile::tempdir().unwrap() }
+        Runtime {
+            root: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
@@ -156,15 +172,29 @@ impl Runtime {
     pub fn create(&self, id: &str, bundle: &TestBundle, out: &Path, err: &Path) -> i32 {
         let pid_file = bundle.path().join(format!("{id}.pid"));
         let status = self
-            .cmd(&["create", "--bundle", bundle.path().to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), id])
+            .cmd(&[
+                "create",
+                "--bundle",
+                bundle.path().to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+                id,
+            ])
             .stdin(Stdio::null())
             .stdout(fs::File::create(out).unwrap())
             .stderr(fs::File::create(err).unwrap())
             .status()
             .unwrap();
-        assert!(status.success(), "create failed: {}", fs::read_to_string(err).unwrap_or_default());
+        assert!(
+            status.success(),
+            "create failed: {}",
+            fs::read_to_string(err).unwrap_or_default()
+        );
         let pid = fs::read_to_string(&pid_file).unwrap();
-        assert!(!pid.ends_with('\n'), "pid file must have no trailing newline");
+        assert!(
+            !pid.ends_with('\n'),
+            "pid file must have no trailing newline"
+        );
         pid.parse().unwrap()
     }
 
@@ -174,8 +204,16 @@ impl Runtime {
 
     /// Helper pids (VMM and its helpers) recorded for `id`.
     pub fn helper_pids(&self, id: &str) -> Vec<i32> {
-        let v: Value = serde_json::from_slice(&fs::read(self.root.path().join(id).join("state.json")).unwrap()).unwrap();
-        v["helper_pids"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap() as i32).collect()
+        let v: Value = serde_json::from_slice(
+            &fs::read(self.root.path().join(id).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        v["helper_pids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_i64().unwrap() as i32)
+            .collect()
     }
 }
 
@@ -205,8 +243,15 @@ pub fn alive(pid: i32) -> bool {
 
 /// Asserts nothing of the container remains: state dir, VMM and helpers.
 pub fn assert_cleaned_up(rt: &Runtime, id: &str, pids: &[i32]) {
-    assert!(!rt.root.path().join(id).exists(), "state dir of {id} left behind");
+    assert!(
+        !rt.root.path().join(id).exists(),
+        "state dir of {id} left behind"
+    );
     for &p in pids {
-        eventually(&format!("pid {p} of {id} to go away"), Duration::from_secs(10), || !alive(p));
+        eventually(
+            &format!("pid {p} of {id} to go away"),
+            Duration::from_secs(10),
+            || !alive(p),
+        );
     }
 }
