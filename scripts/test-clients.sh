@@ -131,8 +131,18 @@ podman() {
 	timeout "$CMD_TIMEOUT" podman --root "$work/podman/root" --runroot "$work/podman/run" \
 		--cgroup-manager cgroupfs --events-backend file "$@"
 }
-podman_run_flags=(--runtime "$KRUN_OCI" --network none --rootfs "$rootfs"
-	--ulimit nofile=1024:1024 --ulimit nproc=1024:1024)
+# podman passes the runtime a scrubbed environment: a wrapper (same basename,
+# podman goes by it) carries KRUN_OCI_INIT for builds that are not installed.
+podman_runtime="$KRUN_OCI"
+if [ -n "${KRUN_OCI_INIT:-}" ]; then
+	mkdir -p "$work/bin"
+	podman_runtime="$work/bin/krun-oci"
+	printf '#!/bin/sh\nKRUN_OCI_INIT=%q exec %q "$@"\n' "$KRUN_OCI_INIT" "$KRUN_OCI" >"$podman_runtime"
+	chmod +x "$podman_runtime"
+fi
+# --rootfs is a switch: the rootfs path is the positional argument, so it goes last.
+podman_run_flags=(--runtime "$podman_runtime" --network none
+	--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --rootfs "$rootfs")
 
 # ---------- scenarios ----------
 selected() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
@@ -227,6 +237,7 @@ scenario_podman_run() {
 	rm -f "$work/cid"
 	out=$(podman run --rm --cidfile "$work/cid" "${podman_run_flags[@]}" sh -c 'echo hello-podman; exit 7' 2>&1); rc=$?
 	podman_ids+=("$(cat "$work/cid" 2>/dev/null)")
+	markers+=("${podman_ids[-1]:-$work}")
 	expect_rc "podman run" $rc 7
 	expect_out "podman run" "$out" "hello-podman"
 }
@@ -237,6 +248,7 @@ scenario_podman_stop() {
 	cid=$(podman run -d "${podman_run_flags[@]}" sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' 2>&1) ||
 		{ fail "podman run -d: $cid"; return; }
 	podman_ids+=("$cid")
+	markers+=("$cid")
 	podman stop -t 300 "$cid" >/dev/null || fail "podman stop failed"
 	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
 	expect_rc "podman stop" "$code" 0

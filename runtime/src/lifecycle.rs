@@ -277,7 +277,12 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
 
 /// Sends `signal` to the main process (or every guest process with `all`).
 pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> {
-    let c = Container::load(store, id)?;
+    let mut c = Container::load(store, id)?;
+    // `start` marks the container running before the guest has spawned the main
+    // and holds the lock until it has: a kill right after `state` said running
+    // must wait for that, not find no main in the guest.
+    let _lock = c.dir.lock()?;
+    c.record = c.dir.load()?;
     let status = c.status();
     if !matches!(status, Status::Created | Status::Running | Status::Paused) {
         return Err(Error::NotRunning);

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api;
@@ -101,8 +101,52 @@ struct ExecProcess {
     spec: Vec<u8>,
     /// Files of this exec (process.json, pid file, log) share this prefix.
     file_prefix: PathBuf,
+    /// 0 until started, then the relay's pid; [`EXEC_FAILED`] if the start failed.
     pid: Mutex<i32>,
+    /// Signalled when `pid` leaves 0 (Wait may come before Start: ctr sends both at once).
+    started: Condvar,
+    /// The exit reported for an exec whose start failed.
+    start_failure: Mutex<Option<Exit>>,
     stdio: Mutex<Option<StdioHandle>>,
+}
+
+/// `ExecProcess::pid` of an exec whose start failed.
+const EXEC_FAILED: i32 = -1;
+
+impl ExecProcess {
+    fn pid(&self) -> i32 {
+        *self.pid.lock().unwrap()
+    }
+
+    fn set_pid(&self, pid: i32) {
+        *self.pid.lock().unwrap() = pid;
+        self.started.notify_all();
+    }
+
+    /// The exit, if the exec ended (or never could start).
+    fn exit(&self, exits: &Exits) -> Option<Exit> {
+        match self.pid() {
+            0 => None,
+            EXEC_FAILED => *self.start_failure.lock().unwrap(),
+            pid => exits.get(pid),
+        }
+    }
+
+    /// Waits for the start, then for the exit.
+    fn wait(&self, exits: &Exits) -> Exit {
+        let mut pid = self.pid.lock().unwrap();
+        while *pid == 0 {
+            pid = self.started.wait(pid).unwrap();
+        }
+        let pid = *pid;
+        if pid == EXEC_FAILED {
+            return self.start_failure.lock().unwrap().unwrap_or(Exit {
+                status: 255,
+                at: SystemTime::now(),
+            });
+        }
+        exits.wait(pid)
+    }
 }
 
 struct Task {
@@ -281,20 +325,14 @@ impl Service {
     fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
         if !req.exec_id.is_empty() {
             let (task, exec) = self.exec(&req.id, &req.exec_id)?;
-            let pid = *exec.pid.lock().unwrap();
-            let exit = if pid > 0 {
-                match self.exits.get(pid) {
-                    Some(e) => Some(e),
-                    None => {
-                        return Err(Error::FailedPrecondition(format!(
-                            "exec {} is still running",
-                            req.exec_id
-                        )))
-                    }
-                }
-            } else {
-                None
-            };
+            let pid = exec.pid();
+            let exit = exec.exit(&self.exits);
+            if pid > 0 && exit.is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is still running",
+                    req.exec_id
+                )));
+            }
             task.execs.lock().unwrap().remove(&req.exec_id);
             remove_exec_files(&exec.file_prefix);
             if pid > 0 {
@@ -311,6 +349,17 @@ impl Service {
         }
         let task = self.task(&req.id)?;
         task.instance.delete()?;
+        // Execs go with their container; waiters of never-started ones wake up.
+        for (_, exec) in task.execs.lock().unwrap().drain() {
+            remove_exec_files(&exec.file_prefix);
+            if exec.pid() == 0 {
+                *exec.start_failure.lock().unwrap() = Some(Exit {
+                    status: 255,
+                    at: SystemTime::now(),
+                });
+                exec.set_pid(EXEC_FAILED);
+            }
+        }
         // A task deleted before it ran still ends with an exit (of its monitor).
         let exit = task.instance.try_wait().unwrap_or(Exit {
             status: 137,
@@ -374,6 +423,8 @@ impl Service {
                 spec,
                 file_prefix,
                 pid: Mutex::new(0),
+                started: Condvar::new(),
+                start_failure: Mutex::new(None),
                 stdio: Mutex::new(None),
             }),
         );
@@ -393,7 +444,7 @@ impl Service {
     /// for the guest process from then on.
     fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
         let (task, exec) = self.exec(id, exec_id)?;
-        if *exec.pid.lock().unwrap() != 0 {
+        if exec.pid() != 0 {
             return Err(Error::FailedPrecondition(format!(
                 "exec {exec_id} was already started"
             )));
@@ -453,11 +504,16 @@ impl Service {
                 let msg = read_error_log(&log_file)
                     .unwrap_or_else(|| format!("krun-oci exec exited with {status}"));
                 remove_exec_files(&exec.file_prefix);
+                *exec.start_failure.lock().unwrap() = Some(Exit {
+                    status: 255,
+                    at: SystemTime::now(),
+                });
+                exec.set_pid(EXEC_FAILED);
                 return Err(classify_cli_error(msg));
             }
         };
-        *exec.pid.lock().unwrap() = pid;
         *exec.stdio.lock().unwrap() = Some(prepared.handle);
+        exec.set_pid(pid);
         self.events.publish(
             topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             Box::new(TaskExecStarted {
@@ -494,11 +550,11 @@ impl Service {
         let task = self.task(&req.id)?;
         if !req.exec_id.is_empty() {
             let (_, exec) = self.exec(&req.id, &req.exec_id)?;
-            let pid = *exec.pid.lock().unwrap();
-            let exit = (pid > 0).then(|| self.exits.get(pid)).flatten();
+            let pid = exec.pid();
+            let exit = exec.exit(&self.exits);
             let status = match (pid, exit) {
-                (0, _) => api::Status::CREATED,
                 (_, Some(_)) => api::Status::STOPPED,
+                (0, _) => api::Status::CREATED,
                 _ => api::Status::RUNNING,
             };
             return Ok(api::StateResponse {
@@ -547,7 +603,7 @@ impl Service {
             return self.task(&req.id)?.instance.kill(req.signal, req.all);
         }
         let (_, exec) = self.exec(&req.id, &req.exec_id)?;
-        let pid = *exec.pid.lock().unwrap();
+        let pid = exec.pid();
         if pid <= 0 || self.exits.get(pid).is_some() {
             return Err(Error::NotFound(format!(
                 "exec {}: process already finished",
@@ -566,14 +622,7 @@ impl Service {
             self.task(&req.id)?.instance.wait()
         } else {
             let (_, exec) = self.exec(&req.id, &req.exec_id)?;
-            let pid = *exec.pid.lock().unwrap();
-            if pid <= 0 {
-                return Err(Error::FailedPrecondition(format!(
-                    "exec {} has not started",
-                    req.exec_id
-                )));
-            }
-            self.exits.wait(pid)
+            exec.wait(&self.exits)
         };
         Ok(api::WaitResponse {
             exit_status: exit.status,
@@ -593,7 +642,7 @@ impl Service {
             return Ok(f(&task.stdio, task.instance.pid() as i32));
         }
         let (_, exec) = self.exec(id, exec_id)?;
-        let pid = *exec.pid.lock().unwrap();
+        let pid = exec.pid();
         let stdio = exec.stdio.lock().unwrap();
         match stdio.as_ref() {
             Some(s) => Ok(f(s, pid)),
