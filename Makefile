@@ -16,7 +16,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc
 	linux-source-6.12 flex bison libelf-dev libssl-dev build-essential
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
-.PHONY: all build init test unit-test bench demo install deps fmt lint clean
+.PHONY: all build init test test-clients unit-test bench demo install deps fmt lint clean
 
 all: build
 
@@ -33,6 +33,12 @@ init:
 test: build
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
 		$(CARGO) test --workspace $(CARGO_PROFILE_FLAG) -- --test-threads=2
+	$(MAKE) test-clients
+
+## test-clients: podman and containerd (both shims) driving krun-oci; exit 77 = skipped (reason printed).
+test-clients: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=$${KRUN_OCI_REQUIRE_VM:-1} \
+		./scripts/test-clients.sh $(CURDIR)/$(BIN_DIR)/krun-oci $(CURDIR)/$(BIN_DIR) || [ $$? = 77 ]
 
 ## unit-test: tests that need no VM.
 unit-test:
