@@ -182,6 +182,18 @@ scenario_runc_shim_run() {
 	expect_out "runc shim run" "$out" "hello-from-runc-shim"
 }
 
+# Waits until `$2` prints `$1` (the workload installed its trap: signals sent before
+# that would kill a shell that has no handler yet).
+wait_output() {
+	local want=$1 n=0
+	shift
+	until "$@" 2>/dev/null | grep -q -- "$want"; do
+		n=$((n + 1))
+		[ $n -ge 6000 ] && { fail "never printed '$want'"; return 1; }
+		sleep 0.1
+	done
+}
+
 wait_task_running() {
 	local id=$1 n=0
 	until ctr task ls 2>/dev/null | grep -E "^$id[[:space:]].*RUNNING" >/dev/null; do
@@ -194,17 +206,17 @@ wait_task_running() {
 # ctr task kill: SIGTERM runs the workload's trap; SIGKILL gives 137.
 kill_scenario() {
 	local runtime_flags=("$@") out rc pid
-	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kt sh -c 'trap "echo trapped; exit 42" TERM; while :; do sleep 1; done' >"$work/kt.out" 2>&1 &
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kt sh -c 'trap "echo trapped; exit 42" TERM; echo ready; while :; do sleep 1; done' >"$work/kt.out" 2>&1 &
 	pid=$!
-	if wait_task_running kt; then
+	if wait_output ready cat "$work/kt.out"; then
 		ctr task kill kt || fail "ctr task kill failed"
 	fi
 	wait $pid; rc=$?
 	expect_rc "kill TERM" $rc 42
 	expect_out "kill TERM" "$(cat "$work/kt.out")" "trapped"
-	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kk sh -c 'trap "" TERM; while :; do sleep 1; done' >/dev/null 2>&1 &
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kk sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >"$work/kk.out" 2>&1 &
 	pid=$!
-	if wait_task_running kk; then
+	if wait_output ready cat "$work/kk.out"; then
 		ctr task kill -s SIGKILL kk || fail "ctr task kill -s SIGKILL failed"
 	fi
 	wait $pid; rc=$?
@@ -249,6 +261,7 @@ scenario_podman_stop() {
 		{ fail "podman run -d: $cid"; return; }
 	podman_ids+=("$cid")
 	markers+=("$cid")
+	wait_output started podman logs "$cid"
 	podman stop -t 300 "$cid" >/dev/null || fail "podman stop failed"
 	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
 	expect_rc "podman stop" "$code" 0
