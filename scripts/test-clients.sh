@@ -226,7 +226,9 @@ scenario_shim_kill() { kill_scenario --runtime io.containerd.krun.v2; }
 scenario_runc_shim_kill() { kill_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
 exec_scenario() {
-	local runtime_flags=("$@") out rc
+	local runtime_flags=("$@") out rc events_pid
+	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >"$work/events.out" 2>&1 &
+	events_pid=$!
 	ctr run -d "${runtime_flags[@]}" --rootfs "$rootfs" ke sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 ||
 		{ fail "ctr run -d failed"; return; }
 	wait_task_running ke || return
@@ -240,6 +242,19 @@ exec_scenario() {
 	ctr task kill -s SIGKILL ke
 	ctr task rm ke >/dev/null 2>&1 || { sleep 1; ctr task rm -f ke >/dev/null 2>&1; }
 	ctr containers rm ke >/dev/null 2>&1 || fail "container ke could not be removed"
+	kill $events_pid 2>/dev/null
+	wait $events_pid 2>/dev/null
+	local topic events
+	events=$(grep " $ns " "$work/events.out")
+	for topic in /tasks/create /tasks/start /tasks/exec-added /tasks/exec-started /tasks/exit /tasks/delete; do
+		grep -q " $topic " <<<"$events" || fail "exec: no $topic event: $events"
+	done
+	# The task's own TaskExit comes before its TaskDelete.
+	local last_exit first_delete
+	last_exit=$(grep -n " /tasks/exit " <<<"$events" | tail -1 | cut -d: -f1)
+	first_delete=$(grep -n " /tasks/delete " <<<"$events" | head -1 | cut -d: -f1)
+	[ -n "$last_exit" ] && [ -n "$first_delete" ] && [ "$last_exit" -lt "$first_delete" ] ||
+		fail "exec: TaskExit does not precede TaskDelete: $events"
 }
 scenario_shim_exec() { exec_scenario --runtime io.containerd.krun.v2; }
 scenario_runc_shim_exec() { exec_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
