@@ -105,7 +105,16 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             &serde_json::to_vec_pretty(&cfg)?,
         )
         .ctx(|| "writing monitor.json".into())?;
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, opts.stdio.as_ref())?;
+        // With a terminal the workload's stdio is the pty: the monitor must not keep
+        // create's fds open (go-runc waits for EOF on create's output pipe).
+        let stdio = if terminal {
+            MonitorStdio::Null
+        } else {
+            opts.stdio
+                .as_ref()
+                .map_or(MonitorStdio::Inherit, MonitorStdio::Fds)
+        };
+        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, stdio)?;
         record.pid = pid;
         record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
         record.log_path = Some(log_path);
@@ -157,12 +166,22 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
     }
 }
 
+/// The monitor's fds 0/1/2.
+enum MonitorStdio<'a> {
+    /// The caller's own (the CLI: runc semantics).
+    Inherit,
+    /// Explicit fds (the shim: containerd's fifos).
+    Fds(&'a [Arc<OwnedFd>; 3]),
+    /// None: a terminal carries the workload's stdio.
+    Null,
+}
+
 /// Starts the monitor detached (own session) and waits for its report.
 fn spawn_monitor(
     root: &Path,
     dir: &crate::state::ContainerDir,
     exe: &Path,
-    stdio: Option<&[Arc<OwnedFd>; 3]>,
+    stdio: MonitorStdio,
 ) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
@@ -175,7 +194,7 @@ fn spawn_monitor(
         .arg(&dir.id)
         .env(monitor::SYNC_FD_ENV, write_fd.to_string());
     match stdio {
-        Some([i, o, e]) => {
+        MonitorStdio::Fds([i, o, e]) => {
             let dup = |fd: &Arc<OwnedFd>| {
                 fd.try_clone()
                     .map(Stdio::from)
@@ -183,10 +202,15 @@ fn spawn_monitor(
             };
             cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
         }
-        None => {
+        MonitorStdio::Inherit => {
             cmd.stdin(Stdio::inherit())
                 .stdout(Stdio::inherit())
                 .stderr(Stdio::inherit());
+        }
+        MonitorStdio::Null => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
         }
     }
     // SAFETY: only async-signal-safe calls between fork and exec.
