@@ -32,14 +32,35 @@ skipped=0
 containerd_pid=""
 
 cleanup() {
+	# An interrupted run: end what is still running (ours only: matched by our markers).
+	if [ -n "$containerd_pid" ]; then
+		local t
+		for t in $(ctr task ls -q 2>/dev/null); do
+			ctr task kill -s SIGKILL "$t" >/dev/null 2>&1
+			ctr task rm -f "$t" >/dev/null 2>&1
+		done
+	fi
+	local pid
+	for pid in $(pgrep -f -- "$work|$ns" 2>/dev/null); do
+		[ "$pid" != $$ ] && [ "$pid" != "$containerd_pid" ] && kill -9 "$pid" 2>/dev/null
+	done
 	if [ -n "$containerd_pid" ]; then
 		kill "$containerd_pid" 2>/dev/null
 		wait "$containerd_pid" 2>/dev/null
 	fi
+	tmux kill-session -t "krun-tty-$$" 2>/dev/null
 	umount -R "$work" 2>/dev/null
 	rm -rf "$work"
+	# Shims killed above leave their sockets.
+	local stale
+	for stale in $(comm -13 <(echo "${sockets_before:-}") <(socket_snapshot)); do
+		[ -n "${interrupted:-}" ] && rm -f "/run/containerd/s/$stale"
+	done
+	# The runc shim leaves its (empty) per-namespace root behind.
+	rmdir "/run/containerd/runc/$ns" 2>/dev/null
 }
 trap cleanup EXIT
+trap 'interrupted=1; exit 130' INT TERM
 
 fail() { echo "  FAIL: $*"; failures=$((failures + 1)); scenario_ok=0; }
 note() { echo "  $*"; }
@@ -259,6 +280,33 @@ exec_scenario() {
 scenario_shim_exec() { exec_scenario --runtime io.containerd.krun.v2; }
 scenario_runc_shim_exec() { exec_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
+# ctr run -t under tmux: the pty comes through the console socket; keys go in, output
+# and the exit code come out; `ctr task exec -t` alongside.
+tty_scenario() {
+	local runtime_flags=("$@") session="krun-tty-$$" rc n screen
+	command -v tmux >/dev/null && command -v script >/dev/null ||
+		{ fail "tmux or script(1) missing: tty scenario cannot run"; return; }
+	rm -f "$work/tty.rc"
+	tmux new-session -d -s "$session" -x 120 -y 30 \
+		"ctr --address $sock --namespace $ns run -t --rm ${runtime_flags[*]} --rootfs $rootfs kty sh; echo \$? >$work/tty.rc"
+	wait_task_running kty || { tmux kill-session -t "$session" 2>/dev/null; return; }
+	wait_output '#' tmux capture-pane -p -t "$session"
+	tmux send-keys -t "$session" '[ -t 0 ] && echo "tty-$((6*7))"' Enter
+	wait_output tty-42 tmux capture-pane -p -t "$session"
+	# ctr wants a terminal for -t: script(1) gives it one (and returns its status).
+	screen=$(timeout "$CMD_TIMEOUT" script -eqc "ctr --address $sock --namespace $ns task exec -t --exec-id et kty sh -c '[ -t 1 ] && echo exec-tty-ok; exit 6'" /dev/null 2>&1 </dev/null); rc=$?
+	expect_rc "exec -t" $rc 6
+	expect_out "exec -t" "$screen" "exec-tty-ok"
+	tmux send-keys -t "$session" 'exit 9' Enter
+	n=0
+	while [ ! -s "$work/tty.rc" ] && [ $n -lt 3000 ]; do n=$((n + 1)); sleep 0.1; done
+	rc=$(cat "$work/tty.rc" 2>/dev/null)
+	expect_rc "ctr run -t" "$rc" 9
+	tmux kill-session -t "$session" 2>/dev/null
+}
+scenario_shim_tty() { tty_scenario --runtime io.containerd.krun.v2; }
+scenario_runc_shim_tty() { tty_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
 scenario_podman_run() {
 	local out rc
 	rm -f "$work/cid"
@@ -304,7 +352,7 @@ PY
 	return 1
 }
 
-vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec podman_run podman_stop)
+vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty podman_run podman_stop)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 
