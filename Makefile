@@ -16,7 +16,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc
 	linux-source-6.12 flex bison libelf-dev libssl-dev build-essential
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
-.PHONY: all build init test test-clients unit-test bench demo install deps fmt lint clean
+.PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench demo install deps fmt lint clean
 
 all: build
 
@@ -24,21 +24,38 @@ all: build
 build: init
 	$(CARGO) build --workspace $(CARGO_PROFILE_FLAG)
 
-## init: krun-oci-init as a static binary (glibc, crt-static; musl is not installable here).
+## init: the static guest binaries (glibc, crt-static; musl is not installable here):
+## krun-oci-init, and the conformance checker that runs as a container's main.
 init:
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build -p krun-oci-init --target $(TARGET_TRIPLE) --release
+		$(CARGO) build -p krun-oci-init -p krun-oci-conformance --bin krun-oci-init \
+		--bin conformance-checker --target $(TARGET_TRIPLE) --release
 
-## test: every test, the end-to-end ones on real microVMs included.
-test: build
+## kernel: our own guest kernel from Debian's linux-source-6.12 (cached; see docs/kernel.md).
+kernel:
+	kernel/build.sh
+
+## kernel-test: boot our kernel in both QEMU modes (ACPI, and acpi=off = libkrun's device model).
+kernel-test: kernel
+	kernel/boot-test.sh -n 1
+
+## test: every test, the end-to-end ones on real microVMs (our kernel, TCG here) included.
+test: build kernel-test
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
 		$(CARGO) test --workspace $(CARGO_PROFILE_FLAG) -- --test-threads=2
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
+		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --preflight \
+		--expected-failures conformance/expected-differences.txt
 	$(MAKE) test-clients
 
 ## test-clients: podman and containerd (both shims) driving krun-oci; exit 77 = skipped (reason printed).
 test-clients: build
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=$${KRUN_OCI_REQUIRE_VM:-1} \
 		./scripts/test-clients.sh $(CURDIR)/$(BIN_DIR)/krun-oci $(CURDIR)/$(BIN_DIR) || [ $$? = 77 ]
+
+## conformance: the suite against runc (the oracle) and krun-oci; writes docs/conformance.md.
+conformance: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/conformance.sh $(CURDIR)/$(BIN_DIR)/krun-oci
 
 ## unit-test: tests that need no VM.
 unit-test:
@@ -49,7 +66,7 @@ bench: build
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/bench.sh $(CURDIR)/$(BIN_DIR)/krun-oci
 
 ## demo: boot a busybox container in a microVM and show its output, state and logs.
-demo: deps build
+demo: deps build kernel
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/demo.sh $(CURDIR)/$(BIN_DIR)/krun-oci
 
 ## install: krun-oci, the shim and the guest init under $(PREFIX).

@@ -136,10 +136,19 @@ pub fn load_modules() -> io::Result<usize> {
     Ok(list.len())
 }
 
+/// Command-line words with surrounding double quotes removed: libkrun's `krun_set_env`
+/// (the only way to add words to libkrunfw's command line) quotes each word.
+fn cmdline_words(cmdline: &str) -> impl Iterator<Item = &str> {
+    cmdline.split_whitespace().map(|w| {
+        w.strip_prefix('"')
+            .and_then(|w| w.strip_suffix('"'))
+            .unwrap_or(w)
+    })
+}
+
 /// The virtio-fs tag of the root: `krun_oci.root_tag=` on the command line, else `rootfs`.
 pub fn root_tag(cmdline: &str) -> String {
-    cmdline
-        .split_whitespace()
+    cmdline_words(cmdline)
         .find_map(|w| w.strip_prefix("krun_oci.root_tag="))
         .unwrap_or("rootfs")
         .to_string()
@@ -148,9 +157,7 @@ pub fn root_tag(cmdline: &str) -> String {
 /// Whether power-off must be a reboot (`krun_oci.halt=reboot`: the acpi=off
 /// microvm model, where QEMU runs with -no-reboot).
 pub fn halt_is_reboot(cmdline: &str) -> bool {
-    cmdline
-        .split_whitespace()
-        .any(|w| w == "krun_oci.halt=reboot")
+    cmdline_words(cmdline).any(|w| w == "krun_oci.halt=reboot")
 }
 
 /// Mounts what a container expects inside `root` (not yet switched into).
@@ -306,5 +313,9 @@ mod tests {
         assert_eq!(root_tag("a krun_oci.root_tag=myfs b"), "myfs");
         assert!(halt_is_reboot("reboot=t krun_oci.halt=reboot"));
         assert!(!halt_is_reboot("krun_oci.halt=poweroff"));
+        // libkrunfw: words added through krun_set_env arrive quoted.
+        assert!(halt_is_reboot(
+            "reboot=k KRUN_INIT=/x \"krun_oci.halt=reboot\" -- "
+        ));
     }
 }

@@ -51,6 +51,10 @@ pub struct Guest {
     pub halt: Halt,
     /// Directory handle of the container root (for `/.a3s_exit_code`).
     pub root: OwnedFd,
+    /// A detached, writable clone of the root mount, taken before a read-only
+    /// root is remounted: the exit code can still be written, and the container
+    /// cannot see or reach it.
+    root_rw: std::sync::OnceLock<OwnedFd>,
     main_pid: AtomicI32,
     main_pty: Mutex<Option<File>>,
     main_stdin_tx: SyncSender<StdinChunk>,
@@ -67,6 +71,7 @@ impl Guest {
             reaper: Reaper::default(),
             halt,
             root,
+            root_rw: std::sync::OnceLock::new(),
             main_pid: AtomicI32::new(MAIN_NONE),
             main_pty: Mutex::new(None),
             main_stdin_tx: tx,
@@ -121,6 +126,50 @@ impl Guest {
         Ok(())
     }
 
+    /// `root.readonly`: keep a detached writable clone of the root mount for the
+    /// exit-code file, then remount the container's root read-only.
+    fn apply_readonly_root(&self, spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+        if !spec
+            .root()
+            .as_ref()
+            .and_then(|r| r.readonly())
+            .unwrap_or(false)
+            || self.root_rw.get().is_some()
+        {
+            return Ok(());
+        }
+        const OPEN_TREE_CLONE: libc::c_uint = 1;
+        // SAFETY: open_tree with a NUL-terminated path and flags; returns a new fd or -1.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                c"/".as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(format!(
+                "cloning the root mount: {}",
+                spawn::errno_text(&io::Error::last_os_error())
+            ));
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let clone = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        nix::mount::mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            nix::mount::MsFlags::MS_REMOUNT
+                | nix::mount::MsFlags::MS_BIND
+                | nix::mount::MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| format!("remounting the root read-only: {}", e.desc().to_lowercase()))?;
+        let _ = self.root_rw.set(clone);
+        Ok(())
+    }
+
     // ---- control service ------------------------------------------------
 
     /// One control connection: Hello, then requests answered in order.
@@ -172,7 +221,9 @@ impl Guest {
     fn handle_control(self: &Arc<Self>, msg: Message) -> Message {
         let result = match msg {
             Message::Heartbeat => return Message::HeartbeatAck,
-            Message::Setup { spec } => apply_setup(&spec).map(|()| Message::Ack),
+            Message::Setup { spec } => apply_setup(&spec)
+                .and_then(|()| self.apply_readonly_root(&spec))
+                .map(|()| Message::Ack),
             Message::SpawnMain { process } => self.spawn_main(&process),
             Message::Signal { target, signal } => {
                 self.signal(&target, signal).map(|()| Message::Ack)
@@ -234,18 +285,24 @@ impl Guest {
             let g = self.clone();
             pumps.push(pump(err, move |d| g.send_event(&Frame::Stderr(d.to_vec()))));
         }
-        if let (Some(mut stdin), Some(rx)) = (spawned.stdin, lock(&self.main_stdin_rx).take()) {
+        if let (Some(stdin), Some(rx)) = (spawned.stdin, lock(&self.main_stdin_rx).take()) {
+            let g_ack = self.clone();
             thread::spawn(move || {
+                let mut stdin = Some(stdin);
                 while let Ok(chunk) = rx.recv() {
                     match chunk {
                         StdinChunk::Data(d) => {
-                            if stdin.write_all(&d).is_err() {
-                                break;
+                            if stdin.as_mut().is_some_and(|s| s.write_all(&d).is_err()) {
+                                stdin = None;
                             }
+                            // Acknowledged even when dropped, so the host's window reopens.
+                            g_ack.send_event(&Frame::Message(Message::StdinAck {
+                                bytes: d.len() as u32,
+                            }));
                         }
                         // A terminal has no separate input to close.
                         StdinChunk::Close if tty => {}
-                        StdinChunk::Close => break,
+                        StdinChunk::Close => stdin = None,
                     }
                 }
             });
@@ -376,6 +433,7 @@ impl Guest {
             let mut stdin = spawned.stdin;
             let pty_master = spawned.pty;
             let mut reader = conn;
+            let ack_writer = writer.clone();
             thread::spawn(move || loop {
                 match proto::read_frame(&mut reader) {
                     Ok(Frame::Stdin(d)) => {
@@ -384,6 +442,11 @@ impl Guest {
                                 stdin = None;
                             }
                         }
+                        // Acknowledged even when dropped, so the host's window reopens.
+                        let ack = Message::StdinAck {
+                            bytes: d.len() as u32,
+                        };
+                        let _ = proto::send(&mut *lock(&ack_writer), ack);
                     }
                     Ok(Frame::StdinClose) => {
                         if pty_master.is_none() {
@@ -418,7 +481,7 @@ impl Guest {
         self.main_pid.store(MAIN_EXITED, Ordering::SeqCst);
         self.finishing.store(true, Ordering::SeqCst);
         log::info!("main process exited with {code}");
-        if let Err(e) = write_exit_code(&self.root, code) {
+        if let Err(e) = write_exit_code(self.root_rw.get().unwrap_or(&self.root), code) {
             log::error!("writing /.a3s_exit_code: {e}");
         }
         terminate_all();

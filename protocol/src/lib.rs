@@ -21,13 +21,20 @@ use serde::{Deserialize, Serialize};
 pub use oci_spec::runtime::Process;
 
 /// Bumped on every incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest accepted frame body (kind byte + payload).
 pub const MAX_FRAME_LEN: u32 = 1024 * 1024 + 1;
 
 /// Largest stdio chunk a sender puts in one frame.
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+
+/// Stdin bytes the host may have sent but the guest not yet acknowledged with
+/// [`Message::StdinAck`]. Kept well below the guest's vsock receive buffer
+/// (256 KiB) so a connection never runs out of credit: vhost-device-vsock stalls
+/// both directions of a connection whose guest side is out of credit while the
+/// guest is also sending (measured: 10 MiB through `cat` hung without it).
+pub const STDIN_WINDOW: usize = 64 * 1024;
 
 /// Guest vsock port of the control service (spawn-main, signal, ps, heartbeat, shutdown).
 pub const CONTROL_PORT: u32 = 1024;
@@ -182,6 +189,11 @@ pub enum Message {
     /// Guest -> host: the exec session's process exited (after its output).
     ExecExited {
         code: i32,
+    },
+    /// Guest -> host: `bytes` of stdin were consumed (written to the process or
+    /// dropped because its stdin is closed); opens the host's [`STDIN_WINDOW`] again.
+    StdinAck {
+        bytes: u32,
     },
     /// Host -> guest: terminal size changed.
     Resize {

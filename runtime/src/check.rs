@@ -4,7 +4,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::image::{self, GuestImage, ImageOptions, KernelOrigin};
+use crate::image::{self, GuestImage, ImageOptions};
 use crate::vmm::detect::{self, assess_kvm, Engine, HostFacts, KvmAssessment, SelectionInputs};
 use crate::vmm::qemu::{self, Program};
 use crate::vmm::VmmChoice;
@@ -41,6 +41,8 @@ pub struct CheckReport {
     pub libkrun: std::result::Result<(), String>,
     /// What the given choice resolves to, or why it cannot run.
     pub engine: std::result::Result<(Engine, String), String>,
+    /// Why our own kernel is (not) the one in use.
+    pub own_kernel: String,
 }
 
 impl CheckReport {
@@ -64,10 +66,11 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
     let image = image::ensure(opts).map_err(|e| e.to_string());
     let inputs = SelectionInputs {
         kvm: kvm.clone(),
-        libkrun_built: false,
-        libkrun_kernel: image
-            .as_ref()
-            .is_ok_and(|i| i.kernel_origin != KernelOrigin::DistroStock),
+        libkrun_built: true,
+        libkrun_kernel: image.as_ref().is_ok_and(|i| {
+            crate::vmm::libkrun::choose_kernel(i, crate::vmm::libkrun::libkrunfw_available())
+                .is_ok()
+        }),
     };
     let libkrun = detect::plan(VmmChoice::Libkrun, &inputs)
         .map(|_| ())
@@ -82,6 +85,7 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
         image,
         libkrun,
         engine,
+        own_kernel: crate::image::own_kernel::explain(&opts.cache_dir()),
     }
 }
 
@@ -132,6 +136,7 @@ impl fmt::Display for CheckReport {
             }
             Err(e) => writeln!(f, "  {} {:<20} {e}", mark(false), "guest image")?,
         }
+        writeln!(f, "  {}", self.own_kernel)?;
         writeln!(f)?;
         match &self.libkrun {
             Ok(()) => writeln!(f, "libkrun backend: ready")?,
@@ -180,6 +185,7 @@ mod tests {
                 Engine::Qemu(qemu::Accel::Tcg),
                 "auto: not libkrun because PVM".into(),
             )),
+            own_kernel: "own kernel: not built yet: run `make kernel`".into(),
         };
         let s = r.to_string();
         assert!(
@@ -188,6 +194,7 @@ mod tests {
         );
         assert!(s.contains("cargo install --locked virtiofsd"), "{s}");
         assert!(s.contains("engine: qemu + TCG"), "{s}");
+        assert!(s.contains("run `make kernel`"), "{s}");
         assert!(!r.can_run());
     }
 }

@@ -89,6 +89,16 @@ pub enum Command {
     /// Internal: relays a detached exec's stdio and signals (started by `exec --detach`).
     #[command(hide = true)]
     ExecRelay(ExecRelayArgs),
+    /// Internal: the libkrun VMM of one container (started by its monitor).
+    #[command(hide = true)]
+    LibkrunVmm(LibkrunVmmArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LibkrunVmmArgs {
+    /// The VM's configuration (`libkrun.json` in the container's run dir).
+    #[arg(long)]
+    pub config: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -40,6 +40,11 @@ pub fn send_pty_to_console_socket(socket: &Path) -> Result<HostPty> {
         .map_err(|e| Error::InvalidInput(format!("sending pty master to console socket: {e}")))?;
     // The client owns the master now; our copy closes here.
     drop(master);
+    // When we lead a session without a terminal (the monitor, the exec relay), the
+    // slave becomes our controlling terminal, so the client's window-size changes
+    // arrive as SIGWINCH and its hang-up as SIGHUP — both forwarded to the guest.
+    // SAFETY: TIOCSCTTY takes an integer argument; failure just means we keep none.
+    unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
     Ok(HostPty { slave })
 }
 

@@ -61,6 +61,14 @@ impl Container {
         if self.record.pid == 0 {
             return Status::Creating;
         }
+        // No guest link yet: the VM is still booting, or its monitor died trying.
+        if self.record.link.is_none() {
+            return if self.monitor_alive() {
+                Status::Creating
+            } else {
+                Status::Stopped
+            };
+        }
         if self.dir.recorded_exit_code().is_some() || !self.monitor_alive() {
             return Status::Stopped;
         }

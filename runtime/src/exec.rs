@@ -183,7 +183,8 @@ impl ExecSession {
     /// Relays stdio until the guest process exits; returns its status.
     /// `tty_fd` is the terminal whose size follows SIGWINCH (our stdin or a host pty).
     pub fn relay(self, input: OwnedFd, out: OwnedFd, err: OwnedFd, tty_fd: Option<OwnedFd>) -> i32 {
-        spawn_input_pump(input, self.writer.clone());
+        let window = Arc::new(StdinWindow::default());
+        spawn_input_pump(input, self.writer.clone(), window.clone());
         self.forward_signals(tty_fd);
         let (mut out, mut err) = (File::from(out), File::from(err));
         let mut reader = self.reader;
@@ -195,6 +196,7 @@ impl ExecSession {
                 Ok(Frame::Stderr(d)) => {
                     let _ = err.write_all(&d);
                 }
+                Ok(Frame::Message(Message::StdinAck { bytes })) => window.release(bytes as usize),
                 Ok(Frame::Message(Message::ExecExited { code })) => return code & 0xff,
                 Ok(_) => {}
                 Err(e) => {
@@ -235,15 +237,48 @@ impl ExecSession {
     }
 }
 
-/// Copies `input` into Stdin frames until EOF, then sends StdinClose.
-pub fn spawn_input_pump(input: OwnedFd, writer: Arc<Mutex<UnixStream>>) {
+/// The host's side of the stdin flow control: at most [`proto::STDIN_WINDOW`]
+/// bytes sent and not yet acknowledged by the guest.
+#[derive(Debug, Default)]
+pub struct StdinWindow {
+    in_flight: Mutex<usize>,
+    changed: std::sync::Condvar,
+}
+
+impl StdinWindow {
+    /// Blocks until `n` more bytes fit in the window.
+    fn acquire(&self, n: usize) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        while *in_flight > 0 && *in_flight + n > proto::STDIN_WINDOW {
+            in_flight = self
+                .changed
+                .wait(in_flight)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        *in_flight += n;
+    }
+
+    /// The guest consumed `n` bytes.
+    pub fn release(&self, n: usize) {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *in_flight = in_flight.saturating_sub(n);
+        self.changed.notify_all();
+    }
+}
+
+/// Copies `input` into Stdin frames (within the guest's window) until EOF, then
+/// sends StdinClose.
+pub fn spawn_input_pump(input: OwnedFd, writer: Arc<Mutex<UnixStream>>, window: Arc<StdinWindow>) {
     std::thread::spawn(move || {
         let mut input = File::from(input);
-        let mut buf = vec![0u8; proto::MAX_DATA_CHUNK];
+        let mut buf = vec![0u8; proto::STDIN_WINDOW / 2];
         loop {
             let frame = match input.read(&mut buf) {
                 Ok(0) | Err(_) => Frame::StdinClose,
-                Ok(n) => Frame::Stdin(buf[..n].to_vec()),
+                Ok(n) => {
+                    window.acquire(n);
+                    Frame::Stdin(buf[..n].to_vec())
+                }
             };
             let last = frame == Frame::StdinClose;
             let sent = writer

@@ -35,8 +35,16 @@ fn run_hook(hook: &Hook, state_json: &[u8]) -> std::result::Result<(), String> {
             cmd.env(k, v);
         }
     }
-    // Own process group, so a timeout kills whatever the hook started too.
+    // Own process group, so a timeout kills whatever the hook started too; and
+    // it dies with us, so an interrupted create leaves no hook behind.
     cmd.process_group(0);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            Ok(())
+        });
+    }
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

@@ -36,9 +36,9 @@ pub struct CreateOptions {
     pub vmm: VmmChoice,
     /// Path of this binary, re-executed as the monitor.
     pub exe: PathBuf,
-    /// The container's stdio (stdin, stdout, stderr) as the monitor's fds 0/1/2.
-    /// `None`: the caller's own fds 0/1/2 (runc semantics for the CLI). A shim
-    /// passes containerd's fifos here.
+    /// The container's stdio (stdin, stdout, stderr) as the monitor's fds 0/1/2
+    /// when there is no terminal. `None`: the caller's own fds 0/1/2 (runc
+    /// semantics for the CLI). A shim passes containerd's fifos here.
     pub stdio: Option<[Arc<OwnedFd>; 3]>,
 }
 
@@ -105,18 +105,20 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             &serde_json::to_vec_pretty(&cfg)?,
         )
         .ctx(|| "writing monitor.json".into())?;
-        // With a terminal the workload's stdio is the pty: the monitor must not keep
-        // create's fds open (go-runc waits for EOF on create's output pipe).
-        let stdio = if terminal {
-            MonitorStdio::Null
-        } else {
-            opts.stdio
-                .as_ref()
-                .map_or(MonitorStdio::Inherit, MonitorStdio::Fds)
-        };
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, stdio)?;
-        record.pid = pid;
-        record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+        // The monitor's pid is recorded as soon as it exists, so a create that is
+        // killed while the VM boots still leaves something `delete --force` can stop.
+        let (pid, report) = spawn_monitor(
+            store.root(),
+            &dir,
+            &opts.exe,
+            terminal,
+            opts.stdio.as_ref(),
+            |pid| {
+                record.pid = pid;
+                record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+                dir.save(&record)
+            },
+        )?;
         record.log_path = Some(log_path);
         match report {
             SyncReport::Ready {
@@ -131,7 +133,8 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             }
             SyncReport::Failed { error } => {
                 reap_quietly(pid);
-                return Err(Error::Vm(error));
+                // Already a whole message from the monitor.
+                return Err(Error::InvalidInput(error));
             }
         }
         dir.save(&record)?;
@@ -147,7 +150,9 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         #[allow(deprecated)]
         run_hooks("prestart", hooks.prestart().as_ref(), &state)?;
         run_hooks("createRuntime", hooks.create_runtime().as_ref(), &state)?;
-        // The VM boundary means these run on the host, not in the container's namespaces.
+        // createContainer's path resolves in the runtime namespace (the spec), so
+        // it runs on the host: the binary is not in the guest. startContainer's
+        // path resolves in the container, so that one runs in the guest.
         run_hooks("createContainer", hooks.create_container().as_ref(), &state)?;
         Ok(container)
     })();
@@ -166,22 +171,14 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
     }
 }
 
-/// The monitor's fds 0/1/2.
-enum MonitorStdio<'a> {
-    /// The caller's own (the CLI: runc semantics).
-    Inherit,
-    /// Explicit fds (the shim: containerd's fifos).
-    Fds(&'a [Arc<OwnedFd>; 3]),
-    /// None: a terminal carries the workload's stdio.
-    Null,
-}
-
 /// Starts the monitor detached (own session) and waits for its report.
 fn spawn_monitor(
     root: &Path,
     dir: &crate::state::ContainerDir,
     exe: &Path,
-    stdio: MonitorStdio,
+    terminal: bool,
+    stdio: Option<&[Arc<OwnedFd>; 3]>,
+    on_spawned: impl FnOnce(i32) -> Result<()>,
 ) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
     let write_fd = write_end.as_raw_fd();
@@ -193,8 +190,16 @@ fn spawn_monitor(
         .arg("monitor")
         .arg(&dir.id)
         .env(monitor::SYNC_FD_ENV, write_fd.to_string());
-    match stdio {
-        MonitorStdio::Fds([i, o, e]) => {
+    // Without a terminal, create's stdio is the container's (runc semantics); with
+    // one, the console pty is, and holding create's fds would keep the caller's
+    // pipes open for the container's lifetime.
+    match (terminal, stdio) {
+        (true, _) => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        (false, Some([i, o, e])) => {
             let dup = |fd: &Arc<OwnedFd>| {
                 fd.try_clone()
                     .map(Stdio::from)
@@ -202,15 +207,10 @@ fn spawn_monitor(
             };
             cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
         }
-        MonitorStdio::Inherit => {
+        (false, None) => {
             cmd.stdin(Stdio::inherit())
                 .stdout(Stdio::inherit())
                 .stderr(Stdio::inherit());
-        }
-        MonitorStdio::Null => {
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
         }
     }
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -227,9 +227,13 @@ fn spawn_monitor(
         .spawn()
         .ctx(|| format!("starting the VM monitor {}", exe.display()))?;
     drop(write_end);
+    let pid = child.id() as i32;
+    if let Err(e) = on_spawned(pid) {
+        reap_quietly(pid);
+        return Err(e);
+    }
     let mut pipe = fs::File::from(read_end);
     let report = monitor::read_report(&mut pipe, &dir.monitor_log_file());
-    let pid = child.id() as i32;
     // The monitor outlives us; it is never waited for here (the caller or a
     // subreaper reaps it). Forget the handle without killing it.
     std::mem::forget(child);
@@ -270,6 +274,15 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         .clone()
         .ok_or_else(|| Error::InvalidInput("config has no process".into()))?;
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    // startContainer hooks run in the container (the guest), before the main; a
+    // failing one aborts start.
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    run_guest_hooks(
+        "startContainer",
+        hooks.start_container().as_ref(),
+        &state_bytes(&c, Status::Created),
+        &link,
+    )?;
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
@@ -287,14 +300,84 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
             });
         }
     }
-    let hooks = spec.hooks().clone().unwrap_or_default();
     let state = state_bytes(&c, Status::Running);
-    // startContainer hooks run before the main in runc; the VM boundary puts them on the host here.
-    if let Err(e) = run_hooks("startContainer", hooks.start_container().as_ref(), &state) {
-        log::warn!("{e}");
-    }
     if let Err(e) = run_hooks("poststart", hooks.poststart().as_ref(), &state) {
         log::warn!("{e}");
+    }
+    Ok(())
+}
+
+/// Runs hooks inside the guest, in the container's root, over the exec channel:
+/// the state JSON on stdin, `timeout` honoured (the hook is killed when it runs out).
+fn run_guest_hooks(
+    kind: &str,
+    hooks: Option<&Vec<oci_spec::runtime::Hook>>,
+    state: &[u8],
+    link: &crate::guest::GuestLink,
+) -> Result<()> {
+    for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
+        let fail = |why: String| {
+            Error::InvalidInput(format!(
+                "error running {kind} hook {}: {why}",
+                hook.path().display()
+            ))
+        };
+        let mut args = vec![hook.path().display().to_string()];
+        args.extend(
+            hook.args()
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .skip(1)
+                .cloned(),
+        );
+        let mut process = krun_oci_protocol::Process::default();
+        process.set_args(Some(args));
+        process.set_env(Some(hook.env().clone().unwrap_or_else(|| {
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]
+        })));
+        process.set_terminal(Some(false));
+        process.set_capabilities(None);
+        process.set_rlimits(None);
+        let session = crate::exec::ExecSession::start(link, process, false, None)
+            .map_err(|e| fail(e.to_string()))?;
+        let (stdin_r, stdin_w) = nix::unistd::pipe()?;
+        // The state is small (far below a pipe's buffer): write it all, then close.
+        let _ = nix::unistd::write(&stdin_w, state);
+        drop(stdin_w);
+        let null = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/null")
+                .map(std::os::fd::OwnedFd::from)
+        };
+        let (out, err) = (
+            null().ctx(|| "/dev/null".into())?,
+            null().ctx(|| "/dev/null".into())?,
+        );
+        let id = session.id.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(session.relay(stdin_r, out, err, None));
+        });
+        let code = match hook.timeout().filter(|t| *t > 0) {
+            Some(t) => match rx.recv_timeout(Duration::from_secs(t as u64)) {
+                Ok(code) => code,
+                Err(_) => {
+                    let kill = Message::Signal {
+                        target: SignalTarget::Exec(id),
+                        signal: libc::SIGKILL,
+                    };
+                    let _ = monitor::connect_control(link)
+                        .and_then(|mut s| monitor::request(&mut s, kill));
+                    return Err(fail(format!("timed out after {t}s")));
+                }
+            },
+            None => rx.recv().unwrap_or(crate::container::LOST_EXIT_CODE),
+        };
+        if code != 0 {
+            return Err(fail(format!("exit status {code}")));
+        }
     }
     Ok(())
 }

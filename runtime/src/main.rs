@@ -62,5 +62,6 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Check => commands::check(&ctx),
         Command::Monitor(a) => commands::monitor(&ctx, &a.id),
         Command::ExecRelay(a) => commands::exec_relay(&ctx, a),
+        Command::LibkrunVmm(a) => Ok(krun_oci::vmm::libkrun::vmm_main(&a.config)?),
     }
 }

@@ -282,6 +282,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         .ok()
         .map(|w| Arc::new(Mutex::new(w)));
     let (tx, rx) = mpsc::channel();
+    let window = Arc::new(crate::exec::StdinWindow::default());
 
     // Output: frames from the guest to our fds (or the pty) and the log.
     let (out_fd, err_fd): (OwnedFd, OwnedFd) = match &pty {
@@ -295,6 +296,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         let mut events = events.try_clone().expect("dup events stream");
         let log = log.clone();
         let tx = tx.clone();
+        let window = window.clone();
         std::thread::spawn(move || {
             let mut out = File::from(out_fd);
             let mut err = File::from(err_fd);
@@ -313,6 +315,9 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                             let _ = l.lock().map(|mut l| l.write(Stream::Stderr, &d));
                         }
                     }
+                    Ok(Frame::Message(Message::StdinAck { bytes })) => {
+                        window.release(bytes as usize)
+                    }
                     Ok(Frame::Message(Message::MainExited { code })) => {
                         let _ = tx.send(Event::MainExited(code));
                         return;
@@ -329,32 +334,12 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
     }
 
     // Input: our stdin (or the pty) to the main's stdin.
-    {
-        let input = match &pty {
-            Some(p) => p.slave.try_clone().expect("dup pty"),
-            None => dup_fd(0),
-        };
-        let mut events = events.try_clone().expect("dup events stream");
-        std::thread::spawn(move || {
-            let mut input = File::from(input);
-            let mut buf = vec![0u8; proto::MAX_DATA_CHUNK];
-            loop {
-                match input.read(&mut buf) {
-                    Ok(0) | Err(_) => {
-                        let _ = proto::write_frame(&mut events, &Frame::StdinClose);
-                        return;
-                    }
-                    Ok(n) => {
-                        if proto::write_frame(&mut events, &Frame::Stdin(buf[..n].to_vec()))
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-    }
+    let input = match &pty {
+        Some(p) => p.slave.try_clone().expect("dup pty"),
+        None => dup_fd(0),
+    };
+    let writer = Arc::new(Mutex::new(events.try_clone().expect("dup events stream")));
+    crate::exec::spawn_input_pump(input, writer, window);
 
     forward_signals(
         link.clone(),

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod initramfs;
 pub mod kernel;
+pub mod own_kernel;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -94,7 +95,8 @@ impl ImageOptions {
 }
 
 /// Candidate locations of krun-oci-init, in search order: `$KRUN_OCI_INIT`, next to
-/// the running executable, `../lib/krun-oci/krun-oci-init` relative to it.
+/// the running executable, `../lib/krun-oci/krun-oci-init` relative to it (installed
+/// layout), and the static build of a source tree (`make build`).
 pub fn init_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Some(p) = std::env::var_os("KRUN_OCI_INIT").filter(|p| !p.is_empty()) {
@@ -103,24 +105,26 @@ pub fn init_candidates(exe: Option<&Path>) -> Vec<PathBuf> {
     if let Some(dir) = exe.and_then(Path::parent) {
         v.push(dir.join("krun-oci-init"));
         v.push(dir.join("../lib/krun-oci/krun-oci-init"));
+        v.push(dir.join("../x86_64-unknown-linux-gnu/release/krun-oci-init"));
     }
     v
 }
 
-/// Finds the static krun-oci-init binary (see [`init_candidates`]).
+/// Finds the static krun-oci-init binary (see [`init_candidates`]); dynamically
+/// linked builds (a plain `cargo build` puts one next to krun-oci) are skipped.
 pub fn locate_init() -> Result<PathBuf> {
     let exe = std::env::current_exe().ok();
     let candidates = init_candidates(exe.as_deref());
     candidates
         .iter()
-        .find(|p| p.is_file())
+        .find(|p| p.is_file() && kernel::elf_has_interpreter(p) == Some(false))
         .cloned()
         .ok_or_else(|| {
             let list: Vec<_> = candidates.iter().map(|p| p.display().to_string()).collect();
             Error::Vm(format!(
-            "krun-oci-init not found (looked at: {}); build it with `make` or set KRUN_OCI_INIT",
-            list.join(", ")
-        ))
+                "no static krun-oci-init found (looked at: {}); build it with `make build` or set KRUN_OCI_INIT",
+                list.join(", ")
+            ))
         })
 }
 
@@ -135,11 +139,6 @@ fn file_identity(path: &Path) -> Result<String> {
         m.mtime_nsec(),
         m.ino()
     ))
-}
-
-/// Where our own minimal kernel is expected once built (branch `kernel`).
-pub fn own_kernel_path(cache_dir: &Path) -> PathBuf {
-    cache_dir.join("own-kernel").join("vmlinux")
 }
 
 /// Resolves the kernel: configured path, then our own built kernel, then the distro's.
@@ -161,8 +160,7 @@ pub fn resolve_kernel(
         let vmlinux = dir.vmlinux();
         return Ok((dir, vmlinux, KernelOrigin::Configured));
     }
-    let own = own_kernel_path(cache_dir);
-    if own.is_file() {
+    if let Some(own) = own_kernel::cached(cache_dir) {
         let dir = KernelDir {
             dir: PathBuf::new(),
             identity: format!("own:{}", file_identity(&own)?),
@@ -232,12 +230,13 @@ mod tests {
     #[test]
     fn init_lookup_order() {
         let c = init_candidates(Some(Path::new("/opt/k/bin/krun-oci")));
-        let tail: Vec<_> = c.iter().rev().take(2).rev().cloned().collect();
+        let tail: Vec<_> = c.iter().rev().take(3).rev().cloned().collect();
         assert_eq!(
             tail,
             [
                 PathBuf::from("/opt/k/bin/krun-oci-init"),
-                PathBuf::from("/opt/k/bin/../lib/krun-oci/krun-oci-init")
+                PathBuf::from("/opt/k/bin/../lib/krun-oci/krun-oci-init"),
+                PathBuf::from("/opt/k/bin/../x86_64-unknown-linux-gnu/release/krun-oci-init"),
             ]
         );
     }

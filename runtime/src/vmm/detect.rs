@@ -11,7 +11,8 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use crate::image::{GuestImage, KernelOrigin};
+use crate::image::GuestImage;
+use crate::vmm::libkrun::{self, LibkrunVmm};
 use crate::vmm::qemu::{Accel, QemuVmm};
 use crate::vmm::{Vmm, VmmChoice};
 use crate::{Error, Result};
@@ -223,13 +224,13 @@ pub struct Selection {
 pub fn select(choice: VmmChoice, image: &GuestImage) -> Result<Selection> {
     let inputs = SelectionInputs {
         kvm: assess_kvm(&HostFacts::probe()),
-        libkrun_built: false,
-        libkrun_kernel: !matches!(image.kernel_origin, KernelOrigin::DistroStock),
+        libkrun_built: true,
+        libkrun_kernel: libkrun::choose_kernel(image, libkrun::libkrunfw_available()).is_ok(),
     };
     let (engine, explanation) = plan(choice, &inputs)?;
     let vmm: Box<dyn Vmm> = match engine {
         Engine::Qemu(accel) => Box::new(QemuVmm::new(image.clone(), accel)?),
-        Engine::Libkrun => return Err(Error::NotImplemented("the libkrun backend")),
+        Engine::Libkrun => Box::new(LibkrunVmm::new(image)?),
     };
     Ok(Selection {
         vmm,

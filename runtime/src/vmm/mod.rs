@@ -2,6 +2,7 @@
 //! the rest of the runtime sees only [`Vmm`] and [`Vm`].
 
 pub mod detect;
+pub mod libkrun;
 pub mod qemu;
 
 use std::path::PathBuf;

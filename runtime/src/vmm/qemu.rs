@@ -415,7 +415,7 @@ fn is_listening(path: &Path) -> bool {
 }
 
 /// Last `max` bytes of a file, lossily decoded.
-fn tail(path: &Path, max: usize) -> String {
+pub(crate) fn tail(path: &Path, max: usize) -> String {
     let Ok(mut f) = File::open(path) else {
         return String::new();
     };

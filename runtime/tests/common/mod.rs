@@ -78,7 +78,9 @@ impl TestBundle {
         fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
         let busybox = which("busybox").expect("busybox");
         fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
-        let status = Command::new(rootfs.join("bin/busybox"))
+        // Run the host's busybox, not the fresh copy: a concurrent fork in another
+        // test thread may still hold the copy's write fd (ETXTBSY).
+        let status = Command::new(&busybox)
             .args(["--install", "-s", rootfs.join("bin").to_str().unwrap()])
             .status()
             .unwrap();

@@ -1,0 +1,273 @@
+//! What the workload observes, through the in-container checker: process fields, hostname,
+//! mounts, readonly root.
+use super::{tests, Test};
+use crate::harness::Ctx;
+use anyhow::{ensure, Result};
+use serde_json::{json, Value};
+use std::fs;
+
+pub fn tests() -> Vec<Test> {
+    tests![
+        "process/args" => args,
+        "process/env" => env,
+        "process/cwd" => cwd,
+        "process/user" => user,
+        "process/umask" => umask,
+        "process/rlimits" => rlimits,
+        "process/capabilities" => capabilities,
+        "process/no-new-privileges" => nnp,
+        "process/oom-score-adj" => oom,
+        "process/exit-code" => exit_code,
+        "config/hostname" => hostname,
+        "config/readonly-root" => readonly_root,
+        "config/writable-root" => writable_root,
+        "mounts/tmpfs" => mount_tmpfs,
+        "mounts/bind-dir-readonly" => mount_bind_dir,
+        "mounts/bind-file" => mount_bind_file,
+        "mounts/proc" => mount_proc,
+    ]
+}
+
+fn args(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&["--probe", "/", "two words"], |_| {})?;
+    ensure!(
+        r["argv"] == json!(["/bin/conformance-checker", "--probe", "/", "two words"]),
+        "argv {}",
+        r["argv"]
+    );
+    Ok(())
+}
+
+fn env(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["process"]["env"] = json!(["PATH=/bin", "CONF_A=1", "CONF_B=with space=and equals"]);
+    })?;
+    ensure!(r["env"]["CONF_A"] == "1", "CONF_A {}", r["env"]["CONF_A"]);
+    ensure!(
+        r["env"]["CONF_B"] == "with space=and equals",
+        "CONF_B {}",
+        r["env"]["CONF_B"]
+    );
+    ensure!(r["env"]["PATH"] == "/bin", "PATH {}", r["env"]["PATH"]);
+    Ok(())
+}
+
+fn cwd(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["process"]["cwd"] = json!("/work"))?;
+    ensure!(r["cwd"] == "/work", "cwd {}", r["cwd"]);
+    Ok(())
+}
+
+fn user(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["process"]["user"] = json!({"uid": 1000, "gid": 1001, "additionalGids": [2000, 3000]});
+    })?;
+    for (k, v) in [("uid", 1000), ("euid", 1000), ("gid", 1001), ("egid", 1001)] {
+        ensure!(r[k] == v, "{k} {} want {v}", r[k]);
+    }
+    let mut g: Vec<u64> = r["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    g.sort();
+    g.retain(|x| *x != 1001);
+    ensure!(g == [2000, 3000], "supplementary groups {}", r["groups"]);
+    Ok(())
+}
+
+fn umask(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["process"]["user"]["umask"] = json!(0o027))?;
+    ensure!(
+        r["umask"] == 0o027,
+        "umask {:?}, want 0o027",
+        r["umask"].as_u64().map(|m| format!("{m:o}"))
+    );
+    Ok(())
+}
+
+fn rlimits(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["process"]["rlimits"] = json!([
+            {"type": "RLIMIT_NOFILE", "soft": 512, "hard": 777},
+            {"type": "RLIMIT_CORE", "soft": 0, "hard": 4096},
+        ]);
+    })?;
+    ensure!(
+        r["rlimits"]["RLIMIT_NOFILE"] == json!({"soft": 512, "hard": 777}),
+        "NOFILE {}",
+        r["rlimits"]["RLIMIT_NOFILE"]
+    );
+    ensure!(
+        r["rlimits"]["RLIMIT_CORE"] == json!({"soft": 0, "hard": 4096}),
+        "CORE {}",
+        r["rlimits"]["RLIMIT_CORE"]
+    );
+    Ok(())
+}
+
+fn cap_mask(r: &Value, field: &str) -> Option<u64> {
+    u64::from_str_radix(r["status"][field].as_str()?, 16).ok()
+}
+
+fn capabilities(ctx: &mut Ctx) -> Result<()> {
+    // CAP_CHOWN=0, CAP_KILL=5, CAP_NET_BIND_SERVICE=10
+    let set = json!(["CAP_CHOWN", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    let want: u64 = (1 << 0) | (1 << 5) | (1 << 10);
+    let r = ctx.checker_report(&[], |c| {
+        c["process"]["capabilities"] = json!({
+            "bounding": set, "effective": set, "permitted": set, "inheritable": set, "ambient": set
+        });
+    })?;
+    for f in ["CapBnd", "CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        let got = cap_mask(&r, f);
+        ensure!(
+            got == Some(want),
+            "{f} {:?}, want {want:#x}",
+            got.map(|m| format!("{m:#x}"))
+        );
+    }
+    Ok(())
+}
+
+fn nnp(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["process"]["noNewPrivileges"] = json!(true))?;
+    ensure!(
+        r["status"]["NoNewPrivs"] == "1",
+        "NoNewPrivs {}",
+        r["status"]["NoNewPrivs"]
+    );
+    Ok(())
+}
+
+fn oom(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["process"]["oomScoreAdj"] = json!(123))?;
+    ensure!(
+        r["oom_score_adj"] == 123,
+        "oom_score_adj {}",
+        r["oom_score_adj"]
+    );
+    Ok(())
+}
+
+fn exit_code(ctx: &mut Ctx) -> Result<()> {
+    let b =
+        ctx.bundle(|c| c["process"]["args"] = json!(["/bin/conformance-checker", "--exit", "42"]))?;
+    ctx.install_checker(&b)?;
+    let (exit, out) = ctx.run_to_exit(&b)?;
+    ensure!(out.contains("conformance_checker"), "no report on stdout");
+    ensure!(exit.code() == 42, "exit {exit:?}, want 42");
+    Ok(())
+}
+
+fn hostname(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["hostname"] = json!("conformance-host"))?;
+    ensure!(
+        r["hostname"] == "conformance-host",
+        "hostname {}",
+        r["hostname"]
+    );
+    Ok(())
+}
+
+fn readonly_root(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["root"]["readonly"] = json!(true))?;
+    ensure!(
+        r["root_writable"] == false,
+        "the root is writable with root.readonly: true"
+    );
+    Ok(())
+}
+
+fn writable_root(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |_| {})?;
+    ensure!(
+        r["root_writable"] == true,
+        "the root is not writable: {}",
+        r["root_write_error"]
+    );
+    Ok(())
+}
+
+fn mount<'a>(r: &'a Value, at: &str) -> Option<&'a Value> {
+    r["mounts"]
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m["mountpoint"] == at)
+}
+
+fn mount_tmpfs(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&["--probe", "/conf-tmpfs"], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.push(
+            json!({"destination": "/conf-tmpfs", "type": "tmpfs", "source": "tmpfs",
+                      "options": ["nosuid", "nodev", "size=1m", "mode=755"]}),
+        );
+    })?;
+    let m = mount(&r, "/conf-tmpfs").ok_or_else(|| anyhow::anyhow!("no mount at /conf-tmpfs"))?;
+    ensure!(m["fstype"] == "tmpfs", "fstype {}", m["fstype"]);
+    ensure!(
+        r["probes"]["/conf-tmpfs"]["writable"] == true,
+        "tmpfs not writable"
+    );
+    Ok(())
+}
+
+fn mount_bind_dir(ctx: &mut Ctx) -> Result<()> {
+    let src = ctx.path("bind-src");
+    fs::create_dir_all(&src)?;
+    fs::write(src.join("hello"), "hello from the host")?;
+    let s = src.display().to_string();
+    let r = ctx.checker_report(
+        &["--probe", "/conf-bind/hello", "--probe", "/conf-bind"],
+        |c| {
+            let m = c["mounts"].as_array_mut().expect("spec has mounts");
+            m.push(
+                json!({"destination": "/conf-bind", "type": "bind", "source": s,
+                      "options": ["rbind", "ro"]}),
+            );
+        },
+    )?;
+    let p = &r["probes"]["/conf-bind/hello"];
+    ensure!(
+        p["content"] == "hello from the host",
+        "content {}",
+        p["content"]
+    );
+    ensure!(
+        r["probes"]["/conf-bind"]["writable"] == false,
+        "ro bind mount is writable"
+    );
+    Ok(())
+}
+
+fn mount_bind_file(ctx: &mut Ctx) -> Result<()> {
+    let src = ctx.path("bind-file");
+    fs::write(&src, "single file")?;
+    let s = src.display().to_string();
+    let r = ctx.checker_report(&["--probe", "/etc/conf-file"], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.push(
+            json!({"destination": "/etc/conf-file", "type": "bind", "source": s,
+                      "options": ["bind"]}),
+        );
+    })?;
+    let p = &r["probes"]["/etc/conf-file"];
+    ensure!(p["content"] == "single file", "content {}", p["content"]);
+    ensure!(p["is_dir"] == false, "became a directory");
+    Ok(())
+}
+
+fn mount_proc(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |_| {})?;
+    let m = mount(&r, "/proc").ok_or_else(|| anyhow::anyhow!("no /proc mount"))?;
+    ensure!(m["fstype"] == "proc", "/proc fstype {}", m["fstype"]);
+    ensure!(
+        r["pid"] == 1,
+        "the main process is pid {} in its pid namespace, want 1",
+        r["pid"]
+    );
+    Ok(())
+}
