@@ -16,7 +16,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc
 	linux-source-6.12 flex bison libelf-dev libssl-dev build-essential
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
-.PHONY: all build init kernel kernel-test test unit-test conformance bench demo install deps fmt lint clean
+.PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench demo install deps fmt lint clean
 
 all: build
 
@@ -46,6 +46,12 @@ test: build kernel-test
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
 		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --preflight \
 		--expected-failures conformance/expected-differences.txt
+	$(MAKE) test-clients
+
+## test-clients: podman and containerd (both shims) driving krun-oci; exit 77 = skipped (reason printed).
+test-clients: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=$${KRUN_OCI_REQUIRE_VM:-1} \
+		./scripts/test-clients.sh $(CURDIR)/$(BIN_DIR)/krun-oci $(CURDIR)/$(BIN_DIR) || [ $$? = 77 ]
 
 ## conformance: the suite against runc (the oracle) and krun-oci; writes docs/conformance.md.
 conformance: build

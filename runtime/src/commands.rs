@@ -42,6 +42,7 @@ fn create_options(ctx: &Context, args: &CreateArgs) -> Result<CreateOptions> {
         console_socket: args.console_socket.clone(),
         vmm: ctx.vmm,
         exe: std::env::current_exe().context("locating the krun-oci binary")?,
+        stdio: None,
     })
 }
 

@@ -3,10 +3,11 @@
 //! One implementation, used by the CLI and the shim.
 
 use std::fs;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use krun_oci_protocol::{Message, SignalTarget};
@@ -35,6 +36,10 @@ pub struct CreateOptions {
     pub vmm: VmmChoice,
     /// Path of this binary, re-executed as the monitor.
     pub exe: PathBuf,
+    /// The container's stdio (stdin, stdout, stderr) as the monitor's fds 0/1/2
+    /// when there is no terminal. `None`: the caller's own fds 0/1/2 (runc
+    /// semantics for the CLI). A shim passes containerd's fifos here.
+    pub stdio: Option<[Arc<OwnedFd>; 3]>,
 }
 
 /// Creates the container: validates, snapshots, starts the monitor (which boots
@@ -102,11 +107,18 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         .ctx(|| "writing monitor.json".into())?;
         // The monitor's pid is recorded as soon as it exists, so a create that is
         // killed while the VM boots still leaves something `delete --force` can stop.
-        let (pid, report) = spawn_monitor(store.root(), &dir, &opts.exe, terminal, |pid| {
-            record.pid = pid;
-            record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
-            dir.save(&record)
-        })?;
+        let (pid, report) = spawn_monitor(
+            store.root(),
+            &dir,
+            &opts.exe,
+            terminal,
+            opts.stdio.as_ref(),
+            |pid| {
+                record.pid = pid;
+                record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+                dir.save(&record)
+            },
+        )?;
         record.log_path = Some(log_path);
         match report {
             SyncReport::Ready {
@@ -165,6 +177,7 @@ fn spawn_monitor(
     dir: &crate::state::ContainerDir,
     exe: &Path,
     terminal: bool,
+    stdio: Option<&[Arc<OwnedFd>; 3]>,
     on_spawned: impl FnOnce(i32) -> Result<()>,
 ) -> Result<(i32, SyncReport)> {
     let (read_end, write_end) = nix::unistd::pipe()?;
@@ -180,14 +193,26 @@ fn spawn_monitor(
     // Without a terminal, create's stdio is the container's (runc semantics); with
     // one, the console pty is, and holding create's fds would keep the caller's
     // pipes open for the container's lifetime.
-    let stdio = || {
-        if terminal {
-            Stdio::null()
-        } else {
-            Stdio::inherit()
+    match (terminal, stdio) {
+        (true, _) => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
         }
-    };
-    cmd.stdin(stdio()).stdout(stdio()).stderr(stdio());
+        (false, Some([i, o, e])) => {
+            let dup = |fd: &Arc<OwnedFd>| {
+                fd.try_clone()
+                    .map(Stdio::from)
+                    .ctx(|| "duplicating a stdio fd".into())
+            };
+            cmd.stdin(dup(i)?).stdout(dup(o)?).stderr(dup(e)?);
+        }
+        (false, None) => {
+            cmd.stdin(Stdio::inherit())
+                .stdout(Stdio::inherit())
+                .stderr(Stdio::inherit());
+        }
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -359,7 +384,12 @@ fn run_guest_hooks(
 
 /// Sends `signal` to the main process (or every guest process with `all`).
 pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> {
-    let c = Container::load(store, id)?;
+    let mut c = Container::load(store, id)?;
+    // `start` marks the container running before the guest has spawned the main
+    // and holds the lock until it has: a kill right after `state` said running
+    // must wait for that, not find no main in the guest.
+    let _lock = c.dir.lock()?;
+    c.record = c.dir.load()?;
     let status = c.status();
     if !matches!(status, Status::Created | Status::Running | Status::Paused) {
         return Err(Error::NotRunning);

@@ -1,0 +1,388 @@
+#!/usr/bin/env bash
+# Real clients against krun-oci: containerd 1.6 (`ctr`) with containerd-shim-krun-v2
+# and with the stock runc shim pointed at krun-oci (--runc-binary), and podman 4.3
+# with `--runtime krun-oci`. Starts its OWN containerd (own root/state/socket under
+# a temp dir). After every scenario: no VM, helper, shim, socket or state left.
+#
+# usage: scripts/test-clients.sh ABS_KRUN_OCI ABS_SHIM_DIR
+# env:   KRUN_OCI_INIT (guest init), KRUN_OCI_REQUIRE_VM=1 (a VM that cannot boot
+#        fails the run instead of skipping the VM scenarios), ONLY="name ..." (subset).
+# exit:  0 all ran and passed, 1 a check failed, 77 skipped (reason printed).
+set -uo pipefail
+
+KRUN_OCI=${1:?usage: $0 ABS_KRUN_OCI ABS_SHIM_DIR}
+SHIM_DIR=${2:?usage: $0 ABS_KRUN_OCI ABS_SHIM_DIR}
+# A TCG boot is slow and the first one may build the guest image: this bounds a
+# hung client, it is not a performance assertion.
+CMD_TIMEOUT=${CMD_TIMEOUT:-600}
+
+skip() { echo "SKIP: $*"; exit 77; }
+[ "$(id -u)" = 0 ] || skip "needs root (containerd, podman and VMs run as root here)"
+for tool in containerd ctr podman timeout python3; do
+	command -v "$tool" >/dev/null || skip "$tool is not installed"
+done
+[ -x "$KRUN_OCI" ] || skip "$KRUN_OCI is not built"
+[ -x "$SHIM_DIR/containerd-shim-krun-v2" ] || skip "$SHIM_DIR/containerd-shim-krun-v2 is not built"
+
+work=$(mktemp -d /tmp/krun-clients.XXXXXX)
+ns="krun-test-$$"
+failures=0
+passed=0
+skipped=0
+containerd_pid=""
+
+cleanup() {
+	# An interrupted run: end what is still running (ours only: matched by our markers).
+	if [ -n "$containerd_pid" ]; then
+		local t
+		for t in $(ctr task ls -q 2>/dev/null); do
+			ctr task kill -s SIGKILL "$t" >/dev/null 2>&1
+			ctr task rm -f "$t" >/dev/null 2>&1
+		done
+	fi
+	local pid
+	for pid in $(pgrep -f -- "$work|$ns" 2>/dev/null); do
+		[ "$pid" != $$ ] && [ "$pid" != "$containerd_pid" ] && kill -9 "$pid" 2>/dev/null
+	done
+	if [ -n "$containerd_pid" ]; then
+		kill "$containerd_pid" 2>/dev/null
+		wait "$containerd_pid" 2>/dev/null
+	fi
+	tmux kill-session -t "krun-tty-$$" 2>/dev/null
+	umount -R "$work" 2>/dev/null
+	rm -rf "$work"
+	# Shims killed above leave their sockets (ours only: see assert_clean).
+	local id
+	if [ -n "${interrupted:-}" ] && [ -n "${sock:-}" ]; then
+		for id in "${container_ids[@]}"; do
+			rm -f "/run/containerd/s/$(printf '%s' "$sock/$ns/$id" | sha256sum | cut -d' ' -f1)"
+		done
+	fi
+	# The runc shim leaves its (empty) per-namespace root behind.
+	rmdir "/run/containerd/runc/$ns" 2>/dev/null
+}
+trap cleanup EXIT
+trap 'interrupted=1; exit 130' INT TERM
+
+fail() { echo "  FAIL: $*"; failures=$((failures + 1)); scenario_ok=0; }
+note() { echo "  $*"; }
+
+# ---------- rootfs: busybox-static, applets linked relatively ----------
+rootfs="$work/rootfs"
+mkdir -p "$rootfs"/{bin,etc,tmp,proc,sys,dev,run,root}
+cp /bin/busybox "$rootfs/bin/busybox"
+for applet in $(/bin/busybox --list); do
+	# The applet list names busybox itself: linking it would replace the binary.
+	[ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
+done
+echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
+echo "root:x:0:" >"$rootfs/etc/group"
+
+# ---------- leak checks ----------
+container_ids=(bad1 k1 r1 kt kk ke kty)
+markers=("$work" "$ns")
+
+leftover_processes() {
+	local pat
+	pat=$(printf '%s|' "${markers[@]}")
+	pat=${pat%|}
+	pgrep -af 'qemu-system|virtiofsd|vhost-device-vsock|containerd-shim|krun-oci|conmon' 2>/dev/null |
+		grep -E -- "$pat" | grep -v -e "pgrep" -e "test-clients.sh" || true
+}
+
+assert_clean() {
+	local what=$1 left n=0
+	# Teardown is asynchronous (TaskDelete, shim Shutdown, VM power-off): wait for
+	# it to settle, bounded by a count, never by asserting a duration.
+	while :; do
+		left=$(leftover_processes)
+		[ -z "$left" ] && break
+		n=$((n + 1))
+		[ $n -ge 300 ] && break
+		sleep 0.1
+	done
+	[ -z "$left" ] || fail "$what: processes left: $left"
+	local dir
+	for dir in "$work/shim-state/$ns" "/run/containerd/runc/$ns"; do
+		if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
+			fail "$what: state left in $dir: $(ls -A "$dir" | tr '\n' ' ')"
+		fi
+	done
+	if [ -d "$work/shim-state/sockets" ] && [ -n "$(ls -A "$work/shim-state/sockets")" ]; then
+		fail "$what: files left in the shim's socket dir: $(ls -A "$work/shim-state/sockets")"
+	fi
+	# Other containerds share /run/containerd/s: look only for our shims' sockets,
+	# named sha256("<containerd address>/<namespace>/<id>") by both shims.
+	local id hash
+	for id in "${container_ids[@]}"; do
+		hash=$(printf '%s' "$sock/$ns/$id" | sha256sum | cut -d' ' -f1)
+		[ -e "/run/containerd/s/$hash" ] && fail "$what: shim socket of $id left: /run/containerd/s/$hash"
+	done
+	local cid
+	for cid in "${podman_ids[@]:-}"; do
+		[ -n "$cid" ] && [ -e "/run/krun-oci/$cid" ] && fail "$what: krun-oci state left: /run/krun-oci/$cid"
+	done
+}
+
+# ---------- containerd of our own ----------
+cdir="$work/containerd"
+mkdir -p "$cdir"
+sock="$cdir/containerd.sock"
+cat >"$cdir/config.toml" <<EOF
+version = 2
+root = "$cdir/root"
+state = "$cdir/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "$sock"
+[ttrpc]
+  address = "$sock.ttrpc"
+[debug]
+  level = "debug"
+EOF
+PATH="$SHIM_DIR:$PATH" KRUN_OCI_SHIM_ROOT="$work/shim-state" KRUN_OCI_BINARY="$KRUN_OCI" \
+	containerd --config "$cdir/config.toml" >"$cdir/containerd.log" 2>&1 &
+containerd_pid=$!
+ctr() { timeout "$CMD_TIMEOUT" ctr --address "$sock" --namespace "$ns" "$@"; }
+for _ in $(seq 1 300); do
+	ctr version >/dev/null 2>&1 && break
+	kill -0 "$containerd_pid" 2>/dev/null || { cat "$cdir/containerd.log"; skip "containerd did not start"; }
+	sleep 0.1
+done
+ctr version >/dev/null 2>&1 || { tail -20 "$cdir/containerd.log"; skip "containerd did not answer on $sock"; }
+
+# ---------- podman, isolated storage ----------
+podman_ids=()
+podman() {
+	timeout "$CMD_TIMEOUT" podman --root "$work/podman/root" --runroot "$work/podman/run" \
+		--cgroup-manager cgroupfs --events-backend file "$@"
+}
+# podman passes the runtime a scrubbed environment: a wrapper (same basename,
+# podman goes by it) carries KRUN_OCI_INIT for builds that are not installed.
+podman_runtime="$KRUN_OCI"
+if [ -n "${KRUN_OCI_INIT:-}" ]; then
+	mkdir -p "$work/bin"
+	podman_runtime="$work/bin/krun-oci"
+	printf '#!/bin/sh\nKRUN_OCI_INIT=%q exec %q "$@"\n' "$KRUN_OCI_INIT" "$KRUN_OCI" >"$podman_runtime"
+	chmod +x "$podman_runtime"
+fi
+# --rootfs is a switch: the rootfs path is the positional argument, so it goes last.
+podman_run_flags=(--runtime "$podman_runtime" --network none
+	--ulimit nofile=1024:1024 --ulimit nproc=1024:1024 --rootfs "$rootfs")
+
+# ---------- scenarios ----------
+selected() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+run_scenario() {
+	local name=$1
+	selected "$name" || return 0
+	echo "== $name"
+	scenario_ok=1
+	"scenario_$name"
+	assert_clean "$name"
+	if [ $scenario_ok = 1 ]; then passed=$((passed + 1)); echo "  ok"; fi
+}
+expect_rc() { [ "$2" = "$3" ] || fail "$1: exit code $2, expected $3"; }
+expect_out() { grep -q -- "$3" <<<"$2" || fail "$1: output lacks '$3': $(head -c 600 <<<"$2")"; }
+
+# Without a VM: a bad command must fail create with runc's words, through the shim.
+scenario_shim_create_error() {
+	local out rc
+	out=$(ctr run --rm --runtime io.containerd.krun.v2 --rootfs "$rootfs" bad1 /no/such/binary 2>&1); rc=$?
+	[ $rc != 0 ] || fail "create of a missing binary succeeded"
+	expect_out "shim error" "$out" "no such file or directory"
+	ctr containers rm bad1 >/dev/null 2>&1
+}
+
+scenario_shim_run() {
+	local out rc
+	out=$(ctr run --rm --runtime io.containerd.krun.v2 --rootfs "$rootfs" k1 sh -c 'echo hello-from-shim; echo to-stderr >&2; exit 3' 2>&1); rc=$?
+	expect_rc "shim run" $rc 3
+	expect_out "shim run" "$out" "hello-from-shim"
+	expect_out "shim run" "$out" "to-stderr"
+}
+
+scenario_runc_shim_run() {
+	local out rc
+	out=$(ctr run --rm --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI" --rootfs "$rootfs" r1 sh -c 'echo hello-from-runc-shim; exit 4' 2>&1); rc=$?
+	expect_rc "runc shim run" $rc 4
+	expect_out "runc shim run" "$out" "hello-from-runc-shim"
+}
+
+# Waits until `$2` prints `$1` (the workload installed its trap: signals sent before
+# that would kill a shell that has no handler yet).
+wait_output() {
+	local want=$1 n=0
+	shift
+	until "$@" 2>/dev/null | grep -q -- "$want"; do
+		n=$((n + 1))
+		[ $n -ge 6000 ] && { fail "never printed '$want'"; return 1; }
+		sleep 0.1
+	done
+}
+
+wait_task_running() {
+	local id=$1 n=0
+	until ctr task ls 2>/dev/null | grep -E "^$id[[:space:]].*RUNNING" >/dev/null; do
+		n=$((n + 1))
+		[ $n -ge 6000 ] && { fail "task $id never ran"; return 1; }
+		sleep 0.1
+	done
+}
+
+# ctr task kill: SIGTERM runs the workload's trap; SIGKILL gives 137.
+kill_scenario() {
+	local runtime_flags=("$@") out rc pid
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kt sh -c 'trap "echo trapped; exit 42" TERM; echo ready; while :; do sleep 1; done' >"$work/kt.out" 2>&1 &
+	pid=$!
+	if wait_output ready cat "$work/kt.out"; then
+		ctr task kill kt || fail "ctr task kill failed"
+	fi
+	wait $pid; rc=$?
+	expect_rc "kill TERM" $rc 42
+	expect_out "kill TERM" "$(cat "$work/kt.out")" "trapped"
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kk sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >"$work/kk.out" 2>&1 &
+	pid=$!
+	if wait_output ready cat "$work/kk.out"; then
+		ctr task kill -s SIGKILL kk || fail "ctr task kill -s SIGKILL failed"
+	fi
+	wait $pid; rc=$?
+	expect_rc "kill KILL" $rc 137
+}
+scenario_shim_kill() { kill_scenario --runtime io.containerd.krun.v2; }
+scenario_runc_shim_kill() { kill_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
+exec_scenario() {
+	local runtime_flags=("$@") out rc events_pid
+	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >"$work/events.out" 2>&1 &
+	events_pid=$!
+	ctr run -d "${runtime_flags[@]}" --rootfs "$rootfs" ke sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 ||
+		{ fail "ctr run -d failed"; return; }
+	wait_task_running ke || return
+	out=$(ctr task exec --exec-id e1 ke sh -c 'echo exec-out; exit 5' 2>&1); rc=$?
+	if grep -q "not implemented\|Unimplemented" <<<"$out"; then
+		fail "exec: not available yet: $out"
+	else
+		expect_rc "exec" $rc 5
+		expect_out "exec" "$out" "exec-out"
+	fi
+	ctr task kill -s SIGKILL ke
+	ctr task rm ke >/dev/null 2>&1 || { sleep 1; ctr task rm -f ke >/dev/null 2>&1; }
+	ctr containers rm ke >/dev/null 2>&1 || fail "container ke could not be removed"
+	kill $events_pid 2>/dev/null
+	wait $events_pid 2>/dev/null
+	local topic events
+	events=$(grep " $ns " "$work/events.out")
+	for topic in /tasks/create /tasks/start /tasks/exec-added /tasks/exec-started /tasks/exit /tasks/delete; do
+		grep -q " $topic " <<<"$events" || fail "exec: no $topic event: $events"
+	done
+	# The task's own TaskExit comes before its TaskDelete.
+	local last_exit first_delete
+	last_exit=$(grep -n " /tasks/exit " <<<"$events" | tail -1 | cut -d: -f1)
+	first_delete=$(grep -n " /tasks/delete " <<<"$events" | head -1 | cut -d: -f1)
+	[ -n "$last_exit" ] && [ -n "$first_delete" ] && [ "$last_exit" -lt "$first_delete" ] ||
+		fail "exec: TaskExit does not precede TaskDelete: $events"
+}
+scenario_shim_exec() { exec_scenario --runtime io.containerd.krun.v2; }
+scenario_runc_shim_exec() { exec_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
+# ctr run -t under tmux: the pty comes through the console socket; keys go in, output
+# and the exit code come out; `ctr task exec -t` alongside.
+tty_scenario() {
+	local runtime_flags=("$@") session="krun-tty-$$" rc n screen
+	command -v tmux >/dev/null && command -v script >/dev/null ||
+		{ fail "tmux or script(1) missing: tty scenario cannot run"; return; }
+	rm -f "$work/tty.rc"
+	tmux new-session -d -s "$session" -x 120 -y 30 \
+		"ctr --address $sock --namespace $ns run -t --rm ${runtime_flags[*]} --rootfs $rootfs kty sh; echo \$? >$work/tty.rc"
+	wait_task_running kty || { tmux kill-session -t "$session" 2>/dev/null; return; }
+	wait_output '#' tmux capture-pane -p -t "$session"
+	tmux send-keys -t "$session" '[ -t 0 ] && echo "tty-$((6*7))"' Enter
+	wait_output tty-42 tmux capture-pane -p -t "$session"
+	# ctr wants a terminal for -t: script(1) gives it one (and returns its status).
+	screen=$(timeout "$CMD_TIMEOUT" script -eqc "ctr --address $sock --namespace $ns task exec -t --exec-id et kty sh -c '[ -t 1 ] && echo exec-tty-ok; exit 6'" /dev/null 2>&1 </dev/null); rc=$?
+	expect_rc "exec -t" $rc 6
+	expect_out "exec -t" "$screen" "exec-tty-ok"
+	tmux send-keys -t "$session" 'exit 9' Enter
+	n=0
+	while [ ! -s "$work/tty.rc" ] && [ $n -lt 3000 ]; do n=$((n + 1)); sleep 0.1; done
+	rc=$(cat "$work/tty.rc" 2>/dev/null)
+	expect_rc "ctr run -t" "$rc" 9
+	tmux kill-session -t "$session" 2>/dev/null
+}
+scenario_shim_tty() { tty_scenario --runtime io.containerd.krun.v2; }
+scenario_runc_shim_tty() { tty_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
+scenario_podman_run() {
+	local out rc
+	rm -f "$work/cid"
+	out=$(podman run --rm --cidfile "$work/cid" "${podman_run_flags[@]}" sh -c 'echo hello-podman; exit 7' 2>&1); rc=$?
+	podman_ids+=("$(cat "$work/cid" 2>/dev/null)")
+	markers+=("${podman_ids[-1]:-$work}")
+	expect_rc "podman run" $rc 7
+	expect_out "podman run" "$out" "hello-podman"
+}
+
+# podman stop is graceful: the SIGTERM trap runs, no SIGKILL fallback (exit 0, not 137).
+scenario_podman_stop() {
+	local cid code logs
+	cid=$(podman run -d "${podman_run_flags[@]}" sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' 2>&1) ||
+		{ fail "podman run -d: $cid"; return; }
+	podman_ids+=("$cid")
+	markers+=("$cid")
+	wait_output started podman logs "$cid"
+	podman stop -t 300 "$cid" >/dev/null || fail "podman stop failed"
+	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
+	expect_rc "podman stop" "$code" 0
+	logs=$(podman logs "$cid" 2>&1)
+	expect_out "podman stop" "$logs" "got-term"
+	podman rm -f "$cid" >/dev/null || fail "podman rm failed"
+}
+
+# Does a VM boot at all here? If not, every VM scenario would fail for that one reason.
+vm_probe() {
+	local b="$work/probe" out
+	mkdir -p "$b"
+	ln -s "$rootfs" "$b/rootfs"
+	"$KRUN_OCI" spec --bundle "$b" >/dev/null
+	python3 - "$b/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["process"]["terminal"] = False
+c["process"]["args"] = ["true"]
+json.dump(c, open(sys.argv[1], "w"))
+PY
+	out=$(timeout "$CMD_TIMEOUT" "$KRUN_OCI" --root "$work/probe-state" run --bundle "$b" probe 2>&1 </dev/null) && return 0
+	"$KRUN_OCI" --root "$work/probe-state" delete --force probe >/dev/null 2>&1
+	echo "$out" | tail -3
+	return 1
+}
+
+vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty podman_run podman_stop)
+wanted=()
+for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
+
+run_scenario shim_create_error
+if [ ${#wanted[@]} = 0 ]; then
+	:
+elif ! reason=$(vm_probe); then
+	echo "VM probe: no microVM boots here: $reason"
+	if [ "${KRUN_OCI_REQUIRE_VM:-0}" = 1 ]; then
+		fail "KRUN_OCI_REQUIRE_VM=1 but no VM boots"
+	else
+		echo "SKIP: VM scenarios (${wanted[*]}): no VM boots"
+		skipped=1
+	fi
+else
+	for s in "${wanted[@]}"; do
+		run_scenario "$s"
+	done
+fi
+
+echo "== $passed passed, $failures failed$([ $skipped = 1 ] && echo ', VM scenarios skipped')"
+if [ $failures != 0 ]; then
+	echo "-- containerd log (tail):"
+	tail -40 "$cdir/containerd.log"
+	exit 1
+fi
+[ $skipped = 1 ] && exit 77
+exit 0

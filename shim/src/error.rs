@@ -1,0 +1,108 @@
+//! The shim's error type and its mapping onto ttrpc status codes: containerd
+//! reacts to the code (NotFound on kill of a finished process, AlreadyExists on a
+//! second create...), so every failure carries the right one.
+
+use containerd_shim::protos::ttrpc::{self, Code};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn code(&self) -> Code {
+        match self {
+            Error::NotFound(_) => Code::NOT_FOUND,
+            Error::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            Error::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            Error::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            Error::Unimplemented(_) => Code::UNIMPLEMENTED,
+            Error::Internal(_) => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(e: Error) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
+    }
+}
+
+impl From<krun_oci::Error> for Error {
+    fn from(e: krun_oci::Error) -> Self {
+        use krun_oci::Error as K;
+        let msg = e.to_string();
+        match e {
+            K::NotExist => Error::NotFound(msg),
+            K::Exists => Error::AlreadyExists(msg),
+            K::InvalidId(_) | K::InvalidInput(_) | K::Spec(_) | K::Json(_) => {
+                Error::InvalidArgument(msg)
+            }
+            K::NotRunning
+            | K::Paused
+            | K::StillRunning
+            | K::NotStopped { .. }
+            | K::StartStopped
+            | K::AlreadyRunning => Error::FailedPrecondition(msg),
+            K::NotImplemented(_) => Error::Unimplemented(msg),
+            _ => Error::Internal(msg),
+        }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+impl From<nix::Error> for Error {
+    fn from(e: nix::Error) -> Self {
+        Error::Internal(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_errors_map_to_the_codes_containerd_expects() {
+        let code = |e: krun_oci::Error| Error::from(e).code();
+        assert_eq!(code(krun_oci::Error::NotExist), Code::NOT_FOUND);
+        assert_eq!(code(krun_oci::Error::Exists), Code::ALREADY_EXISTS);
+        assert_eq!(code(krun_oci::Error::NotRunning), Code::FAILED_PRECONDITION);
+        assert_eq!(
+            code(krun_oci::Error::NotStopped {
+                id: "a".into(),
+                status: "running".into()
+            }),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            code(krun_oci::Error::NotImplemented("exec")),
+            Code::UNIMPLEMENTED
+        );
+        assert_eq!(code(krun_oci::Error::Vm("boom".into())), Code::INTERNAL);
+        match ttrpc::Error::from(Error::NotFound("task x".into())) {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::NOT_FOUND);
+                assert_eq!(s.message(), "task x: not found");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,933 @@
+//! The containerd Task service over [`Instance`]s.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::topics;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use krun_oci::state::Status;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+use crate::exits::{Exit, Exits};
+use crate::instance::{Instance, KrunConfig, KrunInstance};
+use crate::stdio::{self, StdioHandle, StdioPaths};
+
+/// Version reported by Connect.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where the shim keeps krun-oci state: `<base>/<namespace>`.
+pub const DEFAULT_STATE_BASE: &str = "/run/containerd/krun-oci";
+/// Overrides [`DEFAULT_STATE_BASE`] (tests, non-standard installs).
+pub const STATE_BASE_ENV: &str = "KRUN_OCI_SHIM_ROOT";
+/// Names the krun-oci binary; else the one next to the shim, else `krun-oci` on PATH.
+pub const BINARY_ENV: &str = "KRUN_OCI_BINARY";
+
+pub fn state_base() -> PathBuf {
+    std::env::var_os(STATE_BASE_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| DEFAULT_STATE_BASE.into(), PathBuf::from)
+}
+
+pub fn state_root(namespace: &str) -> PathBuf {
+    state_base().join(namespace)
+}
+
+/// The krun-oci binary the shim drives.
+pub fn krun_oci_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
+        return p.into();
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("krun-oci")))
+    {
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join("krun-oci"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "krun-oci".into())
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+        ..Default::default()
+    }
+}
+
+/// Publishes task events to containerd.
+pub struct Events {
+    namespace: String,
+    publisher: Mutex<RemotePublisher>,
+}
+
+impl Events {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Err(e) = self.publisher.lock().unwrap().publish(
+            Context::default(),
+            topic,
+            &self.namespace,
+            event,
+        ) {
+            log::warn!("publishing {topic}: {e}");
+        }
+    }
+}
+
+/// An exec'd process: `krun-oci exec --detach` leaves a host relay whose pid
+/// stands for the guest process (it forwards signals and exits with its code).
+struct ExecProcess {
+    paths: StdioPaths,
+    spec: Vec<u8>,
+    /// Files of this exec (process.json, pid file, log) share this prefix.
+    file_prefix: PathBuf,
+    /// 0 until started, then the relay's pid; [`EXEC_FAILED`] if the start failed.
+    pid: Mutex<i32>,
+    /// Signalled when `pid` leaves 0 (Wait may come before Start: ctr sends both at once).
+    started: Condvar,
+    /// The exit reported for an exec whose start failed.
+    start_failure: Mutex<Option<Exit>>,
+    stdio: Mutex<Option<StdioHandle>>,
+}
+
+/// `ExecProcess::pid` of an exec whose start failed.
+const EXEC_FAILED: i32 = -1;
+
+impl ExecProcess {
+    fn pid(&self) -> i32 {
+        *self.pid.lock().unwrap()
+    }
+
+    fn set_pid(&self, pid: i32) {
+        *self.pid.lock().unwrap() = pid;
+        self.started.notify_all();
+    }
+
+    /// The exit, if the exec ended (or never could start).
+    fn exit(&self, exits: &Exits) -> Option<Exit> {
+        match self.pid() {
+            0 => None,
+            EXEC_FAILED => *self.start_failure.lock().unwrap(),
+            pid => exits.get(pid),
+        }
+    }
+
+    /// Waits for the start, then for the exit.
+    fn wait(&self, exits: &Exits) -> Exit {
+        let mut pid = self.pid.lock().unwrap();
+        while *pid == 0 {
+            pid = self.started.wait(pid).unwrap();
+        }
+        let pid = *pid;
+        if pid == EXEC_FAILED {
+            return self.start_failure.lock().unwrap().unwrap_or(Exit {
+                status: 255,
+                at: SystemTime::now(),
+            });
+        }
+        exits.wait(pid)
+    }
+}
+
+struct Task {
+    id: String,
+    bundle: String,
+    paths: StdioPaths,
+    instance: KrunInstance,
+    stdio: StdioHandle,
+    rootfs_mounted: Option<PathBuf>,
+    exit_published: AtomicBool,
+    execs: Mutex<HashMap<String, Arc<ExecProcess>>>,
+}
+
+pub struct Service {
+    root: PathBuf,
+    exe: PathBuf,
+    exits: Arc<Exits>,
+    events: Arc<Events>,
+    shutdown: Arc<ExitSignal>,
+    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    counter: AtomicU64,
+}
+
+impl Service {
+    pub fn new(namespace: &str, publisher: RemotePublisher, shutdown: Arc<ExitSignal>) -> Self {
+        Self {
+            root: state_root(namespace),
+            exe: krun_oci_binary(),
+            exits: Exits::start(),
+            events: Arc::new(Events {
+                namespace: namespace.to_string(),
+                publisher: Mutex::new(publisher),
+            }),
+            shutdown,
+            tasks: Mutex::new(HashMap::new()),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn task(&self, id: &str) -> Result<Arc<Task>> {
+        self.tasks
+            .lock()
+            .unwrap()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("task {id}")))
+    }
+
+    fn exec(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<ExecProcess>)> {
+        let task = self.task(id)?;
+        let exec = task.execs.lock().unwrap().get(exec_id).cloned();
+        exec.map(|e| (task, e))
+            .ok_or_else(|| Error::NotFound(format!("exec {exec_id} of task {id}")))
+    }
+
+    /// A short, unique path for a console socket (sun_path holds 108 bytes).
+    fn socket_dir(&self) -> PathBuf {
+        state_base().join("sockets")
+    }
+
+    fn unique(&self) -> String {
+        format!(
+            "{}-{}",
+            std::process::id(),
+            self.counter.fetch_add(1, Ordering::SeqCst)
+        )
+    }
+
+    fn do_create(&self, req: api::CreateTaskRequest) -> Result<u32> {
+        let id = req.id.clone();
+        if self.tasks.lock().unwrap().contains_key(&id) {
+            return Err(Error::AlreadyExists(format!("task {id}")));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(Error::Unimplemented(
+                "checkpoint/restore is not supported by krun-oci".into(),
+            ));
+        }
+        let rootfs_mounted = mount_rootfs(&req)?;
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        let result = (|| {
+            let mut prepared = stdio::prepare(&paths, &self.socket_dir(), &self.unique())?;
+            if let Some(console) = prepared.console_socket.as_mut() {
+                console.serve(&paths, &prepared.handle);
+            }
+            let cfg = KrunConfig {
+                root: self.root.clone(),
+                bundle: PathBuf::from(&req.bundle),
+                exe: self.exe.clone(),
+                stdio: prepared.fds.clone(),
+                console_socket: prepared.console_socket.as_ref().map(|c| c.path.clone()),
+                exits: self.exits.clone(),
+            };
+            match KrunInstance::new(id.clone(), cfg) {
+                Ok(instance) => Ok((instance, prepared.handle)),
+                Err(e) => {
+                    if let Some(c) = &prepared.console_socket {
+                        c.cancel();
+                    }
+                    prepared.handle.close_stdin();
+                    Err(e)
+                }
+            }
+            // `prepared.fds` drop here: only the monitor holds the fifos now, so
+            // the client sees EOF when it exits.
+        })();
+        let (instance, handle) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(target) = &rootfs_mounted {
+                    unmount(target);
+                }
+                return Err(e);
+            }
+        };
+        let pid = instance.pid();
+        let task = Arc::new(Task {
+            id: id.clone(),
+            bundle: req.bundle.clone(),
+            paths,
+            instance,
+            stdio: handle,
+            rootfs_mounted,
+            exit_published: AtomicBool::new(false),
+            execs: Mutex::new(HashMap::new()),
+        });
+        self.tasks.lock().unwrap().insert(id.clone(), task.clone());
+        self.events.publish(
+            topics::TASK_CREATE_EVENT_TOPIC,
+            Box::new(TaskCreate {
+                container_id: id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                pid,
+                ..Default::default()
+            }),
+        );
+        // TaskExit goes out as soon as the workload's code is known.
+        let events = self.events.clone();
+        std::thread::spawn(move || {
+            task.instance.wait();
+            publish_task_exit(&events, &task);
+        });
+        Ok(pid)
+    }
+
+    fn do_start(&self, req: api::StartRequest) -> Result<u32> {
+        if !req.exec_id.is_empty() {
+            return self.start_exec(&req.id, &req.exec_id);
+        }
+        let task = self.task(&req.id)?;
+        let pid = task.instance.start()?;
+        self.events.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            }),
+        );
+        Ok(pid)
+    }
+
+    fn do_delete(&self, req: api::DeleteRequest) -> Result<api::DeleteResponse> {
+        if !req.exec_id.is_empty() {
+            let (task, exec) = self.exec(&req.id, &req.exec_id)?;
+            let pid = exec.pid();
+            let exit = exec.exit(&self.exits);
+            if pid > 0 && exit.is_none() {
+                return Err(Error::FailedPrecondition(format!(
+                    "exec {} is still running",
+                    req.exec_id
+                )));
+            }
+            task.execs.lock().unwrap().remove(&req.exec_id);
+            remove_exec_files(&exec.file_prefix);
+            if pid > 0 {
+                self.exits.forget(pid);
+            }
+            return Ok(api::DeleteResponse {
+                pid: pid.max(0) as u32,
+                exit_status: exit.map_or(0, |e| e.status),
+                exited_at: MessageField::some(timestamp(
+                    exit.map_or_else(SystemTime::now, |e| e.at),
+                )),
+                ..Default::default()
+            });
+        }
+        let task = self.task(&req.id)?;
+        task.instance.delete()?;
+        // Execs go with their container; waiters of never-started ones wake up.
+        for (_, exec) in task.execs.lock().unwrap().drain() {
+            remove_exec_files(&exec.file_prefix);
+            if exec.pid() == 0 {
+                *exec.start_failure.lock().unwrap() = Some(Exit {
+                    status: 255,
+                    at: SystemTime::now(),
+                });
+                exec.set_pid(EXEC_FAILED);
+            }
+        }
+        // A task deleted before it ran still ends with an exit (of its monitor).
+        let exit = task.instance.try_wait().unwrap_or(Exit {
+            status: 137,
+            at: SystemTime::now(),
+        });
+        publish_task_exit(&self.events, &task);
+        if let Some(target) = &task.rootfs_mounted {
+            unmount(target);
+        }
+        self.tasks.lock().unwrap().remove(&req.id);
+        self.exits.forget(task.instance.pid() as i32);
+        self.events.publish(
+            topics::TASK_DELETE_EVENT_TOPIC,
+            Box::new(TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: task.instance.pid(),
+                exit_status: exit.status,
+                exited_at: MessageField::some(timestamp(exit.at)),
+                ..Default::default()
+            }),
+        );
+        Ok(api::DeleteResponse {
+            pid: task.instance.pid(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    fn do_exec(&self, req: api::ExecProcessRequest) -> Result<()> {
+        let task = self.task(&req.id)?;
+        if task.instance.try_wait().is_some() {
+            return Err(Error::FailedPrecondition(format!(
+                "task {} has stopped",
+                req.id
+            )));
+        }
+        let mut execs = task.execs.lock().unwrap();
+        if execs.contains_key(&req.exec_id) {
+            return Err(Error::AlreadyExists(format!("exec {}", req.exec_id)));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.clone())
+            .unwrap_or_default();
+        if spec.is_empty() {
+            return Err(Error::InvalidArgument("exec without a process spec".into()));
+        }
+        let file_prefix = self.socket_dir().join(format!("exec-{}", self.unique()));
+        execs.insert(
+            req.exec_id.clone(),
+            Arc::new(ExecProcess {
+                paths: StdioPaths {
+                    stdin: req.stdin,
+                    stdout: req.stdout,
+                    stderr: req.stderr,
+                    terminal: req.terminal,
+                },
+                spec,
+                file_prefix,
+                pid: Mutex::new(0),
+                started: Condvar::new(),
+                start_failure: Mutex::new(None),
+                stdio: Mutex::new(None),
+            }),
+        );
+        drop(execs);
+        self.events.publish(
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Box::new(TaskExecAdded {
+                container_id: req.id,
+                exec_id: req.exec_id,
+                ..Default::default()
+            }),
+        );
+        Ok(())
+    }
+
+    /// Runs `krun-oci exec --detach`, whose pid file names the relay that stands
+    /// for the guest process from then on.
+    fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let (task, exec) = self.exec(id, exec_id)?;
+        if exec.pid() != 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} was already started"
+            )));
+        }
+        let prefix = exec.file_prefix.to_string_lossy().into_owned();
+        let (process_file, pid_file, log_file) = (
+            PathBuf::from(format!("{prefix}.json")),
+            PathBuf::from(format!("{prefix}.pid")),
+            PathBuf::from(format!("{prefix}.log")),
+        );
+        std::fs::create_dir_all(self.socket_dir())?;
+        std::fs::write(&process_file, &exec.spec)?;
+        let mut prepared = stdio::prepare(&exec.paths, &self.socket_dir(), &self.unique())?;
+        if let Some(console) = prepared.console_socket.as_mut() {
+            console.serve(&exec.paths, &prepared.handle);
+        }
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&log_file)
+            .arg("--log-format")
+            .arg("json")
+            .arg("exec")
+            .arg("--process")
+            .arg(&process_file)
+            .arg("--detach")
+            .arg("--pid-file")
+            .arg(&pid_file);
+        if let Some(c) = &prepared.console_socket {
+            cmd.arg("--console-socket").arg(&c.path);
+        }
+        cmd.arg(id);
+        let [i, o, e] = &prepared.fds;
+        cmd.stdin(i.try_clone()?)
+            .stdout(o.try_clone()?)
+            .stderr(e.try_clone()?);
+        // Never waited for here: the reaper collects it, we read its status from `exits`.
+        let child = cmd
+            .spawn()
+            .map_err(|e| Error::Internal(format!("running {} exec: {e}", self.exe.display())))?;
+        let cli_pid = child.id() as i32;
+        drop(child);
+        drop(prepared.fds);
+        let cli_exit = self.exits.wait(cli_pid);
+        self.exits.forget(cli_pid);
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let pid = match (cli_exit.status, pid) {
+            (0, Some(pid)) if pid > 0 => pid,
+            (status, _) => {
+                if let Some(c) = &prepared.console_socket {
+                    c.cancel();
+                }
+                prepared.handle.close_stdin();
+                let msg = read_error_log(&log_file)
+                    .unwrap_or_else(|| format!("krun-oci exec exited with {status}"));
+                remove_exec_files(&exec.file_prefix);
+                *exec.start_failure.lock().unwrap() = Some(Exit {
+                    status: 255,
+                    at: SystemTime::now(),
+                });
+                exec.set_pid(EXEC_FAILED);
+                return Err(classify_cli_error(msg));
+            }
+        };
+        *exec.stdio.lock().unwrap() = Some(prepared.handle);
+        exec.set_pid(pid);
+        self.events.publish(
+            topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Box::new(TaskExecStarted {
+                container_id: id.to_string(),
+                exec_id: exec_id.to_string(),
+                pid: pid as u32,
+                ..Default::default()
+            }),
+        );
+        let (events, exits, container_id, exec_id) = (
+            self.events.clone(),
+            self.exits.clone(),
+            task.id.clone(),
+            exec_id.to_string(),
+        );
+        std::thread::spawn(move || {
+            let exit = exits.wait(pid);
+            events.publish(
+                topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(TaskExit {
+                    container_id,
+                    id: exec_id,
+                    pid: pid as u32,
+                    exit_status: exit.status,
+                    exited_at: MessageField::some(timestamp(exit.at)),
+                    ..Default::default()
+                }),
+            );
+        });
+        Ok(pid as u32)
+    }
+
+    fn do_state(&self, req: api::StateRequest) -> Result<api::StateResponse> {
+        let task = self.task(&req.id)?;
+        if !req.exec_id.is_empty() {
+            let (_, exec) = self.exec(&req.id, &req.exec_id)?;
+            let pid = exec.pid();
+            let exit = exec.exit(&self.exits);
+            let status = match (pid, exit) {
+                (_, Some(_)) => api::Status::STOPPED,
+                (0, _) => api::Status::CREATED,
+                _ => api::Status::RUNNING,
+            };
+            return Ok(api::StateResponse {
+                id: req.exec_id.clone(),
+                exec_id: req.exec_id,
+                bundle: task.bundle.clone(),
+                pid: pid.max(0) as u32,
+                status: status.into(),
+                stdin: exec.paths.stdin.clone(),
+                stdout: exec.paths.stdout.clone(),
+                stderr: exec.paths.stderr.clone(),
+                terminal: exec.paths.terminal,
+                exit_status: exit.map_or(0, |e| e.status),
+                exited_at: exit
+                    .map_or_else(MessageField::none, |e| MessageField::some(timestamp(e.at))),
+                ..Default::default()
+            });
+        }
+        let exit = task.instance.try_wait();
+        let status = match task.instance.status() {
+            _ if exit.is_some() => api::Status::STOPPED,
+            Some(Status::Created) | Some(Status::Creating) => api::Status::CREATED,
+            Some(Status::Running) => api::Status::RUNNING,
+            Some(Status::Paused) => api::Status::PAUSED,
+            Some(Status::Stopped) => api::Status::STOPPED,
+            None => api::Status::UNKNOWN,
+        };
+        Ok(api::StateResponse {
+            id: req.id.clone(),
+            bundle: task.bundle.clone(),
+            pid: task.instance.pid(),
+            status: status.into(),
+            stdin: task.paths.stdin.clone(),
+            stdout: task.paths.stdout.clone(),
+            stderr: task.paths.stderr.clone(),
+            terminal: task.paths.terminal,
+            exit_status: exit.map_or(0, |e| e.status),
+            exited_at: exit
+                .map_or_else(MessageField::none, |e| MessageField::some(timestamp(e.at))),
+            ..Default::default()
+        })
+    }
+
+    fn do_kill(&self, req: api::KillRequest) -> Result<()> {
+        if req.exec_id.is_empty() {
+            return self.task(&req.id)?.instance.kill(req.signal, req.all);
+        }
+        let (_, exec) = self.exec(&req.id, &req.exec_id)?;
+        let pid = exec.pid();
+        if pid <= 0 || self.exits.get(pid).is_some() {
+            return Err(Error::NotFound(format!(
+                "exec {}: process already finished",
+                req.exec_id
+            )));
+        }
+        let sig = Signal::try_from(req.signal as i32)
+            .map_err(|_| Error::InvalidArgument(format!("invalid signal {}", req.signal)))?;
+        // The relay forwards what it receives into the guest.
+        nix::sys::signal::kill(Pid::from_raw(pid), sig)?;
+        Ok(())
+    }
+
+    fn do_wait(&self, req: api::WaitRequest) -> Result<api::WaitResponse> {
+        let exit = if req.exec_id.is_empty() {
+            self.task(&req.id)?.instance.wait()
+        } else {
+            let (_, exec) = self.exec(&req.id, &req.exec_id)?;
+            exec.wait(&self.exits)
+        };
+        Ok(api::WaitResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    fn stdio_of<R>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&StdioHandle, i32) -> R,
+    ) -> Result<R> {
+        if exec_id.is_empty() {
+            let task = self.task(id)?;
+            return Ok(f(&task.stdio, task.instance.pid() as i32));
+        }
+        let (_, exec) = self.exec(id, exec_id)?;
+        let pid = exec.pid();
+        let stdio = exec.stdio.lock().unwrap();
+        match stdio.as_ref() {
+            Some(s) => Ok(f(s, pid)),
+            None => Err(Error::FailedPrecondition(format!(
+                "exec {exec_id} has not started"
+            ))),
+        }
+    }
+}
+
+/// Publishes the task's TaskExit once (by the waiter, or by Delete if it is first).
+fn publish_task_exit(events: &Events, task: &Task) {
+    let Some(exit) = task.instance.try_wait() else {
+        return;
+    };
+    if task.exit_published.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    events.publish(
+        topics::TASK_EXIT_EVENT_TOPIC,
+        Box::new(TaskExit {
+            container_id: task.id.clone(),
+            id: task.id.clone(),
+            pid: task.instance.pid(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        }),
+    );
+}
+
+/// Mounts containerd's rootfs mounts (images) at `<bundle>/rootfs`. `ctr run
+/// --rootfs DIR` sends none: config.json names the directory itself.
+fn mount_rootfs(req: &api::CreateTaskRequest) -> Result<Option<PathBuf>> {
+    if req.rootfs.is_empty() {
+        return Ok(None);
+    }
+    let target = Path::new(&req.bundle).join("rootfs");
+    std::fs::create_dir_all(&target)?;
+    for m in &req.rootfs {
+        containerd_shim::mount::mount_rootfs(
+            Some(m.type_.as_str()),
+            Some(m.source.as_str()),
+            &m.options,
+            &target,
+        )
+        .map_err(|e| {
+            unmount(&target);
+            Error::Internal(format!(
+                "mounting {} ({}) at {}: {e}",
+                m.source,
+                m.type_,
+                target.display()
+            ))
+        })?;
+    }
+    Ok(Some(target))
+}
+
+fn unmount(target: &Path) {
+    if let Err(e) = containerd_shim::mount::umount_recursive(target.to_str(), libc::MNT_DETACH) {
+        log::warn!("unmounting {}: {e}", target.display());
+    }
+}
+
+fn remove_exec_files(prefix: &Path) {
+    let prefix = prefix.to_string_lossy();
+    for ext in ["json", "pid", "log"] {
+        let _ = std::fs::remove_file(format!("{prefix}.{ext}"));
+    }
+}
+
+/// The last error krun-oci logged (json lines: `{"level":"error","msg":...}`).
+fn read_error_log(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("level").and_then(|l| l.as_str()) == Some("error"))
+        .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
+}
+
+/// Maps a krun-oci CLI error message onto a code (the CLI reuses runc's words).
+fn classify_cli_error(msg: String) -> Error {
+    if msg.contains("not implemented") {
+        Error::Unimplemented(msg)
+    } else if msg.contains("container does not exist") {
+        Error::NotFound(msg)
+    } else if msg.contains("container not running") || msg.contains("container paused") {
+        Error::FailedPrecondition(msg)
+    } else {
+        Error::Internal(msg)
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        Ok(self.do_state(req)?)
+    }
+
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let pid = self.do_create(req)?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = self.do_start(req)?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        Ok(self.do_delete(req)?)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let task = self.task(&req.id)?;
+        if task.instance.try_wait().is_some() {
+            return Ok(api::PidsResponse::default());
+        }
+        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
+        let processes = krun_oci::lifecycle::ps(&store, &req.id).map_err(Error::from)?;
+        Ok(api::PidsResponse {
+            processes: processes
+                .into_iter()
+                .map(|p| containerd_shim::protos::types::task::ProcessInfo {
+                    pid: p.pid as u32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        Err(Error::Unimplemented("pause is not supported yet by krun-oci".into()).into())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        Err(Error::Unimplemented("resume is not supported yet by krun-oci".into()).into())
+    }
+
+    fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::CheckpointTaskRequest,
+    ) -> TtrpcResult<api::Empty> {
+        Err(Error::Unimplemented("checkpoint is not supported by krun-oci".into()).into())
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        self.do_kill(req)?;
+        Ok(api::Empty::default())
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.do_exec(req)?;
+        Ok(api::Empty::default())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let resized = self.stdio_of(&req.id, &req.exec_id, |s, pid| {
+            s.resize(req.width, req.height).map(|r| (r, pid))
+        })??;
+        // The monitor (or exec relay) reads the new size from its pty on SIGWINCH
+        // and passes it into the guest.
+        if let (true, pid) = resized {
+            if pid > 0 {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGWINCH);
+            }
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        if req.stdin {
+            self.stdio_of(&req.id, &req.exec_id, |s, _| s.close_stdin())?;
+        }
+        Ok(api::Empty::default())
+    }
+
+    fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Err(Error::Unimplemented("update is not supported yet by the krun-oci shim".into()).into())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        Ok(self.do_wait(req)?)
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        self.task(&req.id)?;
+        Err(Error::Unimplemented("stats are not implemented yet for krun-oci VMs".into()).into())
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let task_pid = self
+            .tasks
+            .lock()
+            .unwrap()
+            .get(&req.id)
+            .map_or(0, |t| t.instance.pid());
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: VERSION.to_string(),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if !req.now && !self.tasks.lock().unwrap().is_empty() {
+            return Ok(api::Empty::default());
+        }
+        self.shutdown.signal();
+        Ok(api::Empty::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_errors_are_classified() {
+        assert!(matches!(
+            classify_cli_error("exec is not implemented yet".into()),
+            Error::Unimplemented(_)
+        ));
+        assert!(matches!(
+            classify_cli_error("container does not exist".into()),
+            Error::NotFound(_)
+        ));
+        assert!(matches!(
+            classify_cli_error("container not running".into()),
+            Error::FailedPrecondition(_)
+        ));
+        assert!(matches!(
+            classify_cli_error("vm: boom".into()),
+            Error::Internal(_)
+        ));
+    }
+
+    #[test]
+    fn error_log_last_error_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log.json");
+        std::fs::write(
+            &p,
+            "{\"level\":\"warning\",\"msg\":\"w\",\"time\":\"t\"}\n{\"level\":\"error\",\"msg\":\"container not running\",\"time\":\"t\"}\n",
+        )
+        .unwrap();
+        assert_eq!(read_error_log(&p).as_deref(), Some("container not running"));
+        assert_eq!(read_error_log(&dir.path().join("missing")), None);
+    }
+}
