@@ -445,7 +445,7 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
 }
 
 pub fn check(ctx: &Context) -> Result<i32> {
-    let report = krun_oci::check::report(ctx.vmm, &krun_oci::image::ImageOptions::from_env()?);
+    let report = krun_oci::check::report(ctx.vmm, &krun_oci::monitor::image_options(ctx.vmm)?);
     print!("{report}");
     Ok(if report.can_run() { 0 } else { 1 })
 }

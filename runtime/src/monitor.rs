@@ -142,7 +142,7 @@ struct Booted {
 fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> {
     let run_dir = dir.run_dir();
     std::fs::create_dir_all(&run_dir).ctx(|| format!("creating {}", run_dir.display()))?;
-    let image = crate::image::ensure(&crate::image::ImageOptions::from_env()?)?;
+    let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
     let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
     log::info!("vmm: {} ({})", selection.engine, selection.explanation);
     let vm_spec = VmSpec {
@@ -223,6 +223,28 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
             })
         }
     }
+}
+
+/// Image options for a container: libkrun boots only our own kernel (or
+/// libkrunfw), so when libkrun is asked for, or `auto` would pick it (hardware
+/// KVM and our kernel built), the automatic kernel choice is our own.
+pub fn image_options(vmm: VmmChoice) -> Result<crate::image::ImageOptions> {
+    use crate::image::{own_kernel, KernelSource};
+    let mut opts = crate::image::ImageOptions::from_env()?;
+    if opts.kernel_source == KernelSource::Auto && opts.kernel.is_none() {
+        let libkrun = match vmm {
+            VmmChoice::Libkrun => true,
+            VmmChoice::Qemu => false,
+            VmmChoice::Auto => {
+                crate::vmm::detect::assess_kvm(&crate::vmm::detect::HostFacts::probe()).usable
+                    && own_kernel::cached(&opts.cache_dir()).is_some()
+            }
+        };
+        if libkrun {
+            opts.kernel_source = KernelSource::Own;
+        }
+    }
+    Ok(opts)
 }
 
 /// Waits for the guest's connection on the events port, bounded by VM liveness.

@@ -9,7 +9,7 @@ use std::fs;
 use std::process::Stdio;
 
 use common::*;
-use krun_oci::image::{self, ImageOptions};
+use krun_oci::image;
 use krun_oci::vmm::detect::{assess_kvm, HostFacts};
 use krun_oci::vmm::libkrun;
 
@@ -25,7 +25,11 @@ fn blocker() -> Option<String> {
     if !std::env::var_os("KRUN_OCI_INIT").is_some_and(|p| std::path::Path::new(&p).exists()) {
         return Some("static krun-oci-init not built (run `make build`)".into());
     }
-    let img = match image::ensure(&ImageOptions::from_env()) {
+    let opts = match krun_oci::monitor::image_options(krun_oci::vmm::VmmChoice::Libkrun) {
+        Ok(o) => o,
+        Err(e) => return Some(format!("image options: {e}")),
+    };
+    let img = match image::ensure(&opts) {
         Ok(i) => i,
         Err(e) => return Some(format!("no guest image: {e}")),
     };
