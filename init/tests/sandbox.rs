@@ -160,6 +160,8 @@ impl Sandbox {
                 Frame::Stdout(d) => out.extend(d),
                 Frame::Stderr(d) => err.extend(d),
                 Frame::Message(Message::MainExited { code }) => return (out, err, code),
+                // Flow control for the stdin the test sent.
+                Frame::Message(Message::StdinAck { .. }) => {}
                 other => panic!("unexpected on events: {other:?}"),
             }
         }
@@ -242,6 +244,7 @@ fn exec(
             Frame::Stdout(d) => out.extend(d),
             Frame::Stderr(d) => err.extend(d),
             Frame::Message(Message::ExecExited { code }) => break code,
+            Frame::Message(Message::StdinAck { .. }) => {}
             other => panic!("unexpected in exec session: {other:?}"),
         }
     };
