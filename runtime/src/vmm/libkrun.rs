@@ -17,9 +17,8 @@ use std::fs;
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -446,27 +445,8 @@ impl LibkrunVm {
     /// Spawns `cmd` from a thread that lives exactly as long as the child (the
     /// parent-death signal fires when the spawning *thread* ends) and reaps it.
     fn start(id: &str, mut cmd: Command, run_dir: &Path, cfg: LibkrunConfig) -> Result<LibkrunVm> {
-        let log_path = run_dir.join(LOG_FILE);
-        let log = fs::File::create(&log_path).ctx(|| format!("create {}", log_path.display()))?;
-        let log2 = log.try_clone().ctx(|| "dup log fd".into())?;
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .env("HOSTNAME", id);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    return Err(io::Error::other("parent exited during spawn"));
-                }
-                Ok(())
-            });
-        }
+        super::supervised(&mut cmd, &run_dir.join(LOG_FILE))?;
+        cmd.env("HOSTNAME", id);
         let exit = Arc::new(Mutex::new(None));
         let thread_exit = exit.clone();
         let (tx, rx) = mpsc::channel::<io::Result<u32>>();

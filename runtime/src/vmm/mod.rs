@@ -68,3 +68,35 @@ pub trait Vmm {
     /// Starts the VM (does not wait for the guest).
     fn launch(&self, spec: &VmSpec) -> crate::Result<Box<dyn Vm>>;
 }
+
+/// Prepares a VMM or helper process: stdout/stderr to `log`, no stdin, its own
+/// process group, and `PR_SET_PDEATHSIG(SIGKILL)` so it dies with the spawning
+/// thread (spawn it from a thread that lives as long as the VM).
+pub(crate) fn supervised(
+    cmd: &mut std::process::Command,
+    log: &std::path::Path,
+) -> crate::Result<()> {
+    use crate::error::IoContext;
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).ctx(|| format!("create {}", log.display()))?;
+    let err = out.try_clone().ctx(|| "dup log fd".into())?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
