@@ -66,7 +66,7 @@ bench: build
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/bench.sh $(CURDIR)/$(BIN_DIR)/krun-oci
 
 ## demo: boot a busybox container in a microVM and show its output, state and logs.
-demo: deps build kernel
+demo: deps build
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/demo.sh $(CURDIR)/$(BIN_DIR)/krun-oci
 
 ## install: krun-oci, the shim and the guest init under $(PREFIX).
