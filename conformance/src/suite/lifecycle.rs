@@ -263,6 +263,13 @@ fn start_twice(ctx: &mut Ctx) -> Result<()> {
         ctx.status(&id)? == "running",
         "not running after second start"
     );
+    // The file can be seen before its first line is (`>>` creates, then writes).
+    let deadline = std::time::Instant::now() + ctx.cfg.cmd_timeout;
+    while fs::read_to_string(b.join("rootfs/count"))?.is_empty()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let n = fs::read_to_string(b.join("rootfs/count"))?.lines().count();
     ensure!(n == 1, "main process ran {n} times");
     Ok(())
