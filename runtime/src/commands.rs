@@ -250,12 +250,8 @@ fn spawn_exec_relay(
     console_socket: Option<&std::path::Path>,
 ) -> Result<i32> {
     use std::io::Read;
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let json = c.dir.path.join(format!("exec-{}.json", std::process::id()));
     krun_oci::state::write_atomic(&json, &serde_json::to_vec(process)?)?;
-    let (read_end, write_end) = nix::unistd::pipe()?;
-    let write_fd = write_end.as_raw_fd();
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--root")
         .arg(&ctx.root)
@@ -265,17 +261,14 @@ fn spawn_exec_relay(
     if let Some(s) = console_socket {
         cmd.arg("--console-socket").arg(s);
     }
-    cmd.arg(c.id())
-        .env(krun_oci::monitor::SYNC_FD_ENV, write_fd.to_string());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            let flags = libc::fcntl(write_fd, libc::F_GETFD);
-            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            Ok(())
-        });
+    cmd.arg(c.id());
+    if console_socket.is_some() {
+        // The pty is the exec's stdio; keep none of the caller's pipes open.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
     }
+    let (read_end, write_end) = krun_oci::monitor::detached_with_sync_pipe(&mut cmd)?;
     let child = cmd.spawn().context("starting the exec relay")?;
     drop(write_end);
     let mut report = String::new();

@@ -3,8 +3,7 @@
 //! One implementation, used by the CLI and the shim.
 
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -180,16 +179,14 @@ fn spawn_monitor(
     stdio: Option<&[Arc<OwnedFd>; 3]>,
     on_spawned: impl FnOnce(i32) -> Result<()>,
 ) -> Result<(i32, SyncReport)> {
-    let (read_end, write_end) = nix::unistd::pipe()?;
-    let write_fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);
     cmd.arg("--root")
         .arg(root)
         .arg("--log")
         .arg(dir.monitor_log_file())
         .arg("monitor")
-        .arg(&dir.id)
-        .env(monitor::SYNC_FD_ENV, write_fd.to_string());
+        .arg(&dir.id);
+    let (read_end, write_end) = monitor::detached_with_sync_pipe(&mut cmd)?;
     // Without a terminal, create's stdio is the container's (runc semantics); with
     // one, the console pty is, and holding create's fds would keep the caller's
     // pipes open for the container's lifetime.
@@ -212,16 +209,6 @@ fn spawn_monitor(
                 .stdout(Stdio::inherit())
                 .stderr(Stdio::inherit());
         }
-    }
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            // Let the sync pipe's write end survive exec.
-            let flags = libc::fcntl(write_fd, libc::F_GETFD);
-            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            Ok(())
-        });
     }
     let child = cmd
         .spawn()

@@ -108,6 +108,28 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     Ok(supervise(dir, &cfg, booted))
 }
 
+/// Makes `cmd` a detached child (its own session) that reports on a sync pipe:
+/// returns the read end; the write end reaches the child as the fd named by
+/// [`SYNC_FD_ENV`]. Used for the VM monitor and the detached exec relay.
+pub fn detached_with_sync_pipe(cmd: &mut std::process::Command) -> Result<(OwnedFd, OwnedFd)> {
+    use std::os::unix::process::CommandExt;
+    let (read_end, write_end) = nix::unistd::pipe()?;
+    let write_fd = write_end.as_raw_fd();
+    cmd.env(SYNC_FD_ENV, write_fd.to_string());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Let the sync pipe's write end survive exec.
+            let flags = libc::fcntl(write_fd, libc::F_GETFD);
+            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    // The caller drops the write end once the child is spawned.
+    Ok((read_end, write_end))
+}
+
 /// Takes the sync pipe's write end from the environment.
 fn take_sync_pipe() -> Option<File> {
     let fd: i32 = std::env::var(SYNC_FD_ENV).ok()?.parse().ok()?;

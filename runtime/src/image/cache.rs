@@ -1,7 +1,7 @@
 //! The guest-image cache: where it lives, content keys, and build-then-rename under a lock.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -120,13 +120,6 @@ fn remove_stale_temps(dir: &Path) {
             let _ = fs::remove_dir_all(e.path());
         }
     }
-}
-
-/// Writes `data` to `path` via a temp file and rename.
-pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

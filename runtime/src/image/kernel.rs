@@ -223,7 +223,7 @@ pub fn distro_kernel(cache_dir: &Path) -> Result<KernelDir> {
         version,
         lists_mtime,
     };
-    let _ = cache::write_atomic(&pointer_path, &serde_json::to_vec(&p)?);
+    let _ = crate::state::write_atomic(&pointer_path, &serde_json::to_vec(&p)?);
     let modules = fs::read_to_string(dest.join("modules.load"))
         .ctx(|| format!("read {}", dest.join("modules.load").display()))?
         .lines()
