@@ -64,7 +64,12 @@ cleanup() {
 trap cleanup EXIT
 trap 'interrupted=1; exit 130' INT TERM
 
-fail() { echo "  FAIL: $*"; failures=$((failures + 1)); scenario_ok=0; }
+failure_lines=()
+fail() {
+	echo "  FAIL: $*"
+	failures=$((failures + 1)); scenario_ok=0
+	failure_lines+=("${current_scenario:-setup}: $*")
+}
 note() { echo "  $*"; }
 
 # ---------- rootfs: busybox-static, applets linked relatively ----------
@@ -176,6 +181,7 @@ run_scenario() {
 	local name=$1
 	selected "$name" || return 0
 	echo "== $name"
+	current_scenario=$name
 	scenario_ok=1
 	"scenario_$name"
 	assert_clean "$name"
@@ -232,15 +238,21 @@ wait_task_running() {
 # ctr task kill: SIGTERM runs the workload's trap; SIGKILL gives 137.
 kill_scenario() {
 	local runtime_flags=("$@") out rc pid
-	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kt sh -c 'trap "echo trapped; exit 42" TERM; echo ready; while :; do sleep 1; done' >"$work/kt.out" 2>&1 &
+	# Truncate before the job starts: a redirection in the background job itself
+	# races with the wait below, which could read the previous scenario's output.
+	: >"$work/kt.out"
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kt sh -c 'trap "echo trapped; exit 42" TERM; echo ready; while :; do sleep 1; done' >>"$work/kt.out" 2>&1 &
 	pid=$!
 	if wait_output ready cat "$work/kt.out"; then
 		ctr task kill kt || fail "ctr task kill failed"
+	else
+		ctr task kill -s SIGKILL kt 2>/dev/null
 	fi
 	wait $pid; rc=$?
 	expect_rc "kill TERM" $rc 42
 	expect_out "kill TERM" "$(cat "$work/kt.out")" "trapped"
-	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kk sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >"$work/kk.out" 2>&1 &
+	: >"$work/kk.out"
+	ctr run --rm "${runtime_flags[@]}" --rootfs "$rootfs" kk sh -c 'trap "" TERM; echo ready; while :; do sleep 1; done' >>"$work/kk.out" 2>&1 &
 	pid=$!
 	if wait_output ready cat "$work/kk.out"; then
 		ctr task kill -s SIGKILL kk || fail "ctr task kill -s SIGKILL failed"
@@ -253,8 +265,18 @@ scenario_runc_shim_kill() { kill_scenario --runtime io.containerd.runc.v2 --runc
 
 exec_scenario() {
 	local runtime_flags=("$@") out rc events_pid
-	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >"$work/events.out" 2>&1 &
+	: >"$work/events.out"
+	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >>"$work/events.out" 2>&1 &
 	events_pid=$!
+	# The subscription is up once an event published now comes through.
+	ctr namespaces create "$ns" >/dev/null 2>&1
+	local n=0
+	until grep -q "/namespaces/update" "$work/events.out"; do
+		n=$((n + 1))
+		[ $n -ge 600 ] && { fail "ctr events never subscribed"; break; }
+		ctr namespaces label "$ns" krun-test-sync="$n" >/dev/null 2>&1
+		sleep 0.1
+	done
 	ctr run -d "${runtime_flags[@]}" --rootfs "$rootfs" ke sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 ||
 		{ fail "ctr run -d failed"; return; }
 	wait_task_running ke || return
@@ -380,8 +402,13 @@ fi
 
 echo "== $passed passed, $failures failed$([ $skipped = 1 ] && echo ', VM scenarios skipped')"
 if [ $failures != 0 ]; then
-	echo "-- containerd log (tail):"
-	tail -40 "$cdir/containerd.log"
+	# Warnings and errors only (debug lines would bury them); the failures come
+	# last so that a CI log cut to its tail still names them.
+	echo "-- containerd log (warnings and errors, tail):"
+	grep -E 'level=(warning|error|fatal)' "$cdir/containerd.log" | tail -20 | cut -c1-600
+	echo "-- failures:"
+	printf '  %s\n' "${failure_lines[@]}"
+	echo "== $passed passed, $failures failed"
 	exit 1
 fi
 [ $skipped = 1 ] && exit 77
