@@ -638,8 +638,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Per-container guest setup from the OCI spec: hostname, domainname, sysctls.
+/// Per-container guest setup from the OCI spec, in runc's order: mounts,
+/// hostname, domainname, sysctls, read-only and masked paths.
 fn apply_setup(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
+    crate::mounts::apply_mounts(spec)?;
     if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(h)
             .map_err(|e| format!("sethostname {h:?}: {}", e.desc().to_lowercase()))?;
@@ -661,7 +663,7 @@ fn apply_setup(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
                 .map_err(|e| format!("sysctl {key}={value}: {}", spawn::errno_text(&e)))?;
         }
     }
-    Ok(())
+    crate::mounts::apply_path_restrictions(spec)
 }
 
 /// `net.ipv4.ip_forward` -> `/proc/sys/net/ipv4/ip_forward`; no escaping /proc/sys.

@@ -11,6 +11,7 @@
 mod boot;
 mod guest;
 mod logger;
+mod mounts;
 mod procfs;
 mod reaper;
 mod spawn;

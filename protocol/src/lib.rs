@@ -14,6 +14,8 @@
 //! stdio kinds carry raw bytes. The first frame on every connection, in each
 //! direction, is [`Message::Hello`] with [`PROTOCOL_VERSION`].
 
+pub mod mounts;
+
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};

@@ -27,7 +27,7 @@ impl Bundle {
         let config = path.join("config.json");
         let data = fs::read(&config)
             .map_err(|e| Error::InvalidInput(format!("reading {}: {e}", config.display())))?;
-        let spec: Spec = serde_json::from_slice(&data)
+        let mut spec: Spec = serde_json::from_slice(&data)
             .map_err(|e| Error::InvalidInput(format!("parsing {}: {e}", config.display())))?;
         validate_version(spec.version())?;
         let root = spec
@@ -43,6 +43,7 @@ impl Bundle {
                 rootfs.display()
             )));
         }
+        crate::mounts::resolve_bind_sources(&mut spec, &path)?;
         let bundle = Bundle { path, spec, rootfs };
         bundle.validate_process()?;
         Ok(bundle)

@@ -58,3 +58,11 @@ impl<T> IoContext<T> for io::Result<T> {
         })
     }
 }
+
+/// strerror-like text in lower case, as Go prints it ("no such file or directory").
+pub fn errno_text(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => nix::errno::Errno::from_raw(n).desc().to_lowercase(),
+        None => e.to_string(),
+    }
+}

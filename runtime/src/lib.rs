@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod logger;
 pub mod logs;
 pub mod monitor;
+pub mod mounts;
 pub mod process_info;
 pub mod signal;
 pub mod spec;

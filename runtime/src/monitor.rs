@@ -167,12 +167,17 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
     let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
     let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
     log::info!("vmm: {} ({})", selection.engine, selection.explanation);
+    let mounts = crate::mounts::MountsShare::plan(spec, run_dir.join("mounts"))?;
+    if let Some(m) = &mounts {
+        m.prepare()?;
+    }
     let vm_spec = VmSpec {
         id: dir.id.clone(),
         run_dir: run_dir.clone(),
         rootfs: cfg.rootfs.clone(),
         vcpus: cfg.vcpus,
         ram_mib: cfg.ram_mib,
+        mounts,
     };
     let link = selection.vmm.link(&vm_spec);
     let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);

@@ -113,6 +113,7 @@ fn spec(dir: &Path, rootfs: PathBuf) -> VmSpec {
         rootfs,
         vcpus: 2,
         ram_mib: 256,
+        mounts: None,
     }
 }
 

@@ -25,6 +25,11 @@ pub fn tests() -> Vec<Test> {
         "mounts/bind-dir-readonly" => mount_bind_dir,
         "mounts/bind-file" => mount_bind_file,
         "mounts/proc" => mount_proc,
+        "mounts/bind-relative-source" => mount_bind_relative,
+        "mounts/bind-missing-source" => mount_bind_missing,
+        "mounts/sysfs-readonly" => mount_sysfs_readonly,
+        "config/masked-paths" => masked_paths,
+        "config/readonly-paths" => readonly_paths,
     ]
 }
 
@@ -257,6 +262,117 @@ fn mount_bind_file(ctx: &mut Ctx) -> Result<()> {
     let p = &r["probes"]["/etc/conf-file"];
     ensure!(p["content"] == "single file", "content {}", p["content"]);
     ensure!(p["is_dir"] == false, "became a directory");
+    Ok(())
+}
+
+/// A relative bind source is taken from the bundle directory.
+fn mount_bind_relative(ctx: &mut Ctx) -> Result<()> {
+    let src = ctx.path("hostdir");
+    fs::create_dir_all(&src)?;
+    fs::write(src.join("note"), "relative to the bundle")?;
+    let rel = format!(
+        "../{}",
+        src.file_name().unwrap_or_default().to_string_lossy()
+    );
+    let r = ctx.checker_report(&["--probe", "/conf-rel/note"], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.push(
+            json!({"destination": "/conf-rel", "type": "bind", "source": rel,
+                      "options": ["rbind"]}),
+        );
+    })?;
+    let p = &r["probes"]["/conf-rel/note"];
+    ensure!(
+        p["content"] == "relative to the bundle",
+        "content {}",
+        p["content"]
+    );
+    ensure!(
+        p["writable"] == true,
+        "a rw bind is not writable: {}",
+        p["write_error"]
+    );
+    Ok(())
+}
+
+/// A bind of a missing source fails create with the path and the reason.
+fn mount_bind_missing(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
+    let missing = ctx.path("missing").display().to_string();
+    let m2 = missing.clone();
+    let bundle = ctx.bundle(|c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.push(
+            json!({"destination": "/conf-missing", "type": "bind", "source": m2,
+                      "options": ["bind"]}),
+        );
+    })?;
+    let id = ctx.new_id();
+    let b = bundle.display().to_string();
+    let out = ctx.rt(&["create", "--bundle", &b, &id])?;
+    ensure!(!out.ok(), "create with a missing bind source succeeded");
+    ensure!(
+        out.stderr.contains(&missing) && out.stderr.contains("no such file or directory"),
+        "error does not name the source and the reason: {}",
+        out.stderr
+    );
+    crate::harness::no_trace(ctx, &id)
+}
+
+/// `/sys` mounted read-only, as the default config asks.
+fn mount_sysfs_readonly(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.retain(|m| m["destination"] != "/sys");
+        m.push(
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                      "options": ["nosuid", "noexec", "nodev", "ro"]}),
+        );
+    })?;
+    let m = mount(&r, "/sys").ok_or_else(|| anyhow::anyhow!("no /sys mount"))?;
+    ensure!(m["fstype"] == "sysfs", "/sys fstype {}", m["fstype"]);
+    let opts = m["options"].as_str().unwrap_or_default();
+    ensure!(
+        opts.split(',').any(|o| o == "ro"),
+        "/sys is not read-only: {opts}"
+    );
+    Ok(())
+}
+
+/// maskedPaths: a directory becomes empty, a file reads empty, a missing path is skipped.
+fn masked_paths(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(
+        &["--probe", "/etc/passwd", "--probe", "/proc/version"],
+        |c| {
+            c["linux"]["maskedPaths"] = json!(["/etc", "/proc/version", "/no/such/path"]);
+        },
+    )?;
+    ensure!(
+        r["probes"]["/etc/passwd"]["exists"] == false,
+        "/etc/passwd visible under a masked /etc"
+    );
+    let v = &r["probes"]["/proc/version"];
+    ensure!(
+        v["exists"] == true && v["content"] == "",
+        "/proc/version not masked: {v}"
+    );
+    Ok(())
+}
+
+/// readonlyPaths: read-only there, the rest of the root stays writable.
+fn readonly_paths(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&["--probe", "/tmp", "--probe", "/work"], |c| {
+        c["linux"]["readonlyPaths"] = json!(["/tmp", "/no/such/path"]);
+    })?;
+    ensure!(
+        r["probes"]["/tmp"]["writable"] == false,
+        "/tmp writable despite readonlyPaths"
+    );
+    ensure!(
+        r["probes"]["/work"]["writable"] == true,
+        "/work not writable: {}",
+        r["probes"]["/work"]["write_error"]
+    );
     Ok(())
 }
 

@@ -129,6 +129,10 @@ pub struct LibkrunConfig {
     pub tsi_features: u32,
     pub vsock_ports: Vec<VsockPort>,
     pub console_output: PathBuf,
+    /// Bind mounts the helper makes in its own mount namespace before libkrun
+    /// serves the staging directory (one of `virtiofs`, tag `krun-mounts`).
+    #[serde(default)]
+    pub mounts: Option<crate::mounts::MountsShare>,
 }
 
 impl LibkrunConfig {
@@ -154,6 +158,12 @@ impl LibkrunConfig {
             tag: ROOT_TAG.into(),
             path: Some(spec.rootfs.clone()),
         }];
+        if let Some(m) = &spec.mounts {
+            virtiofs.push(VirtioFs {
+                tag: crate::mounts::MOUNTS_TAG.into(),
+                path: Some(m.staging.clone()),
+            });
+        }
         let mut overlays = Vec::new();
         let mut cmdline_env = Vec::new();
         if *kernel == KernelSource::Libkrunfw {
@@ -194,6 +204,7 @@ impl LibkrunConfig {
             tsi_features: 0,
             vsock_ports,
             console_output: spec.run_dir.join("console.log"),
+            mounts: spec.mounts.clone(),
         })
     }
 
@@ -321,6 +332,12 @@ pub fn vmm_main(config: &Path) -> Result<i32> {
         serde_json::from_slice(&fs::read(config).ctx(|| format!("read {}", config.display()))?)?;
     for s in cfg.listen_sockets() {
         let _ = fs::remove_file(s);
+    }
+    // Before libkrun starts threads: unshare(CLONE_NEWNS) needs a single thread.
+    if let Some(m) = &cfg.mounts {
+        m.ops()?
+            .apply()
+            .map_err(|e| Error::Vm(format!("bind mounts for the guest: {e}")))?;
     }
     let ctx = krun::krun_create_ctx();
     if ctx < 0 {
@@ -609,6 +626,7 @@ mod tests {
             rootfs: "/b/rootfs".into(),
             vcpus: 2,
             ram_mib: 256,
+            mounts: None,
         }
     }
 
@@ -703,6 +721,34 @@ mod tests {
             c.vsock_ports[3].path
         );
         // What the helper reads back is what the monitor wrote.
+        let json = serde_json::to_vec(&c).unwrap();
+        assert_eq!(serde_json::from_slice::<LibkrunConfig>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn config_with_bind_mounts() {
+        let k = choose_kernel(&image(KernelOrigin::OwnBuilt), false).unwrap();
+        let mut s = spec();
+        let share = crate::mounts::MountsShare {
+            staging: "/run/k/c1/mounts".into(),
+            binds: vec![crate::mounts::SharedBind {
+                source: "/srv/data".into(),
+                entry: "0".into(),
+                is_dir: true,
+                readonly: false,
+                recursive: true,
+            }],
+        };
+        s.mounts = Some(share.clone());
+        let c = LibkrunConfig::new(&s, &k, None).unwrap();
+        assert_eq!(
+            c.virtiofs[1],
+            VirtioFs {
+                tag: "krun-mounts".into(),
+                path: Some("/run/k/c1/mounts".into())
+            }
+        );
+        assert_eq!(c.mounts, Some(share));
         let json = serde_json::to_vec(&c).unwrap();
         assert_eq!(serde_json::from_slice::<LibkrunConfig>(&json).unwrap(), c);
     }

@@ -32,6 +32,9 @@ pub struct VmSpec {
     pub rootfs: PathBuf,
     pub vcpus: u32,
     pub ram_mib: u32,
+    /// Bind mounts of host paths, served as a second virtio-fs share (tag
+    /// `krun-mounts`); `None` when the config has none.
+    pub mounts: Option<crate::mounts::MountsShare>,
 }
 
 /// Why a VM stopped.

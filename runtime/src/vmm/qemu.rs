@@ -24,6 +24,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use crate::error::IoContext;
 use crate::guest::GuestLink;
 use crate::image::GuestImage;
+use crate::mounts::{BindOps, MOUNTS_TAG};
 use crate::vmm::{detect, Vm, VmExit, VmSpec, Vmm};
 use crate::{Error, Result};
 
@@ -126,6 +127,8 @@ pub struct RunPaths {
     pub vsock_uds: PathBuf,
     /// vhost-user socket of virtiofsd.
     pub fs_sock: PathBuf,
+    /// vhost-user socket of the second virtiofsd (bind mounts), if any.
+    pub fs_mounts_sock: PathBuf,
     pub console: PathBuf,
 }
 
@@ -136,6 +139,7 @@ impl RunPaths {
             vsock_ctl: run_dir.join("vhost-vsock.sock"),
             vsock_uds: run_dir.join("vsock"),
             fs_sock: run_dir.join("virtiofs.sock"),
+            fs_mounts_sock: run_dir.join("virtiofs-mounts.sock"),
             console: run_dir.join("console.log"),
         }
     }
@@ -165,13 +169,20 @@ impl RunPaths {
 
     /// Removes the sockets (and lock file) the helpers create.
     fn remove_helper_sockets(&self) {
-        for p in [&self.vsock_ctl, &self.vsock_uds, &self.fs_sock] {
+        for p in [
+            &self.vsock_ctl,
+            &self.vsock_uds,
+            &self.fs_sock,
+            &self.fs_mounts_sock,
+        ] {
             let _ = fs::remove_file(p);
         }
-        // virtiofsd's lock file next to its socket (left behind when it is killed).
-        let mut pid = self.fs_sock.clone().into_os_string();
-        pid.push(".pid");
-        let _ = fs::remove_file(pid);
+        // virtiofsd's lock files next to its sockets (left behind when it is killed).
+        for sock in [&self.fs_sock, &self.fs_mounts_sock] {
+            let mut pid = sock.clone().into_os_string();
+            pid.push(".pid");
+            let _ = fs::remove_file(pid);
+        }
     }
 }
 
@@ -248,6 +259,16 @@ impl QemuVmm {
             &format!("socket,id=fs0,path={}", path(&paths.fs_sock)),
         ]);
         push(&["-device", "vhost-user-fs-device,chardev=fs0,tag=rootfs"]);
+        if spec.mounts.is_some() {
+            push(&[
+                "-chardev",
+                &format!("socket,id=fs1,path={}", path(&paths.fs_mounts_sock)),
+            ]);
+            push(&[
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs1,tag={MOUNTS_TAG}"),
+            ]);
+        }
         push(&[
             "-chardev",
             &format!("socket,id=vs0,path={}", path(&paths.vsock_ctl)),
@@ -261,9 +282,9 @@ impl QemuVmm {
         a
     }
 
-    fn virtiofsd_args(&self, spec: &VmSpec, paths: &RunPaths) -> Vec<OsString> {
-        let mut a: Vec<OsString> = vec!["--socket-path".into(), paths.fs_sock.clone().into()];
-        a.extend(["--shared-dir".into(), spec.rootfs.clone().into_os_string()]);
+    fn virtiofsd_args(&self, socket: &Path, shared_dir: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--socket-path".into(), socket.into()];
+        a.extend(["--shared-dir".into(), shared_dir.into()]);
         // The VM is the sandbox; virtiofsd's own namespace sandbox needs privileges
         // we may not have (rootless) and costs start time.
         a.extend(
@@ -308,7 +329,7 @@ impl Vmm for QemuVmm {
         // by the monitor (the guest's beacon lands there).
         paths.remove_helper_sockets();
         let _ = fs::remove_file(&paths.console);
-        let children = vec![
+        let mut children = vec![
             ChildSpec::new(
                 "vhost-device-vsock",
                 &self.programs.vhost_vsock,
@@ -319,17 +340,29 @@ impl Vmm for QemuVmm {
             ChildSpec::new(
                 "virtiofsd",
                 &self.programs.virtiofsd,
-                self.virtiofsd_args(spec, &paths),
+                self.virtiofsd_args(&paths.fs_sock, &spec.rootfs),
                 &paths,
             )
             .ready_when_listening(&paths.fs_sock),
-            ChildSpec::new(
-                "qemu",
-                &self.programs.qemu,
-                self.qemu_args(spec, &paths),
-                &paths,
-            ),
         ];
+        if let Some(mounts) = &spec.mounts {
+            children.push(
+                ChildSpec::new(
+                    "virtiofsd-mounts",
+                    &self.programs.virtiofsd,
+                    self.virtiofsd_args(&paths.fs_mounts_sock, &mounts.staging),
+                    &paths,
+                )
+                .with_binds(mounts.ops()?)
+                .ready_when_listening(&paths.fs_mounts_sock),
+            );
+        }
+        children.push(ChildSpec::new(
+            "qemu",
+            &self.programs.qemu,
+            self.qemu_args(spec, &paths),
+            &paths,
+        ));
         let vm = QemuVm::start(&spec.id, children, paths)?;
         Ok(Box::new(vm))
     }
@@ -343,6 +376,8 @@ struct ChildSpec {
     log: PathBuf,
     /// Socket the child must be listening on before the next one starts.
     ready_socket: Option<PathBuf>,
+    /// Bind mounts the child makes in its own mount namespace before exec.
+    binds: Option<Arc<BindOps>>,
 }
 
 impl ChildSpec {
@@ -358,7 +393,13 @@ impl ChildSpec {
             args,
             log: paths.run_dir.join(format!("{component}.log")),
             ready_socket: None,
+            binds: None,
         }
+    }
+
+    fn with_binds(mut self, ops: BindOps) -> ChildSpec {
+        self.binds = Some(Arc::new(ops));
+        self
     }
 
     fn ready_when_listening(mut self, socket: &Path) -> ChildSpec {
@@ -370,6 +411,12 @@ impl ChildSpec {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         super::supervised(&mut cmd, &self.log)?;
+        if let Some(ops) = self.binds.clone() {
+            // SAFETY: BindOps::apply only makes system calls (prepared before fork).
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || ops.apply());
+            }
+        }
         cmd.spawn()
             .ctx(|| format!("start {} ({})", self.component, self.program.display()))
     }
@@ -694,6 +741,7 @@ mod tests {
             rootfs: "/b/rootfs".into(),
             vcpus: 2,
             ram_mib: 256,
+            mounts: None,
         }
     }
 
@@ -753,16 +801,47 @@ mod tests {
             joined(&v.vhost_vsock_args(&p)),
             "--guest-cid 3 --socket /run/k/c1/vhost-vsock.sock --uds-path /run/k/c1/vsock"
         );
-        let f = joined(&v.virtiofsd_args(&s, &p));
+        let f = joined(&v.virtiofsd_args(&p.fs_sock, &s.rootfs));
         assert!(
             f.starts_with("--socket-path /run/k/c1/virtiofs.sock --shared-dir /b/rootfs"),
             "{f}"
         );
+        // No bind mounts: one virtio-fs device only.
+        assert!(!joined(&v.qemu_args(&s, &p)).contains("krun-mounts"));
         assert_eq!(
             v.link(&s),
             GuestLink::HybridVsock {
                 uds: "/run/k/c1/vsock".into()
             }
+        );
+    }
+
+    #[test]
+    fn bind_mounts_add_a_second_share() {
+        let v = vmm(Accel::Tcg);
+        let mut s = spec();
+        s.mounts = Some(crate::mounts::MountsShare {
+            staging: "/run/k/c1/mounts".into(),
+            binds: vec![crate::mounts::SharedBind {
+                source: "/etc/hosts".into(),
+                entry: "0".into(),
+                is_dir: false,
+                readonly: true,
+                recursive: false,
+            }],
+        });
+        let p = RunPaths::new(&s.run_dir);
+        let j = joined(&v.qemu_args(&s, &p));
+        assert!(
+            j.contains("-chardev socket,id=fs1,path=/run/k/c1/virtiofs-mounts.sock -device vhost-user-fs-device,chardev=fs1,tag=krun-mounts"),
+            "{j}"
+        );
+        let f = joined(&v.virtiofsd_args(&p.fs_mounts_sock, &s.mounts.as_ref().unwrap().staging));
+        assert!(
+            f.starts_with(
+                "--socket-path /run/k/c1/virtiofs-mounts.sock --shared-dir /run/k/c1/mounts"
+            ),
+            "{f}"
         );
     }
 

@@ -1,0 +1,431 @@
+//! config.json `mounts`, `linux.readonlyPaths` and `linux.maskedPaths`, applied
+//! inside the guest (already switched into the container root) at Setup, in
+//! runc's order: mounts as listed, (hostname, sysctls,) read-only paths, masked paths.
+//!
+//! Differences a VM makes (docs/guest-init.md): `/dev` stays the guest's own
+//! devtmpfs and `/dev/pts` its devpts instance (the config's tmpfs and devpts
+//! there are skipped); `cgroup` mounts become cgroup2 (the guest is unified);
+//! bind sources come from the host through the `krun-mounts` virtio-fs share.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use krun_oci_protocol::mounts::{is_bind, shared_binds, MOUNTS_TAG};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use oci_spec::runtime::{Mount, Spec};
+
+use crate::spawn::errno_text;
+
+/// Where the bind share is mounted while binds are made (then detached).
+const SHARE_DIR: &str = "/dev/.krun-oci-mounts";
+
+/// Mount options split the way mount(2) wants them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Options {
+    pub flags: MsFlags,
+    /// Propagation changes, applied after the mount.
+    pub propagation: Vec<MsFlags>,
+    /// Filesystem-specific data (`size=1m,mode=755`).
+    pub data: Vec<String>,
+}
+
+/// Splits OCI mount options into flags, propagation and data, as runc does.
+pub fn parse_options(options: &[String]) -> Options {
+    let mut o = Options {
+        flags: MsFlags::empty(),
+        propagation: Vec::new(),
+        data: Vec::new(),
+    };
+    for opt in options {
+        let (set, clear) = match opt.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
+            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
+            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
+            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
+            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
+            other => {
+                let propagation = match other {
+                    "private" => Some(MsFlags::MS_PRIVATE),
+                    "rprivate" => Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC),
+                    "shared" => Some(MsFlags::MS_SHARED),
+                    "rshared" => Some(MsFlags::MS_SHARED | MsFlags::MS_REC),
+                    "slave" => Some(MsFlags::MS_SLAVE),
+                    "rslave" => Some(MsFlags::MS_SLAVE | MsFlags::MS_REC),
+                    "unbindable" => Some(MsFlags::MS_UNBINDABLE),
+                    "runbindable" => Some(MsFlags::MS_UNBINDABLE | MsFlags::MS_REC),
+                    _ => None,
+                };
+                match propagation {
+                    Some(p) => o.propagation.push(p),
+                    // SELinux relabels and crun's extensions mean nothing to the kernel.
+                    None if matches!(other, "z" | "Z" | "U" | "tmpcopyup" | "notmpcopyup") => {}
+                    None => o.data.push(other.to_string()),
+                }
+                continue;
+            }
+        };
+        o.flags.insert(set);
+        o.flags.remove(clear);
+    }
+    o
+}
+
+/// Absolute destination; relative ones are taken from `/` (runc warns and does the same).
+fn destination(m: &Mount) -> PathBuf {
+    Path::new("/").join(m.destination())
+}
+
+fn mount_error(m: &Mount, e: impl std::fmt::Display) -> String {
+    format!(
+        "error mounting {:?} to rootfs at {:?}: {e}",
+        m.source()
+            .as_deref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default(),
+        m.destination().display().to_string()
+    )
+}
+
+fn errno(e: nix::Error) -> String {
+    e.desc().to_lowercase()
+}
+
+/// Whether the guest keeps its own filesystem at this mount's destination.
+fn guest_provided(m: &Mount, dest: &Path) -> bool {
+    let typ = m.typ().as_deref().unwrap_or_default();
+    (dest == Path::new("/dev") && typ == "tmpfs")
+        || (dest == Path::new("/dev/pts") && typ == "devpts")
+        || (dest == Path::new("/dev/shm") && is_bind(m))
+}
+
+/// Applies `mounts` of `spec`, in order.
+pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
+    let mounts = spec.mounts().as_deref().unwrap_or_default();
+    let entries = shared_binds(mounts);
+    let mut share: Option<Share> = None;
+    let result = (|| {
+        for (pos, m) in mounts.iter().enumerate() {
+            let dest = destination(m);
+            if guest_provided(m, &dest) {
+                log::debug!("{}: the guest's own filesystem stays", dest.display());
+                continue;
+            }
+            match entries.iter().find(|(p, _)| *p == pos) {
+                Some((_, entry)) => {
+                    if share.is_none() {
+                        share = Some(Share::mount().map_err(|e| mount_error(m, e))?);
+                    }
+                    let dir = share.as_ref().map(|s| s.dir.join(entry));
+                    bind_from_share(m, dir.as_deref().unwrap_or(Path::new("/")), &dest)?;
+                }
+                None => mount_typed(m, &dest)?,
+            }
+        }
+        Ok(())
+    })();
+    drop(share);
+    result
+}
+
+/// Applies `linux.readonlyPaths`, then `linux.maskedPaths` (after sysctls, as runc).
+pub fn apply_path_restrictions(spec: &Spec) -> Result<(), String> {
+    let linux = spec.linux().as_ref();
+    for p in linux
+        .and_then(|l| l.readonly_paths().as_deref())
+        .unwrap_or_default()
+    {
+        readonly_path(Path::new(p)).map_err(|e| format!("readonly path {p}: {e}"))?;
+    }
+    for p in linux
+        .and_then(|l| l.masked_paths().as_deref())
+        .unwrap_or_default()
+    {
+        mask_path(Path::new(p)).map_err(|e| format!("masked path {p}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The `krun-mounts` virtio-fs share, mounted at [`SHARE_DIR`] until dropped.
+struct Share {
+    dir: PathBuf,
+}
+
+impl Share {
+    fn mount() -> Result<Share, String> {
+        let dir = PathBuf::from(SHARE_DIR);
+        let _ = fs::create_dir(&dir);
+        mount(
+            Some(MOUNTS_TAG),
+            &dir,
+            Some("virtiofs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            None::<&str>,
+        )
+        .map_err(|e| format!("mounting the {MOUNTS_TAG} share: {}", errno(e)))?;
+        Ok(Share { dir })
+    }
+}
+
+impl Drop for Share {
+    /// The binds made from it stay; the share itself leaves the container's view.
+    fn drop(&mut self) {
+        if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
+            log::warn!("detaching {}: {}", self.dir.display(), errno(e));
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
+}
+
+/// Creates the mount point: a directory, or an empty file for a file bind.
+fn make_mount_point(dest: &Path, is_dir: bool) -> io::Result<()> {
+    if is_dir {
+        return fs::create_dir_all(dest);
+    }
+    if fs::metadata(dest).is_ok() {
+        return Ok(());
+    }
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dest)
+        .map(drop)
+}
+
+fn bind_from_share(m: &Mount, entry: &Path, dest: &Path) -> Result<(), String> {
+    let is_dir = fs::metadata(entry)
+        .map_err(|e| mount_error(m, errno_text(&e)))?
+        .is_dir();
+    make_mount_point(dest, is_dir).map_err(|e| mount_error(m, errno_text(&e)))?;
+    let o = parse_options(m.options().as_deref().unwrap_or_default());
+    let rec = o.flags & MsFlags::MS_REC;
+    mount(
+        Some(entry),
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND | rec,
+        None::<&str>,
+    )
+    .map_err(|e| mount_error(m, errno(e)))?;
+    // Per-mount flags (ro, nosuid, ...) take a bind remount.
+    let per_mount = o.flags
+        & (MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV
+            | MsFlags::MS_NOEXEC
+            | MsFlags::MS_NOATIME
+            | MsFlags::MS_NODIRATIME
+            | MsFlags::MS_RELATIME
+            | MsFlags::MS_STRICTATIME);
+    if !per_mount.is_empty() {
+        mount(
+            None::<&str>,
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | per_mount,
+            None::<&str>,
+        )
+        .map_err(|e| mount_error(m, errno(e)))?;
+    }
+    set_propagation(m, dest, &o)
+}
+
+fn mount_typed(m: &Mount, dest: &Path) -> Result<(), String> {
+    let typ = m.typ().as_deref().unwrap_or("none");
+    let o = parse_options(m.options().as_deref().unwrap_or_default());
+    // The guest kernel mounts cgroup2 only; v1 controller names are not options there.
+    let (typ, data) = if typ == "cgroup" {
+        ("cgroup2", String::new())
+    } else {
+        (typ, o.data.join(","))
+    };
+    fs::create_dir_all(dest).map_err(|e| mount_error(m, errno_text(&e)))?;
+    let source = m
+        .source()
+        .as_deref()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| typ.to_string());
+    let data = (!data.is_empty()).then_some(data.as_str());
+    let per_mount = o.flags
+        & (MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
+    let remount = || {
+        mount(
+            None::<&str>,
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | per_mount,
+            None::<&str>,
+        )
+    };
+    let result = match mount(Some(source.as_str()), dest, Some(typ), o.flags, data) {
+        // sysfs and cgroup2 have one superblock per guest (runc's new network and
+        // cgroup namespaces give it fresh ones). EBUSY: that superblock is
+        // read-write while this mount asks read-only, or it is already mounted
+        // right here (the guest mounted it at boot). Either way, mount it without
+        // changing the superblock and set this mount's own flags.
+        Err(nix::errno::Errno::EBUSY) => {
+            match mount(
+                Some(source.as_str()),
+                dest,
+                Some(typ),
+                o.flags - MsFlags::MS_RDONLY,
+                data,
+            ) {
+                Ok(()) | Err(nix::errno::Errno::EBUSY) => remount(),
+                Err(e) => Err(e),
+            }
+        }
+        r => r,
+    };
+    result.map_err(|e| mount_error(m, errno(e)))?;
+    set_propagation(m, dest, &o)
+}
+
+fn set_propagation(m: &Mount, dest: &Path, o: &Options) -> Result<(), String> {
+    for &p in &o.propagation {
+        mount(None::<&str>, dest, None::<&str>, p, None::<&str>)
+            .map_err(|e| mount_error(m, errno(e)))?;
+    }
+    Ok(())
+}
+
+/// runc's readonlyPaths: a recursive bind onto itself, remounted read-only,
+/// keeping nosuid/nodev/noexec of what was there. Missing paths are skipped.
+fn readonly_path(p: &Path) -> Result<(), String> {
+    if fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    mount(
+        Some(p),
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(errno)?;
+    let mut keep = MsFlags::empty();
+    if let Ok(st) = nix::sys::statvfs::statvfs(p) {
+        use nix::sys::statvfs::FsFlags;
+        for (have, flag) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        ] {
+            if st.flags().contains(have) {
+                keep |= flag;
+            }
+        }
+    }
+    mount(
+        None::<&str>,
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | keep,
+        None::<&str>,
+    )
+    .map_err(errno)
+}
+
+/// runc's maskedPaths: /dev/null over a file, an empty read-only tmpfs over a
+/// directory. Missing paths are skipped.
+fn mask_path(p: &Path) -> Result<(), String> {
+    let Ok(meta) = fs::metadata(p) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+    } else {
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    }
+    .map_err(errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(o: &[&str]) -> Options {
+        parse_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn options_split_like_runc() {
+        let o = opts(&["nosuid", "nodev", "size=1m", "mode=755", "rprivate", "Z"]);
+        assert_eq!(o.flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(o.data, vec!["size=1m", "mode=755"]);
+        assert_eq!(o.propagation, vec![MsFlags::MS_PRIVATE | MsFlags::MS_REC]);
+        // Later options win.
+        assert_eq!(opts(&["ro", "rw"]).flags, MsFlags::empty());
+        assert_eq!(
+            opts(&["rbind", "ro"]).flags,
+            MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_RDONLY
+        );
+        assert_eq!(opts(&["newinstance", "ptmxmode=0666"]).data.len(), 2);
+    }
+
+    #[test]
+    fn the_guest_keeps_dev_devpts_and_shm() {
+        let m = |j: &str| -> Mount { serde_json::from_str(j).unwrap() };
+        let dev = m(r#"{"destination":"/dev","type":"tmpfs","source":"tmpfs"}"#);
+        assert!(guest_provided(&dev, &destination(&dev)));
+        let pts = m(r#"{"destination":"/dev/pts","type":"devpts","source":"devpts"}"#);
+        assert!(guest_provided(&pts, &destination(&pts)));
+        let shm = m(r#"{"destination":"/dev/shm","type":"bind","source":"/x"}"#);
+        assert!(guest_provided(&shm, &destination(&shm)));
+        let shm_tmpfs = m(r#"{"destination":"/dev/shm","type":"tmpfs","source":"shm"}"#);
+        assert!(!guest_provided(&shm_tmpfs, &destination(&shm_tmpfs)));
+        let rel = m(r#"{"destination":"data","type":"tmpfs","source":"tmpfs"}"#);
+        assert_eq!(destination(&rel), Path::new("/data"));
+    }
+
+    #[test]
+    fn mount_points_for_files_and_dirs() {
+        let d = tempfile::tempdir().unwrap();
+        make_mount_point(&d.path().join("etc/hosts"), false).unwrap();
+        assert!(d.path().join("etc/hosts").is_file());
+        make_mount_point(&d.path().join("data/x"), true).unwrap();
+        assert!(d.path().join("data/x").is_dir());
+        // An existing file keeps its content.
+        fs::write(d.path().join("etc/hosts"), "keep").unwrap();
+        make_mount_point(&d.path().join("etc/hosts"), false).unwrap();
+        assert_eq!(
+            fs::read_to_string(d.path().join("etc/hosts")).unwrap(),
+            "keep"
+        );
+    }
+}
