@@ -62,6 +62,8 @@ pub struct Guest {
     events: Mutex<Option<UnixStream>>,
     execs: Mutex<HashMap<String, i32>>,
     finishing: AtomicBool,
+    /// `linux.seccomp` from Setup, installed in the main and every exec process.
+    seccomp: std::sync::OnceLock<Arc<spawn::Seccomp>>,
 }
 
 impl Guest {
@@ -79,6 +81,7 @@ impl Guest {
             events: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             finishing: AtomicBool::new(false),
+            seccomp: std::sync::OnceLock::new(),
         })
     }
 
@@ -221,9 +224,18 @@ impl Guest {
     fn handle_control(self: &Arc<Self>, msg: Message) -> Message {
         let result = match msg {
             Message::Heartbeat => return Message::HeartbeatAck,
-            Message::Setup { spec } => apply_setup(&spec)
-                .and_then(|()| self.apply_readonly_root(&spec))
-                .map(|()| Message::Ack),
+            Message::Setup { spec, seccomp } => seccomp
+                .as_ref()
+                .map(spawn::Seccomp::decode)
+                .transpose()
+                .and_then(|filter| {
+                    apply_setup(&spec)?;
+                    self.apply_readonly_root(&spec)?;
+                    if let Some(f) = filter {
+                        let _ = self.seccomp.set(Arc::new(f));
+                    }
+                    Ok(Message::Ack)
+                }),
             Message::SpawnMain { process } => self.spawn_main(&process),
             Message::Signal { target, signal } => {
                 self.signal(&target, signal).map(|()| Message::Ack)
@@ -263,7 +275,7 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
-        let spawned = match spawn::spawn(process, mode, &self.reaper) {
+        let spawned = match spawn::spawn(process, mode, &self.reaper, self.seccomp.get().cloned()) {
             Ok(s) => s,
             Err(reason) => {
                 // Nothing ran: a later spawn-main may try again.
@@ -392,7 +404,12 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
-        let spawned = match spawn::spawn(&req.process, mode, &self.reaper) {
+        let spawned = match spawn::spawn(
+            &req.process,
+            mode,
+            &self.reaper,
+            self.seccomp.get().cloned(),
+        ) {
             Ok(s) => s,
             Err(reason) => {
                 forget(self);

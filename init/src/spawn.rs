@@ -164,6 +164,51 @@ pub fn cap_masks(c: &oci_spec::runtime::LinuxCapabilities) -> Result<CapMasks, S
     })
 }
 
+/// A seccomp filter as the kernel takes it, decoded before the fork.
+pub struct Seccomp {
+    flags: libc::c_uint,
+    filter: Vec<libc::sock_filter>,
+}
+
+impl Seccomp {
+    /// Decodes the host-compiled program (`struct sock_filter[]`, native order).
+    pub fn decode(p: &krun_oci_protocol::SeccompProgram) -> Result<Seccomp, String> {
+        p.insns()?;
+        let filter = p
+            .filter
+            .chunks_exact(krun_oci_protocol::SeccompProgram::INSN_LEN)
+            .map(|c| libc::sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        Ok(Seccomp {
+            flags: p.flags,
+            filter,
+        })
+    }
+
+    /// Installs the filter (one syscall; safe between fork and exec).
+    fn install(&self) -> io::Result<()> {
+        const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
+        let prog = libc::sock_fprog {
+            len: self.filter.len() as libc::c_ushort,
+            filter: self.filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: `prog` points at `filter`, which outlives the call.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                SECCOMP_SET_MODE_FILTER,
+                self.flags as libc::c_ulong,
+                &prog as *const libc::sock_fprog,
+            )
+        })
+    }
+}
+
 /// Everything the child needs after the fork, precomputed.
 struct ChildSetup {
     tty: bool,
@@ -177,6 +222,7 @@ struct ChildSetup {
     no_new_privs: bool,
     oom_path: CString,
     oom_value: Option<Vec<u8>>,
+    seccomp: Option<std::sync::Arc<Seccomp>>,
 }
 
 #[repr(C)]
@@ -237,6 +283,13 @@ impl ChildSetup {
                 }
                 check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) as libc::c_long)?;
             }
+            // As runc: without no_new_privs installing a filter needs CAP_SYS_ADMIN,
+            // so it goes in before privileges are dropped; with it, as late as possible.
+            if !self.no_new_privs {
+                if let Some(s) = &self.seccomp {
+                    s.install()?;
+                }
+            }
             check(libc::syscall(
                 libc::SYS_setgroups,
                 self.groups.len(),
@@ -294,6 +347,9 @@ impl ChildSetup {
             }
             if self.no_new_privs {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+                if let Some(s) = &self.seccomp {
+                    s.install()?;
+                }
             }
         }
         Ok(())
@@ -332,7 +388,12 @@ pub fn set_winsize(tty: &File, rows: u16, cols: u16) -> io::Result<()> {
 
 /// Starts `process` inside the container root (init's "/"), registered with the
 /// reaper before anything can reap it. Errors are user-facing reasons.
-pub fn spawn(process: &Process, mode: StdioMode, reaper: &Reaper) -> Result<Spawned, String> {
+pub fn spawn(
+    process: &Process,
+    mode: StdioMode,
+    reaper: &Reaper,
+    seccomp: Option<std::sync::Arc<Seccomp>>,
+) -> Result<Spawned, String> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
         return Err("process.args must not be empty".into());
@@ -377,6 +438,7 @@ pub fn spawn(process: &Process, mode: StdioMode, reaper: &Reaper) -> Result<Spaw
         no_new_privs: process.no_new_privileges().unwrap_or(false),
         oom_path: CString::new("/proc/self/oom_score_adj").expect("no NUL"),
         oom_value: process.oom_score_adj().map(|v| v.to_string().into_bytes()),
+        seccomp,
     };
 
     let mut cmd = Command::new(&program);

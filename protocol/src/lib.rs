@@ -127,6 +127,36 @@ pub struct GuestProcess {
     pub cmd: String,
 }
 
+/// A seccomp filter compiled on the host (classic BPF, as `struct sock_filter[]`
+/// in native byte order) and the `seccomp(SECCOMP_SET_MODE_FILTER)` flags to
+/// install it with. Guest-init installs it in every container process, last
+/// before exec (before dropping privileges when `noNewPrivileges` is off, as runc).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompProgram {
+    pub flags: u32,
+    pub filter: Vec<u8>,
+}
+
+impl SeccompProgram {
+    /// Size of one BPF instruction (`struct sock_filter`).
+    pub const INSN_LEN: usize = 8;
+    /// The kernel's `BPF_MAXINSNS`.
+    pub const MAX_INSNS: usize = 4096;
+
+    /// Number of instructions, or why the program cannot be installed.
+    pub fn insns(&self) -> std::result::Result<usize, String> {
+        let n = self.filter.len() / Self::INSN_LEN;
+        if !self.filter.len().is_multiple_of(Self::INSN_LEN) || n == 0 || n > Self::MAX_INSNS {
+            return Err(format!(
+                "seccomp program of {} bytes is not 1..={} instructions",
+                self.filter.len(),
+                Self::MAX_INSNS
+            ));
+        }
+        Ok(n)
+    }
+}
+
 /// How an exec session's stdio is wired.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ExecRequest {
@@ -163,6 +193,9 @@ pub enum Message {
     /// mounts, ...). The process part is ignored here. Answered `Ack` or `Nack`.
     Setup {
         spec: Box<oci_spec::runtime::Spec>,
+        /// `linux.seccomp`, compiled by the host (the guest has no libseccomp).
+        #[serde(default)]
+        seccomp: Option<SeccompProgram>,
     },
     /// Host -> guest: run the container's main process now. Accepted exactly once.
     SpawnMain {

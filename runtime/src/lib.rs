@@ -17,6 +17,7 @@ pub mod logs;
 pub mod monitor;
 pub mod mounts;
 pub mod process_info;
+pub mod seccomp;
 pub mod signal;
 pub mod spec;
 pub mod state;

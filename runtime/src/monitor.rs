@@ -167,6 +167,13 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
     let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
     let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
     log::info!("vmm: {} ({})", selection.engine, selection.explanation);
+    // Compiled before the VM starts: a bad profile fails create at once.
+    let seccomp = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.seccomp().as_ref())
+        .map(crate::seccomp::compile)
+        .transpose()?;
     let mounts = crate::mounts::MountsShare::plan(spec, run_dir.join("mounts"))?;
     if let Some(m) = &mounts {
         m.prepare()?;
@@ -213,6 +220,7 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
             &mut control,
             Message::Setup {
                 spec: Box::new(spec.clone()),
+                seccomp,
             },
         )? {
             Message::Ack => {}

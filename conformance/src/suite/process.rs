@@ -30,6 +30,7 @@ pub fn tests() -> Vec<Test> {
         "mounts/sysfs-readonly" => mount_sysfs_readonly,
         "config/masked-paths" => masked_paths,
         "config/readonly-paths" => readonly_paths,
+        "config/seccomp" => seccomp,
     ]
 }
 
@@ -372,6 +373,31 @@ fn readonly_paths(ctx: &mut Ctx) -> Result<()> {
         r["probes"]["/work"]["writable"] == true,
         "/work not writable: {}",
         r["probes"]["/work"]["write_error"]
+    );
+    Ok(())
+}
+
+/// linux.seccomp: the filter is in force (mode 2) and its rule acts: getcwd fails.
+fn seccomp(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [
+                {"names": ["getcwd"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1},
+                {"names": ["no_such_syscall"], "action": "SCMP_ACT_ERRNO"}
+            ]
+        });
+    })?;
+    ensure!(
+        r["status"]["Seccomp"] == "2",
+        "Seccomp mode {}, want 2 (filter)",
+        r["status"]["Seccomp"]
+    );
+    ensure!(
+        r["cwd"].is_null(),
+        "getcwd worked under the filter: {}",
+        r["cwd"]
     );
     Ok(())
 }
