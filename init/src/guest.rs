@@ -62,8 +62,8 @@ pub struct Guest {
     events: Mutex<Option<UnixStream>>,
     execs: Mutex<HashMap<String, i32>>,
     finishing: AtomicBool,
-    /// `linux.seccomp` from Setup, installed in the main and every exec process.
-    seccomp: std::sync::OnceLock<Arc<spawn::Seccomp>>,
+    /// seccomp filter and resource cgroup from Setup, for the main and every exec.
+    confinement: std::sync::OnceLock<spawn::Confinement>,
 }
 
 impl Guest {
@@ -81,7 +81,7 @@ impl Guest {
             events: Mutex::new(None),
             execs: Mutex::new(HashMap::new()),
             finishing: AtomicBool::new(false),
-            seccomp: std::sync::OnceLock::new(),
+            confinement: std::sync::OnceLock::new(),
         })
     }
 
@@ -229,11 +229,14 @@ impl Guest {
                 .map(spawn::Seccomp::decode)
                 .transpose()
                 .and_then(|filter| {
+                    // Before the config's mounts, which may make /sys/fs/cgroup read-only.
+                    let cgroup_procs = crate::resources::apply(&spec)?;
                     apply_setup(&spec)?;
                     self.apply_readonly_root(&spec)?;
-                    if let Some(f) = filter {
-                        let _ = self.seccomp.set(Arc::new(f));
-                    }
+                    let _ = self.confinement.set(spawn::Confinement {
+                        seccomp: filter.map(Arc::new),
+                        cgroup_procs: cgroup_procs.map(Arc::new),
+                    });
                     Ok(Message::Ack)
                 }),
             Message::SpawnMain { process } => self.spawn_main(&process),
@@ -257,6 +260,10 @@ impl Guest {
         result.unwrap_or_else(|reason| Message::Nack { reason })
     }
 
+    fn confinement(&self) -> spawn::Confinement {
+        self.confinement.get().cloned().unwrap_or_default()
+    }
+
     fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, String> {
         if self
             .main_pid
@@ -275,7 +282,7 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
-        let spawned = match spawn::spawn(process, mode, &self.reaper, self.seccomp.get().cloned()) {
+        let spawned = match spawn::spawn(process, mode, &self.reaper, self.confinement()) {
             Ok(s) => s,
             Err(reason) => {
                 // Nothing ran: a later spawn-main may try again.
@@ -404,12 +411,7 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
-        let spawned = match spawn::spawn(
-            &req.process,
-            mode,
-            &self.reaper,
-            self.seccomp.get().cloned(),
-        ) {
+        let spawned = match spawn::spawn(&req.process, mode, &self.reaper, self.confinement()) {
             Ok(s) => s,
             Err(reason) => {
                 forget(self);

@@ -14,6 +14,7 @@ mod logger;
 mod mounts;
 mod procfs;
 mod reaper;
+mod resources;
 mod spawn;
 mod transport;
 

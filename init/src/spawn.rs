@@ -209,6 +209,15 @@ impl Seccomp {
     }
 }
 
+/// What confines every container process beyond its own process spec: the
+/// seccomp filter, and the guest cgroup that carries `linux.resources` limits
+/// (its `cgroup.procs`, opened at Setup; writing "0" moves the writer in).
+#[derive(Clone, Default)]
+pub struct Confinement {
+    pub seccomp: Option<std::sync::Arc<Seccomp>>,
+    pub cgroup_procs: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+}
+
 /// Everything the child needs after the fork, precomputed.
 struct ChildSetup {
     tty: bool,
@@ -222,7 +231,7 @@ struct ChildSetup {
     no_new_privs: bool,
     oom_path: CString,
     oom_value: Option<Vec<u8>>,
-    seccomp: Option<std::sync::Arc<Seccomp>>,
+    confinement: Confinement,
 }
 
 #[repr(C)]
@@ -254,6 +263,10 @@ impl ChildSetup {
     fn apply(&self) -> io::Result<()> {
         // SAFETY: plain syscalls on values prepared before the fork.
         unsafe {
+            if let Some(procs) = &self.confinement.cgroup_procs {
+                use std::os::fd::AsRawFd;
+                check(libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_long)?;
+            }
             check(libc::setsid() as libc::c_long)?;
             if self.tty {
                 check(libc::ioctl(0, libc::TIOCSCTTY, 0) as libc::c_long)?;
@@ -286,7 +299,7 @@ impl ChildSetup {
             // As runc: without no_new_privs installing a filter needs CAP_SYS_ADMIN,
             // so it goes in before privileges are dropped; with it, as late as possible.
             if !self.no_new_privs {
-                if let Some(s) = &self.seccomp {
+                if let Some(s) = &self.confinement.seccomp {
                     s.install()?;
                 }
             }
@@ -347,7 +360,7 @@ impl ChildSetup {
             }
             if self.no_new_privs {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
-                if let Some(s) = &self.seccomp {
+                if let Some(s) = &self.confinement.seccomp {
                     s.install()?;
                 }
             }
@@ -392,7 +405,7 @@ pub fn spawn(
     process: &Process,
     mode: StdioMode,
     reaper: &Reaper,
-    seccomp: Option<std::sync::Arc<Seccomp>>,
+    confinement: Confinement,
 ) -> Result<Spawned, String> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
@@ -438,7 +451,7 @@ pub fn spawn(
         no_new_privs: process.no_new_privileges().unwrap_or(false),
         oom_path: CString::new("/proc/self/oom_score_adj").expect("no NUL"),
         oom_value: process.oom_score_adj().map(|v| v.to_string().into_bytes()),
-        seccomp,
+        confinement,
     };
 
     let mut cmd = Command::new(&program);

@@ -31,6 +31,7 @@ pub fn tests() -> Vec<Test> {
         "config/masked-paths" => masked_paths,
         "config/readonly-paths" => readonly_paths,
         "config/seccomp" => seccomp,
+        "config/pids-limit" => pids_limit,
     ]
 }
 
@@ -398,6 +399,24 @@ fn seccomp(ctx: &mut Ctx) -> Result<()> {
         r["cwd"].is_null(),
         "getcwd worked under the filter: {}",
         r["cwd"]
+    );
+    Ok(())
+}
+
+/// linux.resources.pids.limit: forks beyond it fail inside the container.
+fn pids_limit(ctx: &mut Ctx) -> Result<()> {
+    let bundle = ctx.bundle(|c| {
+        c["process"]["args"] = json!([
+            "sh",
+            "-c",
+            "exec 2>&1; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 30 & done; echo all-forked"
+        ]);
+        c["linux"]["resources"]["pids"] = json!({"limit": 5});
+    })?;
+    let (exit, out) = ctx.run_to_exit(&bundle)?;
+    ensure!(
+        !out.contains("all-forked") && out.contains("can't fork"),
+        "10 forks under a limit of 5 ({exit:?}): {out:?}"
     );
     Ok(())
 }
