@@ -44,6 +44,9 @@ impl Bundle {
             )));
         }
         crate::mounts::resolve_bind_sources(&mut spec, &path)?;
+        for w in crate::fidelity::unapplied(&spec) {
+            log::warn!("{w}");
+        }
         let bundle = Bundle { path, spec, rootfs };
         bundle.validate_process()?;
         Ok(bundle)

@@ -8,6 +8,7 @@ pub mod console;
 pub mod container;
 pub mod error;
 pub mod exec;
+pub mod fidelity;
 pub mod guest;
 pub mod hooks;
 pub mod image;

@@ -1,0 +1,99 @@
+//! What of config.json a microVM does not apply, said out loud at create (a
+//! logged warning, where runc users expect tolerance: podman and containerd
+//! send these on every container) instead of being dropped in silence. The
+//! full table is docs/config.md.
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+/// One warning per config field that is set and not applied.
+pub fn unapplied(spec: &Spec) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(linux) = spec.linux() else {
+        return out;
+    };
+    if let Some(path) = linux.cgroups_path() {
+        out.push(format!(
+            "linux.cgroupsPath {}: the VM monitor is not placed in a host cgroup yet; \
+             memory, CPU and pids limits are applied as the VM's size and inside the guest",
+            path.display()
+        ));
+    }
+    if let Some(r) = linux.resources() {
+        let mut rest = Vec::new();
+        if r.block_io().is_some() {
+            rest.push("blockIO");
+        }
+        if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
+            rest.push("hugepageLimits");
+        }
+        if r.network().is_some() {
+            rest.push("network");
+        }
+        if r.rdma().as_ref().is_some_and(|m| !m.is_empty()) {
+            rest.push("rdma");
+        }
+        if r.unified().as_ref().is_some_and(|m| !m.is_empty()) {
+            rest.push("unified");
+        }
+        if !rest.is_empty() {
+            out.push(format!(
+                "linux.resources.{{{}}} are not applied in a microVM",
+                rest.join(",")
+            ));
+        }
+    }
+    for ns in linux.namespaces().iter().flatten() {
+        if let Some(path) = ns.path() {
+            let what = if ns.typ() == LinuxNamespaceType::Network {
+                "the VM has no network device yet"
+            } else {
+                "the workload runs in the VM's own namespaces"
+            };
+            out.push(format!(
+                "namespace {:?} path {}: not joined ({what})",
+                ns.typ(),
+                path.display()
+            ));
+        }
+    }
+    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
+        out.push(
+            "linux.uidMappings/gidMappings: no user namespace in the guest; ids are used as given"
+                .into(),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(linux: serde_json::Value) -> Spec {
+        let mut v = serde_json::to_value(Spec::default()).unwrap();
+        v["linux"] = linux;
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn set_and_unapplied_fields_are_named() {
+        let w = unapplied(&spec(serde_json::json!({
+            "cgroupsPath": "/libpod_parent/libpod-abc",
+            "resources": {"blockIO": {"weight": 10}, "pids": {"limit": 10}},
+            "namespaces": [{"type": "network", "path": "/run/netns/cni-1"}, {"type": "pid"}]
+        })));
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(w[0].contains("/libpod_parent/libpod-abc"));
+        assert!(w[1].contains("blockIO") && !w[1].contains("pids"));
+        assert!(w[2].contains("/run/netns/cni-1") && w[2].contains("network device"));
+    }
+
+    #[test]
+    fn nothing_to_say_about_a_plain_config() {
+        let w = unapplied(&spec(serde_json::json!({
+            "namespaces": [{"type": "pid"}, {"type": "mount"}],
+            "resources": {"memory": {"limit": 268435456}}
+        })));
+        assert!(w.is_empty(), "{w:?}");
+    }
+}
