@@ -58,8 +58,10 @@ cleanup() {
 			rm -f "/run/containerd/s/$(printf '%s' "$sock/$ns/$id" | sha256sum | cut -d' ' -f1)"
 		done
 	fi
-	# The runc shim leaves its (empty) per-namespace root behind.
+	# The runc shim leaves its (empty) per-namespace root behind; a runtime that
+	# creates cgroups may leave the (empty) per-namespace parent.
 	rmdir "/run/containerd/runc/$ns" 2>/dev/null
+	find /sys/fs/cgroup -mindepth 1 -maxdepth 3 -type d -name "$ns" -exec rmdir {} + 2>/dev/null
 }
 trap cleanup EXIT
 trap 'interrupted=1; exit 130' INT TERM
@@ -95,18 +97,40 @@ leftover_processes() {
 		grep -E -- "$pat" | grep -v -e "pgrep" -e "test-clients.sh" || true
 }
 
-assert_clean() {
-	local what=$1 left n=0
-	# Teardown is asynchronous (TaskDelete, shim Shutdown, VM power-off): wait for
-	# it to settle, bounded by a count, never by asserting a duration.
+# cgroup directories that name one of our containers: the ctr ids live under the
+# namespace (cgroupsPath /<namespace>/<id>), podman's are named after the container
+# ID (libpod_parent/libpod-<ID>, or a systemd scope). Hybrid hosts mount the v1
+# controllers and the v2 tree side by side under /sys/fs/cgroup: one bounded find
+# covers both, and a pure v2 host.
+leftover_cgroups() {
+	local pat="/$ns/" cid
+	for cid in "${podman_ids[@]:-}"; do
+		[ -n "$cid" ] && pat+="|$cid"
+	done
+	find /sys/fs/cgroup -mindepth 1 -maxdepth 5 -type d 2>/dev/null | grep -E -- "$pat" || true
+}
+
+# Runs `$@` until it prints nothing (and prints what it printed last), bounded by a count: teardown is asynchronous.
+settle() {
+	local n=0 left
 	while :; do
-		left=$(leftover_processes)
+		left=$("$@")
 		[ -z "$left" ] && break
 		n=$((n + 1))
 		[ $n -ge 300 ] && break
 		sleep 0.1
 	done
+	printf '%s' "$left"
+}
+
+assert_clean() {
+	local what=$1 left
+	# Teardown is asynchronous (TaskDelete, shim Shutdown, VM power-off): wait for
+	# it to settle, bounded by a count, never by asserting a duration.
+	left=$(settle leftover_processes)
 	[ -z "$left" ] || fail "$what: processes left: $left"
+	left=$(settle leftover_cgroups)
+	[ -z "$left" ] || fail "$what: cgroups left: $(tr '\n' ' ' <<<"$left")"
 	local dir
 	for dir in "$work/shim-state/$ns" "/run/containerd/runc/$ns"; do
 		if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
