@@ -182,10 +182,12 @@ ctr version >/dev/null 2>&1 || { tail -20 "$cdir/containerd.log"; skip "containe
 
 # ---------- podman, isolated storage ----------
 podman_ids=()
-podman() {
-	timeout "$CMD_TIMEOUT" podman --root "$work/podman/root" --runroot "$work/podman/run" \
-		--cgroup-manager cgroupfs --events-backend file "$@"
-}
+podman_base=(podman --root "$work/podman/root" --runroot "$work/podman/run"
+	--cgroup-manager cgroupfs --events-backend file)
+podman() { timeout "$CMD_TIMEOUT" "${podman_base[@]}" "$@"; }
+# The same as one shell command line, for script(1) and tmux: no timeout(1) there,
+# it would put podman out of the terminal's foreground process group.
+podman_line() { printf '%q ' "${podman_base[@]}" "$@"; }
 # podman passes the runtime a scrubbed environment: a wrapper (same basename,
 # podman goes by it) carries KRUN_OCI_INIT for builds that are not installed.
 podman_runtime="$KRUN_OCI"
@@ -368,13 +370,17 @@ scenario_podman_run() {
 	expect_out "podman run" "$out" "hello-podman"
 }
 
+# `podman run -d "$@"` with the common flags: the ID goes to $cid and to the leak checks.
+podman_detached() {
+	cid=$(podman run -d "${podman_run_flags[@]}" "$@" 2>&1) || { fail "podman run -d: $cid"; cid=""; return 1; }
+	podman_ids+=("$cid")
+	markers+=("$cid")
+}
+
 # podman stop is graceful: the SIGTERM trap runs, no SIGKILL fallback (exit 0, not 137).
 scenario_podman_stop() {
 	local cid code logs
-	cid=$(podman run -d "${podman_run_flags[@]}" sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' 2>&1) ||
-		{ fail "podman run -d: $cid"; return; }
-	podman_ids+=("$cid")
-	markers+=("$cid")
+	podman_detached sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' || return
 	wait_output started podman logs "$cid"
 	podman stop -t 300 "$cid" >/dev/null || fail "podman stop failed"
 	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
@@ -382,6 +388,80 @@ scenario_podman_stop() {
 	logs=$(podman logs "$cid" 2>&1)
 	expect_out "podman stop" "$logs" "got-term"
 	podman rm -f "$cid" >/dev/null || fail "podman rm failed"
+}
+
+# podman exec (conmon -> krun-oci exec --detach): exit code and output; -t gets a pty.
+scenario_podman_exec() {
+	local cid out rc
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	out=$(podman exec "$cid" sh -c 'echo exec-out; exit 5' 2>&1); rc=$?
+	expect_rc "podman exec" $rc 5
+	expect_out "podman exec" "$out" "exec-out"
+	# podman wants a terminal for -t: script(1) gives it one (and returns its status).
+	if command -v script >/dev/null; then
+		out=$(timeout "$CMD_TIMEOUT" script -eqc "$(podman_line exec -t "$cid" sh -c '[ -t 1 ] && echo exec-tty-ok; exit 6')" /dev/null 2>&1 </dev/null); rc=$?
+		expect_rc "podman exec -t" $rc 6
+		expect_out "podman exec -t" "$out" "exec-tty-ok"
+	else
+		fail "script(1) missing: podman exec -t cannot run"
+	fi
+	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
+}
+
+# podman logs has stdout and stderr; podman kill is SIGKILL (the TERM trap is moot): 137.
+scenario_podman_logs_kill() {
+	local cid code logs
+	podman_detached sh -c 'trap "" TERM; echo to-stdout; echo to-stderr >&2; echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	logs=$(podman logs "$cid" 2>&1)
+	expect_out "podman logs" "$logs" "to-stdout"
+	expect_out "podman logs" "$logs" "to-stderr"
+	podman kill "$cid" >/dev/null || fail "podman kill failed"
+	# kill does not wait for the exit: podman wait does (and prints the code).
+	code=$(podman wait "$cid" 2>&1) || fail "podman wait: $code"
+	expect_rc "podman wait after kill" "$code" 137
+	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
+	expect_rc "podman kill" "$code" 137
+	podman rm "$cid" >/dev/null || fail "podman rm failed"
+}
+
+# podman rm -f on a running container: stopped and removed, nothing listed after.
+scenario_podman_rm_force() {
+	local cid out
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	out=$(podman rm -f "$cid" 2>&1) || fail "podman rm -f: $out"
+	out=$(podman ps -a --no-trunc --format '{{.ID}}')
+	grep -q -- "$cid" <<<"$out" && fail "podman ps -a still lists $cid"
+}
+
+# podman run -it under tmux: keys in, output and the exit code out.
+scenario_podman_it() {
+	local session="krun-tty-$$" rc n cid
+	command -v tmux >/dev/null || { fail "tmux missing: podman run -it cannot run"; return; }
+	rm -f "$work/podman-it.rc" "$work/podman-it.cid"
+	tmux new-session -d -s "$session" -x 120 -y 30 \
+		"$(podman_line run -it --rm --cidfile "$work/podman-it.cid" "${podman_run_flags[@]}" sh); echo \$? >$work/podman-it.rc"
+	n=0
+	while [ ! -s "$work/podman-it.cid" ] && [ $n -lt 6000 ]; do n=$((n + 1)); sleep 0.1; done
+	cid=$(cat "$work/podman-it.cid" 2>/dev/null)
+	if [ -n "$cid" ]; then
+		podman_ids+=("$cid")
+		markers+=("$cid")
+	fi
+	if wait_output '#' tmux capture-pane -p -t "$session"; then
+		tmux send-keys -t "$session" '[ -t 0 ] && echo "tty-$((6*7))"' Enter
+		wait_output tty-42 tmux capture-pane -p -t "$session"
+		tmux send-keys -t "$session" 'exit 9' Enter
+	fi
+	n=0
+	while [ ! -s "$work/podman-it.rc" ] && [ $n -lt 3000 ]; do n=$((n + 1)); sleep 0.1; done
+	rc=$(cat "$work/podman-it.rc" 2>/dev/null)
+	expect_rc "podman run -it" "$rc" 9
+	[ -s "$work/podman-it.rc" ] || note "screen: $(tmux capture-pane -p -t "$session" 2>/dev/null | grep -v '^$' | tail -5)"
+	tmux kill-session -t "$session" 2>/dev/null
+	[ -n "$cid" ] && podman rm -f "$cid" >/dev/null 2>&1
 }
 
 # Does a VM boot at all here? If not, every VM scenario would fail for that one reason.
@@ -403,7 +483,8 @@ PY
 	return 1
 }
 
-vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty podman_run podman_stop)
+vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
+	podman_run podman_stop podman_exec podman_logs_kill podman_rm_force podman_it)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 
