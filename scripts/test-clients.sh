@@ -86,7 +86,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -464,6 +464,91 @@ scenario_podman_it() {
 	[ -n "$cid" ] && podman rm -f "$cid" >/dev/null 2>&1
 }
 
+# An OCI image layout (one gzip layer: the busybox rootfs and a marker file), built
+# offline; containerd imports it, unpacks it with its snapshotter (overlayfs) and
+# hands the shim the rootfs mounts in CreateTask.
+image_ref="krun-test.local/busybox:latest"
+build_oci_image() {
+	[ -s "$work/image.tar" ] && return 0
+	python3 - "$rootfs" "$work/image.tar" <<'PY'
+import gzip, hashlib, io, json, sys, tarfile
+
+rootfs, out = sys.argv[1:3]
+blobs = {}
+
+def blob(data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blobs[digest] = data
+    return digest, len(data)
+
+def as_root(info):
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as layer:
+    layer.add(rootfs, arcname=".", filter=as_root)
+    marker = b"from-image-layer\n"
+    info = tarfile.TarInfo("etc/image-marker")
+    info.size, info.mode = len(marker), 0o644
+    layer.addfile(info, io.BytesIO(marker))
+diff_id = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+layer_digest, layer_size = blob(gzip.compress(buf.getvalue(), mtime=0))
+platform = {"architecture": "amd64", "os": "linux"}
+config = dict(platform, config={"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+              rootfs={"type": "layers", "diff_ids": [diff_id]})
+config_digest, config_size = blob(json.dumps(config).encode())
+manifest = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "digest": config_digest, "size": config_size},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer_digest, "size": layer_size}],
+}
+manifest_digest, manifest_size = blob(json.dumps(manifest).encode())
+index = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.index.v1+json",
+    "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "digest": manifest_digest, "size": manifest_size, "platform": platform,
+                   "annotations": {"org.opencontainers.image.ref.name": "latest"}}],
+}
+files = {"oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+         "index.json": json.dumps(index).encode()}
+for digest, data in blobs.items():
+    files["blobs/sha256/" + digest.split(":")[1]] = data
+with tarfile.open(out, "w") as archive:
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o644
+        archive.addfile(info, io.BytesIO(data))
+PY
+}
+
+# ctr images import, then ctr run IMAGE: the rootfs comes from the snapshotter.
+image_scenario() {
+	local id=$1 out rc
+	shift
+	build_oci_image || { fail "building the OCI image layout failed"; rm -f "$work/image.tar"; return; }
+	out=$(ctr images import --base-name "${image_ref%:*}" "$work/image.tar" 2>&1) ||
+		{ fail "ctr images import: $out"; return; }
+	out=$(ctr images ls -q 2>&1)
+	grep -qx -- "$image_ref" <<<"$out" || { fail "ctr images ls lacks $image_ref: $out"; return; }
+	out=$(ctr run --rm "$@" "$image_ref" "$id" sh -c 'cat /etc/image-marker; echo from-image; exit 3' 2>&1); rc=$?
+	expect_rc "run image" $rc 3
+	expect_out "run image" "$out" "from-image-layer"
+	expect_out "run image" "$out" "from-image"
+	ctr containers rm "$id" >/dev/null 2>&1
+	# The shim mounted the snapshot at <bundle>/rootfs: nothing of it stays mounted.
+	out=$(settle grep -F -- "/$ns/$id/" /proc/self/mountinfo)
+	[ -z "$out" ] || fail "run image: mounts left: $out"
+	out=$(ctr images rm --sync "$image_ref" 2>&1) || fail "ctr images rm: $out"
+}
+scenario_shim_image() { image_scenario ki --runtime io.containerd.krun.v2; }
+scenario_runc_shim_image() { image_scenario ri --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
 # Does a VM boot at all here? If not, every VM scenario would fail for that one reason.
 vm_probe() {
 	local b="$work/probe" out
@@ -484,7 +569,7 @@ PY
 }
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
-	podman_run podman_stop podman_exec podman_logs_kill podman_rm_force podman_it)
+	shim_image runc_shim_image podman_run podman_stop podman_exec podman_logs_kill podman_rm_force podman_it)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 
