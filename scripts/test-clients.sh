@@ -110,7 +110,8 @@ leftover_cgroups() {
 	find /sys/fs/cgroup -mindepth 1 -maxdepth 5 -type d 2>/dev/null | grep -E -- "$pat" || true
 }
 
-# Runs `$@` until it prints nothing (and prints what it printed last), bounded by a count: teardown is asynchronous.
+# Runs `$@` until it prints nothing, bounded by a count (teardown is asynchronous);
+# prints what it printed last.
 settle() {
 	local n=0 left
 	while :; do
