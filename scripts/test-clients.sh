@@ -371,9 +371,11 @@ scenario_podman_run() {
 	expect_out "podman run" "$out" "hello-podman"
 }
 
-# `podman run -d "$@"` with the common flags: the ID goes to $cid and to the leak checks.
+# `podman run -d "$@"` with the common flags: the ID goes to the caller's $cid and
+# to the leak checks (stdout only: a warning on stderr is not part of the ID).
 podman_detached() {
-	cid=$(podman run -d "${podman_run_flags[@]}" "$@" 2>&1) || { fail "podman run -d: $cid"; cid=""; return 1; }
+	cid=$(podman run -d "${podman_run_flags[@]}" "$@" 2>"$work/podman-run.err") ||
+		{ fail "podman run -d: $cid $(cat "$work/podman-run.err")"; cid=""; return 1; }
 	podman_ids+=("$cid")
 	markers+=("$cid")
 }
