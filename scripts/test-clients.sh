@@ -58,8 +58,10 @@ cleanup() {
 			rm -f "/run/containerd/s/$(printf '%s' "$sock/$ns/$id" | sha256sum | cut -d' ' -f1)"
 		done
 	fi
-	# The runc shim leaves its (empty) per-namespace root behind.
+	# The runc shim leaves its (empty) per-namespace root behind; a runtime that
+	# creates cgroups may leave the (empty) per-namespace parent.
 	rmdir "/run/containerd/runc/$ns" 2>/dev/null
+	find /sys/fs/cgroup -mindepth 1 -maxdepth 3 -type d -name "$ns" -exec rmdir {} + 2>/dev/null
 }
 trap cleanup EXIT
 trap 'interrupted=1; exit 130' INT TERM
@@ -84,7 +86,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -95,18 +97,41 @@ leftover_processes() {
 		grep -E -- "$pat" | grep -v -e "pgrep" -e "test-clients.sh" || true
 }
 
-assert_clean() {
-	local what=$1 left n=0
-	# Teardown is asynchronous (TaskDelete, shim Shutdown, VM power-off): wait for
-	# it to settle, bounded by a count, never by asserting a duration.
+# cgroup directories that name one of our containers: the ctr ids live under the
+# namespace (cgroupsPath /<namespace>/<id>), podman's are named after the container
+# ID (libpod_parent/libpod-<ID>, or a systemd scope). Hybrid hosts mount the v1
+# controllers and the v2 tree side by side under /sys/fs/cgroup: one bounded find
+# covers both, and a pure v2 host.
+leftover_cgroups() {
+	local pat="/$ns/" cid
+	for cid in "${podman_ids[@]:-}"; do
+		[ -n "$cid" ] && pat+="|$cid"
+	done
+	find /sys/fs/cgroup -mindepth 1 -maxdepth 5 -type d 2>/dev/null | grep -E -- "$pat" || true
+}
+
+# Runs `$@` until it prints nothing, bounded by a count (teardown is asynchronous);
+# prints what it printed last.
+settle() {
+	local n=0 left
 	while :; do
-		left=$(leftover_processes)
+		left=$("$@")
 		[ -z "$left" ] && break
 		n=$((n + 1))
 		[ $n -ge 300 ] && break
 		sleep 0.1
 	done
+	printf '%s' "$left"
+}
+
+assert_clean() {
+	local what=$1 left
+	# Teardown is asynchronous (TaskDelete, shim Shutdown, VM power-off): wait for
+	# it to settle, bounded by a count, never by asserting a duration.
+	left=$(settle leftover_processes)
 	[ -z "$left" ] || fail "$what: processes left: $left"
+	left=$(settle leftover_cgroups)
+	[ -z "$left" ] || fail "$what: cgroups left: $(tr '\n' ' ' <<<"$left")"
 	local dir
 	for dir in "$work/shim-state/$ns" "/run/containerd/runc/$ns"; do
 		if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
@@ -158,10 +183,12 @@ ctr version >/dev/null 2>&1 || { tail -20 "$cdir/containerd.log"; skip "containe
 
 # ---------- podman, isolated storage ----------
 podman_ids=()
-podman() {
-	timeout "$CMD_TIMEOUT" podman --root "$work/podman/root" --runroot "$work/podman/run" \
-		--cgroup-manager cgroupfs --events-backend file "$@"
-}
+podman_base=(podman --root "$work/podman/root" --runroot "$work/podman/run"
+	--cgroup-manager cgroupfs --events-backend file)
+podman() { timeout "$CMD_TIMEOUT" "${podman_base[@]}" "$@"; }
+# The same as one shell command line, for script(1) and tmux: no timeout(1) there,
+# it would put podman out of the terminal's foreground process group.
+podman_line() { printf '%q ' "${podman_base[@]}" "$@"; }
 # podman passes the runtime a scrubbed environment: a wrapper (same basename,
 # podman goes by it) carries KRUN_OCI_INIT for builds that are not installed.
 podman_runtime="$KRUN_OCI"
@@ -344,13 +371,19 @@ scenario_podman_run() {
 	expect_out "podman run" "$out" "hello-podman"
 }
 
+# `podman run -d "$@"` with the common flags: the ID goes to the caller's $cid and
+# to the leak checks (stdout only: a warning on stderr is not part of the ID).
+podman_detached() {
+	cid=$(podman run -d "${podman_run_flags[@]}" "$@" 2>"$work/podman-run.err") ||
+		{ fail "podman run -d: $cid $(cat "$work/podman-run.err")"; cid=""; return 1; }
+	podman_ids+=("$cid")
+	markers+=("$cid")
+}
+
 # podman stop is graceful: the SIGTERM trap runs, no SIGKILL fallback (exit 0, not 137).
 scenario_podman_stop() {
 	local cid code logs
-	cid=$(podman run -d "${podman_run_flags[@]}" sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' 2>&1) ||
-		{ fail "podman run -d: $cid"; return; }
-	podman_ids+=("$cid")
-	markers+=("$cid")
+	podman_detached sh -c 'trap "echo got-term; exit 0" TERM; echo started; while :; do sleep 1; done' || return
 	wait_output started podman logs "$cid"
 	podman stop -t 300 "$cid" >/dev/null || fail "podman stop failed"
 	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
@@ -359,6 +392,165 @@ scenario_podman_stop() {
 	expect_out "podman stop" "$logs" "got-term"
 	podman rm -f "$cid" >/dev/null || fail "podman rm failed"
 }
+
+# podman exec (conmon -> krun-oci exec --detach): exit code and output; -t gets a pty.
+scenario_podman_exec() {
+	local cid out rc
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	out=$(podman exec "$cid" sh -c 'echo exec-out; exit 5' 2>&1); rc=$?
+	expect_rc "podman exec" $rc 5
+	expect_out "podman exec" "$out" "exec-out"
+	# podman wants a terminal for -t: script(1) gives it one (and returns its status).
+	if command -v script >/dev/null; then
+		out=$(timeout "$CMD_TIMEOUT" script -eqc "$(podman_line exec -t "$cid" sh -c '[ -t 1 ] && echo exec-tty-ok; exit 6')" /dev/null 2>&1 </dev/null); rc=$?
+		expect_rc "podman exec -t" $rc 6
+		expect_out "podman exec -t" "$out" "exec-tty-ok"
+	else
+		fail "script(1) missing: podman exec -t cannot run"
+	fi
+	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
+}
+
+# podman logs has stdout and stderr; podman kill is SIGKILL (the TERM trap is moot): 137.
+scenario_podman_logs_kill() {
+	local cid code logs
+	podman_detached sh -c 'trap "" TERM; echo to-stdout; echo to-stderr >&2; echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	logs=$(podman logs "$cid" 2>&1)
+	expect_out "podman logs" "$logs" "to-stdout"
+	expect_out "podman logs" "$logs" "to-stderr"
+	podman kill "$cid" >/dev/null || fail "podman kill failed"
+	# kill does not wait for the exit: podman wait does (and prints the code).
+	code=$(podman wait "$cid" 2>&1) || fail "podman wait: $code"
+	expect_rc "podman wait after kill" "$code" 137
+	code=$(podman inspect --format '{{.State.ExitCode}}' "$cid")
+	expect_rc "podman kill" "$code" 137
+	podman rm "$cid" >/dev/null || fail "podman rm failed"
+}
+
+# podman rm -f on a running container: stopped and removed, nothing listed after.
+scenario_podman_rm_force() {
+	local cid out
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	out=$(podman rm -f "$cid" 2>&1) || fail "podman rm -f: $out"
+	out=$(podman ps -a --no-trunc --format '{{.ID}}')
+	grep -q -- "$cid" <<<"$out" && fail "podman ps -a still lists $cid"
+}
+
+# podman run -it under tmux: keys in, output and the exit code out.
+scenario_podman_it() {
+	local session="krun-tty-$$" rc n cid
+	command -v tmux >/dev/null || { fail "tmux missing: podman run -it cannot run"; return; }
+	rm -f "$work/podman-it.rc" "$work/podman-it.cid"
+	tmux new-session -d -s "$session" -x 120 -y 30 \
+		"$(podman_line run -it --rm --cidfile "$work/podman-it.cid" "${podman_run_flags[@]}" sh); echo \$? >$work/podman-it.rc"
+	n=0
+	while [ ! -s "$work/podman-it.cid" ] && [ $n -lt 6000 ]; do n=$((n + 1)); sleep 0.1; done
+	cid=$(cat "$work/podman-it.cid" 2>/dev/null)
+	if [ -n "$cid" ]; then
+		podman_ids+=("$cid")
+		markers+=("$cid")
+	fi
+	if wait_output '#' tmux capture-pane -p -t "$session"; then
+		tmux send-keys -t "$session" '[ -t 0 ] && echo "tty-$((6*7))"' Enter
+		wait_output tty-42 tmux capture-pane -p -t "$session"
+		tmux send-keys -t "$session" 'exit 9' Enter
+	fi
+	n=0
+	while [ ! -s "$work/podman-it.rc" ] && [ $n -lt 3000 ]; do n=$((n + 1)); sleep 0.1; done
+	rc=$(cat "$work/podman-it.rc" 2>/dev/null)
+	expect_rc "podman run -it" "$rc" 9
+	[ -s "$work/podman-it.rc" ] || note "screen: $(tmux capture-pane -p -t "$session" 2>/dev/null | grep -v '^$' | tail -5)"
+	tmux kill-session -t "$session" 2>/dev/null
+	[ -n "$cid" ] && podman rm -f "$cid" >/dev/null 2>&1
+}
+
+# An OCI image layout (one gzip layer: the busybox rootfs and a marker file), built
+# offline; containerd imports it, unpacks it with its snapshotter (overlayfs) and
+# hands the shim the rootfs mounts in CreateTask.
+image_ref="krun-test.local/busybox:latest"
+build_oci_image() {
+	[ -s "$work/image.tar" ] && return 0
+	python3 - "$rootfs" "$work/image.tar" <<'PY'
+import gzip, hashlib, io, json, sys, tarfile
+
+rootfs, out = sys.argv[1:3]
+blobs = {}
+
+def blob(data):
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blobs[digest] = data
+    return digest, len(data)
+
+def as_root(info):
+    info.uid = info.gid = 0
+    info.uname = info.gname = "root"
+    return info
+
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as layer:
+    layer.add(rootfs, arcname=".", filter=as_root)
+    marker = b"from-image-layer\n"
+    info = tarfile.TarInfo("etc/image-marker")
+    info.size, info.mode = len(marker), 0o644
+    layer.addfile(info, io.BytesIO(marker))
+diff_id = "sha256:" + hashlib.sha256(buf.getvalue()).hexdigest()
+layer_digest, layer_size = blob(gzip.compress(buf.getvalue(), mtime=0))
+platform = {"architecture": "amd64", "os": "linux"}
+config = dict(platform, config={"Env": ["PATH=/bin"], "Cmd": ["sh"]},
+              rootfs={"type": "layers", "diff_ids": [diff_id]})
+config_digest, config_size = blob(json.dumps(config).encode())
+manifest = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "digest": config_digest, "size": config_size},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer_digest, "size": layer_size}],
+}
+manifest_digest, manifest_size = blob(json.dumps(manifest).encode())
+index = {
+    "schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.index.v1+json",
+    "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "digest": manifest_digest, "size": manifest_size, "platform": platform,
+                   "annotations": {"org.opencontainers.image.ref.name": "latest"}}],
+}
+files = {"oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+         "index.json": json.dumps(index).encode()}
+for digest, data in blobs.items():
+    files["blobs/sha256/" + digest.split(":")[1]] = data
+with tarfile.open(out, "w") as archive:
+    for name, data in files.items():
+        info = tarfile.TarInfo(name)
+        info.size, info.mode = len(data), 0o644
+        archive.addfile(info, io.BytesIO(data))
+PY
+}
+
+# ctr images import, then ctr run IMAGE: the rootfs comes from the snapshotter.
+image_scenario() {
+	local id=$1 out rc
+	shift
+	build_oci_image || { fail "building the OCI image layout failed"; rm -f "$work/image.tar"; return; }
+	out=$(ctr images import --base-name "${image_ref%:*}" "$work/image.tar" 2>&1) ||
+		{ fail "ctr images import: $out"; return; }
+	out=$(ctr images ls -q 2>&1)
+	grep -qx -- "$image_ref" <<<"$out" || { fail "ctr images ls lacks $image_ref: $out"; return; }
+	out=$(ctr run --rm "$@" "$image_ref" "$id" sh -c 'cat /etc/image-marker; echo from-image; exit 3' 2>&1); rc=$?
+	expect_rc "run image" $rc 3
+	expect_out "run image" "$out" "from-image-layer"
+	expect_out "run image" "$out" "from-image"
+	ctr containers rm "$id" >/dev/null 2>&1
+	# The shim mounted the snapshot at <bundle>/rootfs: nothing of it stays mounted.
+	out=$(settle grep -F -- "/$ns/$id/" /proc/self/mountinfo)
+	[ -z "$out" ] || fail "run image: mounts left: $out"
+	out=$(ctr images rm --sync "$image_ref" 2>&1) || fail "ctr images rm: $out"
+}
+scenario_shim_image() { image_scenario ki --runtime io.containerd.krun.v2; }
+scenario_runc_shim_image() { image_scenario ri --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
 # Does a VM boot at all here? If not, every VM scenario would fail for that one reason.
 vm_probe() {
@@ -379,7 +571,8 @@ PY
 	return 1
 }
 
-vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty podman_run podman_stop)
+vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
+	shim_image runc_shim_image podman_run podman_stop podman_exec podman_logs_kill podman_rm_force podman_it)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

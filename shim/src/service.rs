@@ -1,6 +1,7 @@
 //! The containerd Task service over [`Instance`]s.
 
 use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -889,8 +890,26 @@ impl containerd_shim::Task for Service {
         if !req.now && !self.tasks.lock().unwrap().is_empty() {
             return Ok(api::Empty::default());
         }
+        remove_own_socket();
         self.shutdown.signal();
         Ok(api::Empty::default())
+    }
+}
+
+/// Removes the shim's socket before Shutdown answers. containerd deletes the
+/// bundle, and the `address` file in it, as soon as Shutdown returns; the crate
+/// reads that file only after its server has stopped, and when the bundle is
+/// already gone it exits without removing the socket (the Go shims remove it in
+/// their Shutdown handler too). Open connections outlive the unlink.
+fn remove_own_socket() {
+    let Ok(address) = containerd_shim::util::read_address() else {
+        return;
+    };
+    let path = Path::new(address.strip_prefix("unix://").unwrap_or(&address));
+    if path.metadata().is_ok_and(|m| m.file_type().is_socket()) {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("removing {}: {e}", path.display());
+        }
     }
 }
 
