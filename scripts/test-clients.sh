@@ -86,7 +86,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty ki ri)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -439,6 +439,53 @@ scenario_podman_rm_force() {
 	grep -q -- "$cid" <<<"$out" && fail "podman ps -a still lists $cid"
 }
 
+# Whether the host cgroup at `$1` (a cgroupsPath) is frozen: v1 freezer or v2 cgroup.freeze.
+cgroup_frozen() {
+	if [ -f "/sys/fs/cgroup/freezer$1/freezer.state" ]; then
+		grep -q FROZEN "/sys/fs/cgroup/freezer$1/freezer.state"
+	else
+		grep -q 1 "/sys/fs/cgroup$1/cgroup.freeze" 2>/dev/null
+	fi
+}
+
+# ctr task pause/resume: the task reads PAUSED and the VM's host cgroup is frozen;
+# after resume the workload goes on (its counter moves).
+pause_scenario() {
+	local id=$1 out n
+	shift
+	ctr run -d "$@" --rootfs "$rootfs" "$id" sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/count; sleep 0.1; done' >/dev/null 2>&1 ||
+		{ fail "ctr run -d failed"; return; }
+	wait_task_running "$id" || return
+	ctr task pause "$id" || fail "ctr task pause failed"
+	ctr task ls | grep -E "^$id[[:space:]].*PAUSED" >/dev/null || fail "task not PAUSED: $(ctr task ls)"
+	cgroup_frozen "/$ns/$id" || fail "the VM's cgroup /$ns/$id is not frozen"
+	out=$(ctr task exec --exec-id p1 "$id" true 2>&1) && fail "exec in a paused task succeeded"
+	ctr task resume "$id" || fail "ctr task resume failed"
+	wait_task_running "$id"
+	cgroup_frozen "/$ns/$id" && fail "the VM's cgroup is still frozen after resume"
+	wait_output 2 ctr task exec --exec-id p2 "$id" cat /tmp/count
+	ctr task kill -s SIGKILL "$id"
+	n=0
+	until ctr task rm "$id" >/dev/null 2>&1 || [ $n -ge 300 ]; do n=$((n + 1)); sleep 0.1; done
+	ctr containers rm "$id" >/dev/null 2>&1 || fail "container $id could not be removed"
+}
+scenario_shim_pause() { pause_scenario kp --runtime io.containerd.krun.v2; }
+scenario_runc_shim_pause() { pause_scenario rp --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
+# podman pause/unpause.
+scenario_podman_pause() {
+	local cid status
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	podman pause "$cid" >/dev/null || fail "podman pause failed"
+	status=$(podman inspect --format '{{.State.Status}}' "$cid")
+	expect_rc "podman pause status" "$status" paused
+	podman unpause "$cid" >/dev/null || fail "podman unpause failed"
+	status=$(podman inspect --format '{{.State.Status}}' "$cid")
+	expect_rc "podman unpause status" "$status" running
+	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
+}
+
 # podman run -it under tmux: keys in, output and the exit code out.
 scenario_podman_it() {
 	local session="krun-tty-$$" rc n cid
@@ -572,7 +619,8 @@ PY
 }
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
-	shim_image runc_shim_image podman_run podman_stop podman_exec podman_logs_kill podman_rm_force podman_it)
+	shim_image runc_shim_image shim_pause runc_shim_pause podman_run podman_stop podman_exec podman_logs_kill
+	podman_rm_force podman_pause podman_it)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

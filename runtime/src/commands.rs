@@ -19,7 +19,6 @@ use krun_oci::Error;
 pub struct Context {
     pub root: PathBuf,
     pub vmm: VmmChoice,
-    #[allow(dead_code)]
     pub systemd_cgroup: bool,
 }
 
@@ -43,6 +42,7 @@ fn create_options(ctx: &Context, args: &CreateArgs) -> Result<CreateOptions> {
         vmm: ctx.vmm,
         exe: std::env::current_exe().context("locating the krun-oci binary")?,
         stdio: None,
+        systemd_cgroup: ctx.systemd_cgroup,
     })
 }
 
@@ -64,6 +64,14 @@ pub fn state(ctx: &Context, id: &str) -> Result<()> {
 pub fn kill(ctx: &Context, args: KillArgs) -> Result<()> {
     let signal = krun_oci::signal::parse_signal(&args.signal)?;
     Ok(lifecycle::kill(&ctx.store()?, &args.id, signal, args.all)?)
+}
+
+pub fn pause(ctx: &Context, id: &str) -> Result<()> {
+    Ok(lifecycle::pause(&ctx.store()?, id)?)
+}
+
+pub fn resume(ctx: &Context, id: &str) -> Result<()> {
+    Ok(lifecycle::resume(&ctx.store()?, id)?)
 }
 
 pub fn delete(ctx: &Context, args: DeleteArgs) -> Result<()> {

@@ -13,8 +13,10 @@ pub enum Error {
     InvalidId(String),
     #[error("container not running")]
     NotRunning,
-    #[error("container paused")]
+    #[error("cannot exec in a paused container")]
     Paused,
+    #[error("container not paused")]
+    NotPaused,
     #[error("container still running")]
     StillRunning,
     #[error("cannot delete container {id} that is not stopped: {status}")]

@@ -101,8 +101,10 @@ pub fn process_from_file(base: &Process, mut p: Process) -> Process {
 
 /// Checks the container can take an exec and that the command exists in its rootfs.
 pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
-    if !matches!(c.status(), Status::Created | Status::Running) {
-        return Err(Error::NotRunning);
+    match c.status() {
+        Status::Created | Status::Running => {}
+        Status::Paused => return Err(Error::Paused),
+        _ => return Err(Error::NotRunning),
     }
     let arg0 = process
         .args()

@@ -11,18 +11,8 @@ pub fn unapplied(spec: &Spec) -> Vec<String> {
     let Some(linux) = spec.linux() else {
         return out;
     };
-    if let Some(path) = linux.cgroups_path() {
-        out.push(format!(
-            "linux.cgroupsPath {}: the VM monitor is not placed in a host cgroup yet; \
-             memory, CPU and pids limits are applied as the VM's size and inside the guest",
-            path.display()
-        ));
-    }
     if let Some(r) = linux.resources() {
         let mut rest = Vec::new();
-        if r.block_io().is_some() {
-            rest.push("blockIO");
-        }
         if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
             rest.push("hugepageLimits");
         }
@@ -37,7 +27,7 @@ pub fn unapplied(spec: &Spec) -> Vec<String> {
         }
         if !rest.is_empty() {
             out.push(format!(
-                "linux.resources.{{{}}} are not applied in a microVM",
+                "linux.resources.{{{}}} are not applied to a microVM",
                 rest.join(",")
             ));
         }
@@ -70,22 +60,19 @@ mod tests {
     use super::*;
 
     fn spec(linux: serde_json::Value) -> Spec {
-        let mut v = serde_json::to_value(Spec::default()).unwrap();
-        v["linux"] = linux;
-        serde_json::from_value(v).unwrap()
+        crate::testutil::spec_with("linux", linux)
     }
 
     #[test]
     fn set_and_unapplied_fields_are_named() {
         let w = unapplied(&spec(serde_json::json!({
             "cgroupsPath": "/libpod_parent/libpod-abc",
-            "resources": {"blockIO": {"weight": 10}, "pids": {"limit": 10}},
+            "resources": {"hugepageLimits": [{"pageSize": "2MB", "limit": 0}], "pids": {"limit": 10}},
             "namespaces": [{"type": "network", "path": "/run/netns/cni-1"}, {"type": "pid"}]
         })));
-        assert_eq!(w.len(), 3, "{w:?}");
-        assert!(w[0].contains("/libpod_parent/libpod-abc"));
-        assert!(w[1].contains("blockIO") && !w[1].contains("pids"));
-        assert!(w[2].contains("/run/netns/cni-1") && w[2].contains("network device"));
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("hugepageLimits") && !w[0].contains("pids"));
+        assert!(w[1].contains("/run/netns/cni-1") && w[1].contains("network device"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! container in its own microVM.
 
 pub mod bundle;
+pub mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod console;
@@ -22,6 +23,8 @@ pub mod seccomp;
 pub mod signal;
 pub mod spec;
 pub mod state;
+#[cfg(test)]
+pub(crate) mod testutil;
 pub mod vmm;
 
 pub use error::{Error, Result};

@@ -39,6 +39,8 @@ pub struct CreateOptions {
     /// when there is no terminal. `None`: the caller's own fds 0/1/2 (runc
     /// semantics for the CLI). A shim passes containerd's fifos here.
     pub stdio: Option<[Arc<OwnedFd>; 3]>,
+    /// `--systemd-cgroup`: `linux.cgroupsPath` is `slice:prefix:name`.
+    pub systemd_cgroup: bool,
 }
 
 /// Creates the container: validates, snapshots, starts the monitor (which boots
@@ -86,6 +88,11 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             link: None,
             helper_pids: Vec::new(),
             log_path: None,
+            cgroup: Some(crate::cgroup::HostCgroup::for_spec(
+                &bundle.spec,
+                id,
+                opts.systemd_cgroup,
+            )),
         };
         dir.save(&record)?;
         let (vcpus, ram_mib) = vm_size(&bundle.spec);
@@ -98,6 +105,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             terminal,
             console_socket: opts.console_socket.clone(),
             log_path: log_path.clone(),
+            cgroup: record.cgroup.clone(),
         };
         write_atomic(
             &dir.monitor_config_file(),
@@ -382,16 +390,42 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
         return Err(Error::NotRunning);
     }
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    if status == Status::Paused {
+        // A frozen VM cannot take the signal: thaw it, deliver, and freeze it
+        // again, except for SIGKILL, which ends the VM (as runc's frozen init
+        // dies on SIGKILL).
+        set_frozen(&mut c, false)?;
+        let was = if c.record.started {
+            Status::Running
+        } else {
+            Status::Created
+        };
+        let r = kill_unlocked(&c, &link, was, signal, all);
+        if signal != libc::SIGKILL {
+            set_frozen(&mut c, true)?;
+        }
+        return r;
+    }
+    kill_unlocked(&c, &link, status, signal, all)
+}
+
+fn kill_unlocked(
+    c: &Container,
+    link: &crate::guest::GuestLink,
+    status: Status,
+    signal: i32,
+    all: bool,
+) -> Result<()> {
     if status == Status::Created {
         // No main yet: the signal ends the container, as it would end runc's waiting init.
         let _ = write_atomic(
             &c.dir.exit_code_file(),
             (128 + signal).to_string().as_bytes(),
         );
-        if let Ok(mut s) = monitor::connect_control(&link) {
+        if let Ok(mut s) = monitor::connect_control(link) {
             let _ = monitor::request(&mut s, Message::Shutdown);
         } else {
-            kill_monitor(&c);
+            kill_monitor(c);
         }
         return Ok(());
     }
@@ -400,7 +434,7 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
     } else {
         SignalTarget::Main
     };
-    let reply = monitor::connect_control(&link)
+    let reply = monitor::connect_control(link)
         .and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
     match reply {
         Ok(Message::Ack) => Ok(()),
@@ -409,7 +443,7 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
         // A wedged guest still goes away on SIGKILL: end the VM.
         Err(_) if signal == libc::SIGKILL => {
             let _ = write_atomic(&c.dir.exit_code_file(), b"137");
-            kill_monitor(&c);
+            kill_monitor(c);
             Ok(())
         }
         Err(e) => Err(e),
@@ -419,11 +453,15 @@ pub fn kill(store: &StateStore, id: &str, signal: i32, all: bool) -> Result<()> 
 /// Lists the processes inside the container's VM (guest pids).
 pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestProcess>> {
     let c = Container::load(store, id)?;
-    if !matches!(
-        c.status(),
-        Status::Created | Status::Running | Status::Paused
-    ) {
-        return Err(Error::NotRunning);
+    match c.status() {
+        Status::Created | Status::Running => {}
+        // The guest answers ps, and a frozen guest answers nothing.
+        Status::Paused => {
+            return Err(Error::InvalidInput(
+                "cannot list the processes of a paused container".into(),
+            ))
+        }
+        _ => return Err(Error::NotRunning),
     }
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
     match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Ps))? {
@@ -469,8 +507,49 @@ pub fn delete(store: &StateStore, id: &str, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// `pause`: freezes the VM's host cgroup, vCPUs and helpers alike.
+pub fn pause(store: &StateStore, id: &str) -> Result<()> {
+    let mut c = Container::load(store, id)?;
+    let _lock = c.dir.lock()?;
+    c.record = c.dir.load()?;
+    match c.status() {
+        Status::Running | Status::Created => set_frozen(&mut c, true),
+        Status::Paused => Ok(()),
+        _ => Err(Error::NotRunning),
+    }
+}
+
+/// `resume`: thaws a paused container.
+pub fn resume(store: &StateStore, id: &str) -> Result<()> {
+    let mut c = Container::load(store, id)?;
+    let _lock = c.dir.lock()?;
+    c.record = c.dir.load()?;
+    match c.status() {
+        Status::Paused => set_frozen(&mut c, false),
+        _ => Err(Error::NotPaused),
+    }
+}
+
+/// Freezes or thaws the VM and records it (the caller holds the lock).
+fn set_frozen(c: &mut Container, frozen: bool) -> Result<()> {
+    let cg = c.record.cgroup.clone().ok_or_else(|| {
+        Error::InvalidInput(
+            "the container has no cgroup to freeze (created by an older krun-oci)".into(),
+        )
+    })?;
+    cg.freeze(frozen)?;
+    c.record.paused = frozen;
+    c.dir.save(&c.record)
+}
+
 /// Stops the monitor and every helper it started, and waits until they are gone.
 fn destroy(c: &Container) {
+    // Frozen tasks do not die until thawed.
+    if c.record.paused {
+        if let Some(cg) = &c.record.cgroup {
+            let _ = cg.freeze(false);
+        }
+    }
     if c.monitor_alive() {
         kill_monitor(c);
     }
@@ -492,6 +571,11 @@ fn destroy(c: &Container) {
     };
     while any_alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if let Some(cg) = &c.record.cgroup {
+        if let Err(e) = cg.remove() {
+            log::warn!("{e}");
+        }
     }
 }
 

@@ -48,6 +48,9 @@ pub struct MonitorConfig {
     pub terminal: bool,
     pub console_socket: Option<PathBuf>,
     pub log_path: PathBuf,
+    /// The host cgroup to enter before the VMM starts (so the whole VM is in it).
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 /// The monitor's report to `create`.
@@ -83,7 +86,11 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     let spec: Spec = serde_json::from_slice(
         &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
     )?;
-    let booted = match boot(dir, &cfg, &spec) {
+    let entered = match &cfg.cgroup {
+        Some(cg) => cg.enter(std::process::id() as i32, &spec),
+        None => Ok(()),
+    };
+    let booted = match entered.and_then(|()| boot(dir, &cfg, &spec)) {
         Ok(b) => b,
         Err(e) => {
             log::error!("boot failed: {e}");

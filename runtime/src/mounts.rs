@@ -204,9 +204,7 @@ mod tests {
     use super::*;
 
     fn spec_with(mounts: serde_json::Value) -> Spec {
-        let mut v = serde_json::to_value(Spec::default()).unwrap();
-        v["mounts"] = mounts;
-        serde_json::from_value(v).unwrap()
+        crate::testutil::spec_with("mounts", mounts)
     }
 
     #[test]

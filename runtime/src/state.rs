@@ -128,6 +128,9 @@ pub struct ContainerRecord {
     /// Where the json-file log lives.
     #[serde(default)]
     pub log_path: Option<PathBuf>,
+    /// The host cgroup the VM lives in (removed at delete).
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::HostCgroup>,
 }
 
 /// A container's directory in the store.

@@ -53,6 +53,7 @@ impl From<krun_oci::Error> for Error {
             }
             K::NotRunning
             | K::Paused
+            | K::NotPaused
             | K::StillRunning
             | K::NotStopped { .. }
             | K::StartStopped

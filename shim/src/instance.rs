@@ -72,6 +72,7 @@ impl Instance for KrunInstance {
             vmm: VmmChoice::Auto,
             exe: cfg.exe,
             stdio: Some(cfg.stdio),
+            systemd_cgroup: false,
         };
         let container = lifecycle::create(&store, &id, &opts)?;
         Ok(Self {

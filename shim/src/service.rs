@@ -10,7 +10,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -799,12 +800,34 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        Err(Error::Unimplemented("pause is not supported yet by krun-oci".into()).into())
+    /// Freezes the VM's host cgroup (the whole VM stops), then TaskPaused.
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.task(&req.id)?;
+        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
+        krun_oci::lifecycle::pause(&store, &req.id).map_err(Error::from)?;
+        self.events.publish(
+            topics::TASK_PAUSED_EVENT_TOPIC,
+            Box::new(TaskPaused {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
     }
 
-    fn resume(&self, _ctx: &TtrpcContext, _req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        Err(Error::Unimplemented("resume is not supported yet by krun-oci".into()).into())
+    /// Thaws it again, then TaskResumed.
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.task(&req.id)?;
+        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
+        krun_oci::lifecycle::resume(&store, &req.id).map_err(Error::from)?;
+        self.events.publish(
+            topics::TASK_RESUMED_EVENT_TOPIC,
+            Box::new(TaskResumed {
+                container_id: req.id,
+                ..Default::default()
+            }),
+        );
+        Ok(api::Empty::default())
     }
 
     fn checkpoint(

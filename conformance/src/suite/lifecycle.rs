@@ -588,7 +588,26 @@ fn delete_leftovers(ctx: &mut Ctx) -> Result<()> {
         rootfs_mounts.is_empty(),
         "host mounts remain: {rootfs_mounts:?}"
     );
+    let cgroups = cgroups_named(&id);
+    ensure!(cgroups.is_empty(), "cgroups remain: {cgroups:?}");
     Ok(())
+}
+
+/// Cgroup directories named `id` (the default path `/<id>`), in any v1 hierarchy or v2.
+fn cgroups_named(id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let root = std::path::Path::new("/sys/fs/cgroup");
+    let mut dirs = vec![root.to_path_buf()];
+    if let Ok(rd) = fs::read_dir(root) {
+        dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for d in dirs {
+        let p = d.join(id);
+        if p.is_dir() {
+            out.push(p.display().to_string());
+        }
+    }
+    out
 }
 
 /// Host processes whose command line mentions `needle` (a VMM, a helper, a shim left behind).
