@@ -92,11 +92,32 @@ impl HostCgroup {
             .map_err(|e| err(if frozen { "freezing" } else { "thawing" }, e))
     }
 
-    /// Removes the cgroup (its processes are gone by now).
+    /// Kills whatever is still in the cgroup (as runc does at destroy), waits
+    /// until it is empty, and removes it. Bounded by a count of short waits.
     pub fn remove(&self) -> Result<()> {
-        self.manager()?
-            .remove()
-            .map_err(|e| err(&format!("removing {}", self.path.display()), e))
+        let m = self.manager()?;
+        let mut last = None;
+        for _ in 0..250 {
+            let pids = m.get_all_pids().unwrap_or_default();
+            for p in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.as_raw()),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if pids.is_empty() {
+                match m.remove() {
+                    Ok(()) => return Ok(()),
+                    // Exiting tasks may still be accounted for a moment.
+                    Err(e) => last = Some(e.to_string()),
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Err(err(
+            &format!("removing {}", self.path.display()),
+            last.unwrap_or_else(|| "processes remain".into()),
+        ))
     }
 }
 

@@ -86,10 +86,10 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     let spec: Spec = serde_json::from_slice(
         &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
     )?;
-    let entered = match &cfg.cgroup {
+    let entered = join_network_namespace(&spec).and_then(|()| match &cfg.cgroup {
         Some(cg) => cg.enter(std::process::id() as i32, &spec),
         None => Ok(()),
-    };
+    });
     let booted = match entered.and_then(|()| boot(dir, &cfg, &spec)) {
         Ok(b) => b,
         Err(e) => {
@@ -113,6 +113,33 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
         },
     );
     Ok(supervise(dir, &cfg, booted))
+}
+
+/// Joins `linux.namespaces`' network `path` (podman's or CNI's namespace), so the
+/// VMM and its helpers, spawned after this, live there. Runs before the monitor
+/// starts threads: setns changes the calling thread, later threads inherit it.
+fn join_network_namespace(spec: &Spec) -> Result<()> {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let path = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| {
+            ns.iter()
+                .find(|n| n.typ() == LinuxNamespaceType::Network)
+                .and_then(|n| n.path().clone())
+        });
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let f = File::open(&path).ctx(|| format!("opening network namespace {}", path.display()))?;
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+        Error::InvalidInput(format!(
+            "joining network namespace {}: {}",
+            path.display(),
+            e.desc().to_lowercase()
+        ))
+    })
 }
 
 /// Makes `cmd` a detached child (its own session) that reports on a sync pipe:

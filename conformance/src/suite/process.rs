@@ -2,7 +2,7 @@
 //! mounts, readonly root.
 use super::{tests, Test};
 use crate::harness::Ctx;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use std::fs;
 
@@ -32,6 +32,7 @@ pub fn tests() -> Vec<Test> {
         "config/readonly-paths" => readonly_paths,
         "config/seccomp" => seccomp,
         "config/pids-limit" => pids_limit,
+        "config/netns-path" => netns_path,
     ]
 }
 
@@ -419,6 +420,46 @@ fn pids_limit(ctx: &mut Ctx) -> Result<()> {
         "10 forks under a limit of 5 ({exit:?}): {out:?}"
     );
     Ok(())
+}
+
+/// A network namespace `path` is joined: the container pid (runc's init; krun-oci's
+/// VM monitor, and with it the VMM) lives in that namespace.
+fn netns_path(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--net", "sleep", "600"])
+        .spawn()
+        .context("unshare --net")?;
+    let ns_path = format!("/proc/{}/ns/net", holder.id());
+    let result = (|| {
+        // unshare execs sleep once the namespace exists.
+        let want = (0..500)
+            .find_map(|_| {
+                let l = fs::read_link(&ns_path).ok()?;
+                if l != fs::read_link("/proc/self/ns/net").ok()? {
+                    return Some(l);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                None
+            })
+            .ok_or_else(|| anyhow::anyhow!("no new network namespace at {ns_path}"))?;
+        let p = ns_path.clone();
+        let bundle = ctx.bundle(|c| {
+            super::sleeper(c);
+            let ns = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            ns.retain(|n| n["type"] != "network");
+            ns.push(json!({"type": "network", "path": p}));
+        })?;
+        let id = ctx.new_id();
+        let created = ctx.create(&bundle, &id, &[])?;
+        let got = fs::read_link(format!("/proc/{}/ns/net", created.pid))?;
+        let _ = ctx.rt(&["delete", "--force", &id]);
+        ensure!(got == want, "container pid is in {got:?}, want {want:?}");
+        Ok(())
+    })();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    result
 }
 
 fn mount_proc(ctx: &mut Ctx) -> Result<()> {

@@ -221,6 +221,13 @@ impl QemuVmm {
             c.push(' ');
             c.push_str(&self.image.cmdline_extra);
         }
+        // A debugging aid (docs/vmm.md): e.g. `loglevel=7` for the whole boot log.
+        if let Ok(extra) = std::env::var("KRUN_OCI_KERNEL_CMDLINE") {
+            if !extra.trim().is_empty() {
+                c.push(' ');
+                c.push_str(extra.trim());
+            }
+        }
         c
     }
 
