@@ -23,10 +23,13 @@ impl Timings {
         }
     }
 
+    /// Records a finished step (also on the console: where a stuck boot stopped).
     pub fn mark(&mut self, step: &str) {
+        let micros = self.start.elapsed().as_micros() as u64;
+        log::info!("boot: {step} at {} ms", micros / 1000);
         self.steps.push(BootTiming {
             step: step.to_string(),
-            micros: self.start.elapsed().as_micros() as u64,
+            micros,
         });
     }
 }

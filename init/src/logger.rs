@@ -6,7 +6,18 @@ use std::io::Write;
 use std::sync::Mutex;
 
 struct InitLogger {
+    /// /dev/kmsg once devtmpfs is up; stderr before and in the sandbox harness.
     sink: Mutex<Option<File>>,
+}
+
+/// The kernel log level of a record: error 3, warning 4, info 5 (notice), else 7.
+fn kmsg_level(level: log::Level) -> u8 {
+    match level {
+        log::Level::Error => 3,
+        log::Level::Warn => 4,
+        log::Level::Info => 5,
+        _ => 7,
+    }
 }
 
 static LOGGER: InitLogger = InitLogger {
@@ -22,9 +33,11 @@ impl log::Log for InitLogger {
         let line = format!("krun-oci-init: {}: {}\n", record.level(), record.args());
         let mut sink = self.sink.lock().unwrap_or_else(|e| e.into_inner());
         match sink.as_mut() {
-            // One write per record: /dev/kmsg takes one message per write.
+            // One write per record: /dev/kmsg takes one message per write, its
+            // level as a `<N>` prefix.
             Some(f) => {
-                let _ = f.write_all(line.as_bytes());
+                let msg = format!("<{}>{line}", kmsg_level(record.level()));
+                let _ = f.write_all(msg.as_bytes());
             }
             None => {
                 let _ = std::io::stderr().write_all(line.as_bytes());
@@ -41,9 +54,14 @@ pub fn init() {
     log::set_max_level(log::LevelFilter::Info);
 }
 
-/// Sends further log lines to /dev/kmsg (once devtmpfs is mounted).
+/// Sends further log lines to /dev/kmsg (once devtmpfs is mounted), and lets
+/// the console show init's own info lines (the boot steps) next to the kernel's
+/// errors: `quiet` hides everything below error, which left a boot that hangs
+/// in init indistinguishable from one that hangs in the kernel.
 pub fn use_kmsg() {
     if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
         *LOGGER.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        // console_loglevel 6: levels 0..=5 (error, warning, notice) reach the console.
+        let _ = std::fs::write("/proc/sys/kernel/printk", "6");
     }
 }

@@ -30,9 +30,12 @@ use crate::vmm::{Vm, VmSpec, VmmChoice};
 
 /// Env var naming the fd of the pipe on which the monitor reports to `create`.
 pub const SYNC_FD_ENV: &str = "KRUN_OCI_SYNC_FD";
-/// How long create waits for the guest's ready beacon at most (TCG boots are slow,
-/// and the first create may build the guest image). The VM dying ends the wait at once.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long create waits for the guest's ready beacon after launching the VM (the
+/// guest image is built before). A TCG boot takes 1-3 s, under heavy load ~10 s; a
+/// boot that has not answered in 2 minutes is stuck, and create fails with the
+/// console's tail (which shows guest-init's boot steps) while the caller still
+/// waits, rather than after a client's own timeout. The VM dying ends the wait at once.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// After the workload's exit is reported, how long the guest gets to power off.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of one request to the guest's control service.
