@@ -33,6 +33,8 @@ pub fn tests() -> Vec<Test> {
         "config/seccomp" => seccomp,
         "config/pids-limit" => pids_limit,
         "config/netns-path" => netns_path,
+        "config/vm-size-from-resources" => vm_size_resources,
+        "config/vm-size-from-annotations" => vm_size_annotations,
     ]
 }
 
@@ -460,6 +462,35 @@ fn netns_path(ctx: &mut Ctx) -> Result<()> {
     let _ = holder.kill();
     let _ = holder.wait();
     result
+}
+
+/// The workload sees its limits as the machine's size: MemTotal within the memory
+/// limit, as many CPUs as the quota allows.
+fn vm_size_resources(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["linux"]["resources"]["memory"] = json!({"limit": 256u64 << 20});
+        c["linux"]["resources"]["cpu"] = json!({"quota": 100000, "period": 100000});
+    })?;
+    expect_size(&r, 1, 256)
+}
+
+/// krun-oci's annotations (crun-krun's `krun.*` too) size the VM.
+fn vm_size_annotations(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["annotations"] = json!({"krun.cpus": "2", "krun-oci.ram_mib": "192"});
+    })?;
+    expect_size(&r, 2, 192)
+}
+
+fn expect_size(r: &Value, cpus: u64, mib: u64) -> Result<()> {
+    ensure!(r["nproc"] == cpus, "{} CPUs, want {cpus}", r["nproc"]);
+    let kib = r["mem_total_kib"].as_u64().unwrap_or(0);
+    // The kernel keeps some of the RAM for itself: MemTotal is a little lower.
+    ensure!(
+        kib <= mib * 1024 && kib >= mib * 1024 / 2,
+        "MemTotal {kib} KiB, want about {mib} MiB"
+    );
+    Ok(())
 }
 
 fn mount_proc(ctx: &mut Ctx) -> Result<()> {
