@@ -291,7 +291,12 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
             Err(if tail.trim().is_empty() {
                 e
             } else {
-                Error::Vm(format!("{e}; console: {}", tail.trim()))
+                // Not "vm: vm: ...": the console goes onto the message itself.
+                let msg = match e {
+                    Error::Vm(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Vm(format!("{msg}; console: {}", tail.trim()))
             })
         }
     }
