@@ -262,13 +262,13 @@ def fmt_mb(values):
 
 
 def qemu_wrapper(work, tb_size):
-    """A qemu stand-in that adds tb-size=N to `-accel tcg` (exec keeps the pid)."""
+    """A qemu stand-in that adds tb-size=N to `-accel tcg[,...]` (exec keeps the pid)."""
     real = shutil.which("qemu-system-x86_64")
     path = os.path.join(work, f"qemu-tb{tb_size}")
     with open(path, "w") as f:
         f.write(f"""#!/bin/bash
 args=()
-for a in "$@"; do [ "$a" = tcg ] && a=tcg,tb-size={tb_size}; args+=("$a"); done
+for a in "$@"; do case "$a" in tcg|tcg,*) a="$a,tb-size={tb_size}";; esac; args+=("$a"); done
 exec {real} "${{args[@]}}"
 """)
     os.chmod(path, 0o755)
