@@ -463,7 +463,17 @@ pause_scenario() {
 	ctr task resume "$id" || fail "ctr task resume failed"
 	wait_task_running "$id"
 	cgroup_frozen "/$ns/$id" && fail "the VM's cgroup is still frozen after resume"
-	wait_output 2 ctr task exec --exec-id p2 "$id" cat /tmp/count
+	# The workload runs again: its counter moves on from what it reads now.
+	local first now
+	first=$(ctr task exec --exec-id p2 "$id" cat /tmp/count 2>/dev/null)
+	n=0
+	while :; do
+		now=$(ctr task exec --exec-id "p3-$n" "$id" cat /tmp/count 2>/dev/null)
+		[ -n "$now" ] && [ "$now" != "$first" ] && break
+		n=$((n + 1))
+		[ $n -ge 300 ] && { fail "the counter stayed at '$first' after resume"; break; }
+		sleep 0.1
+	done
 	ctr task kill -s SIGKILL "$id"
 	n=0
 	until ctr task rm "$id" >/dev/null 2>&1 || [ $n -ge 300 ]; do n=$((n + 1)); sleep 0.1; done

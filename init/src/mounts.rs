@@ -11,7 +11,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use krun_oci_protocol::mounts::{is_bind, shared_binds, MOUNTS_TAG};
+use krun_oci_protocol::mounts::{is_bind, is_shared_bind, shared_binds, MOUNTS_TAG};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use oci_spec::runtime::{Mount, Spec};
 
@@ -115,14 +115,63 @@ fn guest_provided(m: &Mount, dest: &Path) -> bool {
     let typ = m.typ().as_deref().unwrap_or_default();
     (dest == Path::new("/dev") && typ == "tmpfs")
         || (dest == Path::new("/dev/pts") && typ == "devpts")
-        || (dest == Path::new("/dev/shm") && is_bind(m))
+        // A bind the host does not share (the protocol's rule: /dev/shm).
+        || (is_bind(m) && !is_shared_bind(m))
+}
+
+/// Flags a bind remount sets on one mount (the others belong to its superblock).
+const PER_MOUNT: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC)
+    .union(MsFlags::MS_NOATIME)
+    .union(MsFlags::MS_NODIRATIME)
+    .union(MsFlags::MS_RELATIME)
+    .union(MsFlags::MS_STRICTATIME);
+
+/// Sets the per-mount part of `flags` on the mount at `dest` (a bind remount).
+fn remount_bind(dest: &Path, flags: MsFlags) -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | (flags & PER_MOUNT),
+        None::<&str>,
+    )
+}
+
+/// A filesystem mounted at a scratch directory for one setup step, then
+/// detached (what was bound or opened from it stays; the mount leaves the view).
+pub struct TempMount {
+    pub dir: PathBuf,
+}
+
+impl TempMount {
+    pub fn new(dir: &str, source: &str, fstype: &str, flags: MsFlags) -> nix::Result<TempMount> {
+        let dir = PathBuf::from(dir);
+        let _ = fs::create_dir(&dir);
+        if let Err(e) = mount(Some(source), &dir, Some(fstype), flags, None::<&str>) {
+            let _ = fs::remove_dir(&dir);
+            return Err(e);
+        }
+        Ok(TempMount { dir })
+    }
+}
+
+impl Drop for TempMount {
+    fn drop(&mut self) {
+        if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
+            log::warn!("detaching {}: {}", self.dir.display(), errno(e));
+        }
+        let _ = fs::remove_dir(&self.dir);
+    }
 }
 
 /// Applies `mounts` of `spec`, in order.
 pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
     let mounts = spec.mounts().as_deref().unwrap_or_default();
     let entries = shared_binds(mounts);
-    let mut share: Option<Share> = None;
+    let mut share: Option<TempMount> = None;
     let result = (|| {
         for (pos, m) in mounts.iter().enumerate() {
             let dest = destination(m);
@@ -133,7 +182,16 @@ pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
             match entries.iter().find(|(p, _)| *p == pos) {
                 Some((_, entry)) => {
                     if share.is_none() {
-                        share = Some(Share::mount().map_err(|e| mount_error(m, e))?);
+                        let mounted = TempMount::new(
+                            SHARE_DIR,
+                            MOUNTS_TAG,
+                            "virtiofs",
+                            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                        )
+                        .map_err(|e| {
+                            mount_error(m, format!("mounting the {MOUNTS_TAG} share: {}", errno(e)))
+                        })?;
+                        share = Some(mounted);
                     }
                     let dir = share.as_ref().map(|s| s.dir.join(entry));
                     bind_from_share(m, dir.as_deref().unwrap_or(Path::new("/")), &dest)?;
@@ -163,37 +221,6 @@ pub fn apply_path_restrictions(spec: &Spec) -> Result<(), String> {
         mask_path(Path::new(p)).map_err(|e| format!("masked path {p}: {e}"))?;
     }
     Ok(())
-}
-
-/// The `krun-mounts` virtio-fs share, mounted at [`SHARE_DIR`] until dropped.
-struct Share {
-    dir: PathBuf,
-}
-
-impl Share {
-    fn mount() -> Result<Share, String> {
-        let dir = PathBuf::from(SHARE_DIR);
-        let _ = fs::create_dir(&dir);
-        mount(
-            Some(MOUNTS_TAG),
-            &dir,
-            Some("virtiofs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            None::<&str>,
-        )
-        .map_err(|e| format!("mounting the {MOUNTS_TAG} share: {}", errno(e)))?;
-        Ok(Share { dir })
-    }
-}
-
-impl Drop for Share {
-    /// The binds made from it stay; the share itself leaves the container's view.
-    fn drop(&mut self) {
-        if let Err(e) = umount2(&self.dir, MntFlags::MNT_DETACH) {
-            log::warn!("detaching {}: {}", self.dir.display(), errno(e));
-        }
-        let _ = fs::remove_dir(&self.dir);
-    }
 }
 
 /// Creates the mount point: a directory, or an empty file for a file bind.
@@ -230,25 +257,8 @@ fn bind_from_share(m: &Mount, entry: &Path, dest: &Path) -> Result<(), String> {
         None::<&str>,
     )
     .map_err(|e| mount_error(m, errno(e)))?;
-    // Per-mount flags (ro, nosuid, ...) take a bind remount.
-    let per_mount = o.flags
-        & (MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV
-            | MsFlags::MS_NOEXEC
-            | MsFlags::MS_NOATIME
-            | MsFlags::MS_NODIRATIME
-            | MsFlags::MS_RELATIME
-            | MsFlags::MS_STRICTATIME);
-    if !per_mount.is_empty() {
-        mount(
-            None::<&str>,
-            dest,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | per_mount,
-            None::<&str>,
-        )
-        .map_err(|e| mount_error(m, errno(e)))?;
+    if o.flags.intersects(PER_MOUNT) {
+        remount_bind(dest, o.flags).map_err(|e| mount_error(m, errno(e)))?;
     }
     set_propagation(m, dest, &o)
 }
@@ -269,17 +279,6 @@ fn mount_typed(m: &Mount, dest: &Path) -> Result<(), String> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| typ.to_string());
     let data = (!data.is_empty()).then_some(data.as_str());
-    let per_mount = o.flags
-        & (MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC);
-    let remount = || {
-        mount(
-            None::<&str>,
-            dest,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | per_mount,
-            None::<&str>,
-        )
-    };
     let result = match mount(Some(source.as_str()), dest, Some(typ), o.flags, data) {
         // sysfs and cgroup2 have one superblock per guest (runc's new network and
         // cgroup namespaces give it fresh ones). EBUSY: that superblock is
@@ -294,7 +293,7 @@ fn mount_typed(m: &Mount, dest: &Path) -> Result<(), String> {
                 o.flags - MsFlags::MS_RDONLY,
                 data,
             ) {
-                Ok(()) | Err(nix::errno::Errno::EBUSY) => remount(),
+                Ok(()) | Err(nix::errno::Errno::EBUSY) => remount_bind(dest, o.flags),
                 Err(e) => Err(e),
             }
         }
@@ -339,14 +338,7 @@ fn readonly_path(p: &Path) -> Result<(), String> {
             }
         }
     }
-    mount(
-        None::<&str>,
-        p,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC | keep,
-        None::<&str>,
-    )
-    .map_err(errno)
+    remount_bind(p, MsFlags::MS_RDONLY | keep).map_err(errno)
 }
 
 /// runc's maskedPaths: /dev/null over a file, an empty read-only tmpfs over a

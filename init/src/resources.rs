@@ -5,7 +5,6 @@
 
 use std::fs;
 use std::os::fd::OwnedFd;
-use std::path::Path;
 
 use nix::mount::MsFlags;
 use oci_spec::runtime::Spec;
@@ -42,16 +41,14 @@ pub fn apply(spec: &Spec) -> Result<Option<OwnedFd>, String> {
     // A private mount of the hierarchy, detached once the file is open: the open
     // file must not count as a writer on the container's /sys/fs/cgroup, or the
     // config's read-only remount of it would fail with EBUSY.
-    let mnt = Path::new(PRIVATE_MOUNT);
-    let _ = fs::create_dir(mnt);
-    nix::mount::mount(
-        Some("cgroup2"),
-        mnt,
-        Some("cgroup2"),
+    let private = crate::mounts::TempMount::new(
+        PRIVATE_MOUNT,
+        "cgroup2",
+        "cgroup2",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
     )
     .map_err(|e| fail("mounting cgroup2", std::io::Error::from(e)))?;
+    let mnt = private.dir.as_path();
     let result = (|| {
         fs::write(mnt.join("cgroup.subtree_control"), "+pids")
             .map_err(|e| fail("enabling the pids controller", e))?;
@@ -68,8 +65,7 @@ pub fn apply(spec: &Spec) -> Result<Option<OwnedFd>, String> {
             .map_err(|e| fail("opening cgroup.procs", e))?;
         Ok(Some(procs.into()))
     })();
-    let _ = nix::mount::umount2(mnt, nix::mount::MntFlags::MNT_DETACH);
-    let _ = fs::remove_dir(mnt);
+    drop(private);
     result
 }
 

@@ -600,6 +600,35 @@ impl Service {
         })
     }
 
+    fn store(&self) -> Result<krun_oci::state::StateStore> {
+        Ok(krun_oci::state::StateStore::open(&self.root)?)
+    }
+
+    /// Freezes (the whole VM stops) or thaws the task's host cgroup, then
+    /// publishes TaskPaused or TaskResumed.
+    fn do_set_paused(&self, id: String, paused: bool) -> Result<()> {
+        self.task(&id)?;
+        let store = self.store()?;
+        if paused {
+            krun_oci::lifecycle::pause(&store, &id)?;
+            let event = TaskPaused {
+                container_id: id,
+                ..Default::default()
+            };
+            self.events
+                .publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event));
+        } else {
+            krun_oci::lifecycle::resume(&store, &id)?;
+            let event = TaskResumed {
+                container_id: id,
+                ..Default::default()
+            };
+            self.events
+                .publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event));
+        }
+        Ok(())
+    }
+
     fn do_kill(&self, req: api::KillRequest) -> Result<()> {
         if req.exec_id.is_empty() {
             return self.task(&req.id)?.instance.kill(req.signal, req.all);
@@ -733,7 +762,10 @@ fn classify_cli_error(msg: String) -> Error {
         Error::Unimplemented(msg)
     } else if msg.contains("container does not exist") {
         Error::NotFound(msg)
-    } else if msg.contains("container not running") || msg.contains("container paused") {
+    } else if msg.contains("container not running")
+        || msg.contains("paused container")
+        || msg.contains("container not paused")
+    {
         Error::FailedPrecondition(msg)
     } else {
         Error::Internal(msg)
@@ -786,8 +818,7 @@ impl containerd_shim::Task for Service {
         if task.instance.try_wait().is_some() {
             return Ok(api::PidsResponse::default());
         }
-        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
-        let processes = krun_oci::lifecycle::ps(&store, &req.id).map_err(Error::from)?;
+        let processes = krun_oci::lifecycle::ps(&self.store()?, &req.id).map_err(Error::from)?;
         Ok(api::PidsResponse {
             processes: processes
                 .into_iter()
@@ -800,33 +831,13 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    /// Freezes the VM's host cgroup (the whole VM stops), then TaskPaused.
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.task(&req.id)?;
-        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
-        krun_oci::lifecycle::pause(&store, &req.id).map_err(Error::from)?;
-        self.events.publish(
-            topics::TASK_PAUSED_EVENT_TOPIC,
-            Box::new(TaskPaused {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        );
+        self.do_set_paused(req.id, true)?;
         Ok(api::Empty::default())
     }
 
-    /// Thaws it again, then TaskResumed.
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        self.task(&req.id)?;
-        let store = krun_oci::state::StateStore::open(&self.root).map_err(Error::from)?;
-        krun_oci::lifecycle::resume(&store, &req.id).map_err(Error::from)?;
-        self.events.publish(
-            topics::TASK_RESUMED_EVENT_TOPIC,
-            Box::new(TaskResumed {
-                container_id: req.id,
-                ..Default::default()
-            }),
-        );
+        self.do_set_paused(req.id, false)?;
         Ok(api::Empty::default())
     }
 
@@ -954,6 +965,13 @@ mod tests {
             classify_cli_error("container not running".into()),
             Error::FailedPrecondition(_)
         ));
+        // The CLI's own words for a paused container, taken from the library.
+        for e in [krun_oci::Error::Paused, krun_oci::Error::NotPaused] {
+            assert!(matches!(
+                classify_cli_error(e.to_string()),
+                Error::FailedPrecondition(_)
+            ));
+        }
         assert!(matches!(
             classify_cli_error("vm: boom".into()),
             Error::Internal(_)
