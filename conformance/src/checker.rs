@@ -2,7 +2,9 @@
 //!
 //! Prints ONE line of JSON describing what the workload observes, then exits 0. Uses only std and
 //! libc so the static build stays small. Arguments: `--probe PATH` (repeatable) reports existence,
-//! content and writability of PATH; `--exit N` exits with N after reporting.
+//! content and writability of PATH; `--exit N` exits with N after reporting; `--kernel-features`
+//! exercises what container workloads need from the kernel (cgroup v2, IPv6 loopback, overlayfs
+//! in `/ovl`, POSIX message queues) and reports each as `{"ok": bool, "detail": ...}`.
 use serde_json::{json, Map, Value};
 use std::ffi::CStr;
 use std::fs;
@@ -115,10 +117,169 @@ fn probe(path: &str) -> Value {
     })
 }
 
+/// `{"ok": true, "detail": d}` or `{"ok": false, "detail": the error}`.
+fn outcome(r: Result<String, String>) -> Value {
+    match r {
+        Ok(d) => json!({"ok": true, "detail": d}),
+        Err(e) => json!({"ok": false, "detail": e}),
+    }
+}
+
+fn errno(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// The cgroup v2 hierarchy at /sys/fs/cgroup with the cpu, memory and pids
+/// controllers, and a child cgroup can be made there.
+fn cgroup_v2() -> Result<String, String> {
+    const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c"/sys/fs/cgroup".as_ptr(), &mut st) } != 0 {
+        return Err(errno("statfs /sys/fs/cgroup"));
+    }
+    if st.f_type as libc::c_long != CGROUP2_SUPER_MAGIC {
+        return Err(format!(
+            "/sys/fs/cgroup is not cgroup2 (magic {:#x})",
+            st.f_type
+        ));
+    }
+    let controllers = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .map_err(|e| format!("cgroup.controllers: {e}"))?;
+    for want in ["cpu", "memory", "pids"] {
+        if !controllers.split_whitespace().any(|c| c == want) {
+            return Err(format!("controller {want} missing from {controllers:?}"));
+        }
+    }
+    let child = format!("/sys/fs/cgroup/conformance-{}", std::process::id());
+    fs::create_dir(&child).map_err(|e| format!("mkdir {child}: {e}"))?;
+    let procs = fs::metadata(format!("{child}/cgroup.procs")).is_ok();
+    let _ = fs::remove_dir(&child);
+    if !procs {
+        return Err(format!("{child} has no cgroup.procs"));
+    }
+    Ok(controllers.trim().to_string())
+}
+
+/// Sets `lo` up (a new network namespace starts with it down), then sends a
+/// UDP datagram to itself over `[::1]`.
+fn ipv6_loopback() -> Result<String, String> {
+    // SAFETY: a plain socket for the interface ioctls, closed below; `ifr` is a
+    // zeroed ifreq whose name fits with its NUL.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd >= 0 {
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo") {
+                *d = *s as libc::c_char;
+            }
+            if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+                ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+                libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+            }
+            libc::close(fd);
+        }
+    }
+    let sock = std::net::UdpSocket::bind("[::1]:0").map_err(|e| format!("bind [::1]: {e}"))?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let me = sock.local_addr().map_err(|e| e.to_string())?;
+    sock.send_to(b"ping6", me)
+        .map_err(|e| format!("send to {me}: {e}"))?;
+    let mut buf = [0u8; 16];
+    let (n, from) = sock.recv_from(&mut buf).map_err(|e| format!("recv: {e}"))?;
+    if &buf[..n] != b"ping6" {
+        return Err(format!("received {:?}", &buf[..n]));
+    }
+    Ok(format!("{me} -> {from}"))
+}
+
+/// Mounts an overlay in `/ovl` (which the test mounts as a tmpfs): the lower
+/// layer is read through it and a write lands in the upper layer.
+fn overlay() -> Result<String, String> {
+    let dir = |d: &str| fs::create_dir_all(format!("/ovl/{d}")).map_err(|e| format!("{d}: {e}"));
+    for d in ["lower", "upper", "work", "merged"] {
+        dir(d)?;
+    }
+    fs::write("/ovl/lower/file", "from-lower").map_err(|e| format!("lower/file: {e}"))?;
+    // SAFETY: NUL-terminated strings for mount(2).
+    let rc = unsafe {
+        libc::mount(
+            c"overlay".as_ptr(),
+            c"/ovl/merged".as_ptr(),
+            c"overlay".as_ptr(),
+            0,
+            c"lowerdir=/ovl/lower,upperdir=/ovl/upper,workdir=/ovl/work"
+                .as_ptr()
+                .cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(errno("mount overlay"));
+    }
+    let read = fs::read_to_string("/ovl/merged/file");
+    let wrote = fs::write("/ovl/merged/new", "up");
+    let copied = fs::read_to_string("/ovl/upper/new");
+    // SAFETY: unmounting what we mounted above.
+    unsafe { libc::umount2(c"/ovl/merged".as_ptr(), libc::MNT_DETACH) };
+    match (read, wrote, copied) {
+        (Ok(r), Ok(()), Ok(c)) if r == "from-lower" && c == "up" => {
+            Ok("lower read, upper written".into())
+        }
+        other => Err(format!("through the overlay: {other:?}")),
+    }
+}
+
+/// A POSIX message queue: open, send, receive, unlink.
+fn posix_mqueue() -> Result<String, String> {
+    let name = c"/conformance-mq";
+    // SAFETY: mq_* with a NUL-terminated name, a zeroed attr we fill, and a
+    // buffer of the queue's message size; the queue is closed and unlinked.
+    unsafe {
+        let mut attr: libc::mq_attr = std::mem::zeroed();
+        attr.mq_maxmsg = 4;
+        attr.mq_msgsize = 64;
+        let q = libc::mq_open(
+            name.as_ptr(),
+            libc::O_CREAT | libc::O_RDWR,
+            0o600 as libc::mode_t,
+            &attr as *const libc::mq_attr,
+        );
+        if q == -1 {
+            return Err(errno("mq_open"));
+        }
+        let result = if libc::mq_send(q, c"hello-mq".as_ptr(), 8, 1) != 0 {
+            Err(errno("mq_send"))
+        } else {
+            let mut buf = [0 as libc::c_char; 64];
+            let mut prio = 0;
+            let n = libc::mq_receive(q, buf.as_mut_ptr(), buf.len(), &mut prio);
+            if n != 8 {
+                Err(errno("mq_receive"))
+            } else {
+                Ok(format!("8 bytes, priority {prio}"))
+            }
+        };
+        libc::mq_close(q);
+        libc::mq_unlink(name.as_ptr());
+        result
+    }
+}
+
+fn kernel_features() -> Value {
+    json!({
+        "cgroup_v2": outcome(cgroup_v2()),
+        "ipv6_loopback": outcome(ipv6_loopback()),
+        "overlay": outcome(overlay()),
+        "posix_mqueue": outcome(posix_mqueue()),
+    })
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let mut probes = Map::new();
     let mut exit = 0;
+    let mut features = Value::Null;
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -127,6 +288,7 @@ fn main() {
                     probes.insert(p.clone(), probe(p));
                 }
             }
+            "--kernel-features" => features = kernel_features(),
             "--exit" => exit = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             _ => {}
         }
@@ -191,6 +353,7 @@ fn main() {
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "mem_total_kib": mem_total_kib,
         "probes": probes,
+        "kernel_features": features,
     });
     println!("{report}");
     std::process::exit(exit);

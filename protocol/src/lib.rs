@@ -38,6 +38,15 @@ pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// guest is also sending (measured: 10 MiB through `cat` hung without it).
 pub const STDIN_WINDOW: usize = 64 * 1024;
 
+/// Largest single `write` a sender makes. Linux guests from 6.12.y (and Debian's
+/// 6.12 backports) build a vsock packet of more than ~32 KiB from page fragments,
+/// i.e. several data descriptors. vhost-device-vsock 0.3 (the `virtio-vsock`
+/// 0.10 parser) accepts one data descriptor and drops such a packet
+/// (`DescriptorLengthTooSmall`): bytes are lost and the connection stalls. One
+/// packet never spans more than one write, so writes of at most 16 KiB keep
+/// every packet in one descriptor on any kernel.
+pub const MAX_WRITE: usize = 16 * 1024;
+
 /// Guest vsock port of the control service (spawn-main, signal, ps, heartbeat, shutdown).
 pub const CONTROL_PORT: u32 = 1024;
 /// Guest vsock port of the exec service (one connection per exec session).
@@ -366,9 +375,11 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Frame> {
     Frame::decode_body(&body)
 }
 
-/// Writes one frame to a blocking writer.
+/// Writes one frame to a blocking writer, in writes of at most [`MAX_WRITE`] bytes.
 pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<()> {
-    w.write_all(&frame.encode()?)?;
+    for piece in frame.encode()?.chunks(MAX_WRITE) {
+        w.write_all(piece)?;
+    }
     w.flush()?;
     Ok(())
 }
@@ -424,6 +435,34 @@ mod tests {
         d.push(&bytes);
         assert_eq!(d.next_frame().unwrap(), Some(f));
         assert_eq!(d.pending(), 0);
+    }
+
+    /// Records the size of every `write` call.
+    #[derive(Default)]
+    struct WriteSizes {
+        bytes: Vec<u8>,
+        sizes: Vec<usize>,
+    }
+
+    impl Write for WriteSizes {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.sizes.push(buf.len());
+            self.bytes.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_data_frame_goes_out_in_small_writes() {
+        let frame = Frame::Stdout((0..MAX_DATA_CHUNK).map(|i| i as u8).collect());
+        let mut w = WriteSizes::default();
+        write_frame(&mut w, &frame).unwrap();
+        assert!(w.sizes.len() > 1, "one write of {} bytes", w.bytes.len());
+        assert!(w.sizes.iter().all(|&n| n <= MAX_WRITE), "{:?}", w.sizes);
+        assert_eq!(read_frame(&mut io::Cursor::new(w.bytes)).unwrap(), frame);
     }
 
     #[test]

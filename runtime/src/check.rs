@@ -43,6 +43,8 @@ pub struct CheckReport {
     pub engine: std::result::Result<(Engine, String), String>,
     /// Why our own kernel is (not) the one in use.
     pub own_kernel: String,
+    /// The kernel search the image was resolved with.
+    pub kernel_source: crate::image::KernelSource,
 }
 
 impl CheckReport {
@@ -86,6 +88,7 @@ pub fn report(choice: VmmChoice, opts: &ImageOptions) -> CheckReport {
         libkrun,
         engine,
         own_kernel: crate::image::own_kernel::explain(&opts.cache_dir()),
+        kernel_source: opts.kernel_source,
     }
 }
 
@@ -125,6 +128,12 @@ impl fmt::Display for CheckReport {
                     "kernel",
                     img.kernel.display(),
                     img.kernel_origin
+                )?;
+                writeln!(
+                    f,
+                    "  {:<25} {}",
+                    "",
+                    crate::image::kernel_choice_reason(img.kernel_origin, self.kernel_source)
                 )?;
                 writeln!(
                     f,
@@ -186,6 +195,7 @@ mod tests {
                 "auto: not libkrun because PVM".into(),
             )),
             own_kernel: "own kernel: not built yet: run `make kernel`".into(),
+            kernel_source: Default::default(),
         };
         let s = r.to_string();
         assert!(

@@ -35,6 +35,7 @@ pub fn tests() -> Vec<Test> {
         "config/netns-path" => netns_path,
         "config/vm-size-from-resources" => vm_size_resources,
         "config/vm-size-from-annotations" => vm_size_annotations,
+        "config/kernel-features" => kernel_features,
     ]
 }
 
@@ -490,6 +491,47 @@ fn expect_size(r: &Value, cpus: u64, mib: u64) -> Result<()> {
         kib <= mib * 1024 && kib >= mib * 1024 / 2,
         "MemTotal {kib} KiB, want about {mib} MiB"
     );
+    Ok(())
+}
+
+/// What container workloads need from the kernel works: cgroup v2 with the cpu,
+/// memory and pids controllers, IPv6 loopback, an overlay mount, POSIX message
+/// queues. The workload gets what these need: CAP_SYS_ADMIN, CAP_NET_ADMIN and
+/// CAP_DAC_OVERRIDE, a writable /sys/fs/cgroup, a tmpfs at /ovl.
+fn kernel_features(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&["--kernel-features"], |c| {
+        // mount(2), a cgroup directory, `lo` up.
+        let caps = ["CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_DAC_OVERRIDE"];
+        for set in ["bounding", "effective", "permitted"] {
+            if let Some(list) = c["process"]["capabilities"][set].as_array_mut() {
+                list.extend(caps.map(|c| json!(c)));
+            }
+        }
+        if let Some(mounts) = c["mounts"].as_array_mut() {
+            for m in mounts.iter_mut() {
+                if m["destination"] == "/sys/fs/cgroup" {
+                    m["options"] = json!(["nosuid", "noexec", "nodev", "rw"]);
+                }
+            }
+            mounts.push(json!({"destination": "/ovl", "type": "tmpfs", "source": "tmpfs"}));
+        }
+    })?;
+    let features = r["kernel_features"]
+        .as_object()
+        .ok_or_else(|| anyhow::anyhow!("no kernel_features in the report"))?;
+    let failed: Vec<String> = features
+        .iter()
+        .filter(|(_, v)| v["ok"] != true)
+        .map(|(k, v)| format!("{k}: {}", v["detail"]))
+        .collect();
+    ensure!(
+        failed.is_empty(),
+        "{} (uid {}, CapEff {})",
+        failed.join("; "),
+        r["uid"],
+        r["status"]["CapEff"]
+    );
+    ensure!(features.len() == 4, "features reported: {features:?}");
     Ok(())
 }
 
