@@ -41,7 +41,7 @@ kernel-test: kernel
 
 ## test: every test, the end-to-end ones on real microVMs (our kernel, TCG here) included.
 test: build kernel-test
-	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_INIT_TEST_BIN=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
 		$(CARGO) test --workspace $(CARGO_PROFILE_FLAG) -- --test-threads=2
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
 		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --preflight \

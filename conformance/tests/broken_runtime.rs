@@ -96,6 +96,19 @@ fn expected_failures_file_decides_the_exit_status() {
         "an unlisted failure must fail the run:\n{tap}"
     );
     assert_eq!(summary(&tap), (0, 1), "{tap}");
+    // The list only shrinks: a listed test that passes fails the run.
+    fs::write(&list, "delete/force-missing noop-runtime bug listed\n").unwrap();
+    let (out, tap) = run(
+        &noop,
+        "delete/force-missing",
+        &["--expected-failures", &arg],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a listed test that passes must fail the run:\n{tap}"
+    );
+    assert!(tap.contains("listed but now passing"), "{tap}");
 }
 
 /// A runc wrapper that spoils the pid file after a successful create.

@@ -28,13 +28,15 @@ impl Context {
     }
 }
 
-fn create_options(ctx: &Context, args: &CreateArgs) -> Result<CreateOptions> {
-    if args.preserve_fds > 0 {
-        log::warn!(
-            "--preserve-fds {}: fds cannot cross the VM boundary; ignored",
-            args.preserve_fds
-        );
+/// `--preserve-fds` is accepted like runc's and ignored: fds cannot cross into the VM.
+fn warn_preserve_fds(n: u32) {
+    if n > 0 {
+        log::warn!("--preserve-fds {n}: fds cannot cross the VM boundary; ignored");
     }
+}
+
+fn create_options(ctx: &Context, args: &CreateArgs) -> Result<CreateOptions> {
+    warn_preserve_fds(args.preserve_fds);
     Ok(CreateOptions {
         bundle: args.bundle.clone(),
         pid_file: args.pid_file.clone(),
@@ -106,6 +108,7 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<i32> {
 /// runs a process in the container's VM; exits with its status (127/126 when the
 /// command is missing / not executable, as podman expects).
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
+    warn_preserve_fds(args.preserve_fds);
     let store = ctx.store()?;
     let c = Container::load(&store, &args.id)?;
     let base = lifecycle::load_snapshot(&c)?
@@ -154,6 +157,11 @@ pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
             lifecycle::write_pid_file(p, pid)?;
         }
         return Ok(0);
+    }
+    // Without --detach the process to wait on is this one: it relays the session
+    // and exits with the guest process's status.
+    if let Some(p) = &args.pid_file {
+        lifecycle::write_pid_file(p, std::process::id() as i32)?;
     }
     match run_session(&link, process, tty, args.console_socket.as_deref(), None) {
         Ok(code) => Ok(code),

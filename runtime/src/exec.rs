@@ -210,7 +210,7 @@ impl ExecSession {
     }
 
     fn forward_signals(&self, tty_fd: Option<OwnedFd>) {
-        let Ok(mut signals) = signal_hook::iterator::Signals::new(monitor::FORWARDED_SIGNALS)
+        let Ok(mut signals) = signal_hook::iterator::Signals::new(crate::signal::relayed_signals())
         else {
             return;
         };

@@ -478,7 +478,11 @@ pub fn delete(store: &StateStore, id: &str, force: bool) -> Result<()> {
         Err(Error::NotExist) if force => {
             // A half-created directory (no state yet) is removed too.
             crate::state::validate_id(id)?;
-            let _ = fs::remove_dir_all(store.root().join(id));
+            let dir = crate::state::ContainerDir {
+                id: id.to_string(),
+                path: store.root().join(id),
+            };
+            let _ = dir.remove();
             return Ok(());
         }
         Err(e) => return Err(e),

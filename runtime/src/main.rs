@@ -7,7 +7,15 @@ use clap::Parser;
 use krun_oci::cli::{Cli, Command};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help is not an error; a usage error exits 1 like runc, not clap's 2.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(1);
+        }
+    };
     if cli.version {
         print!("{}", krun_oci::cli::version_text());
         return;
@@ -34,6 +42,9 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         .root
         .clone()
         .unwrap_or_else(krun_oci::state::default_root);
+    if cli.rootless.as_deref() == Some("true") {
+        log::warn!("--rootless=true is not supported: the runtime runs as the calling user");
+    }
     let Some(command) = cli.command else {
         anyhow::bail!("no command given; see --help");
     };

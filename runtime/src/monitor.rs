@@ -199,8 +199,7 @@ struct Booted {
 
 /// Boots the VM and brings the guest to "created": beacon received, setup applied.
 fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> {
-    let run_dir = dir.run_dir();
-    std::fs::create_dir_all(&run_dir).ctx(|| format!("creating {}", run_dir.display()))?;
+    let run_dir = dir.create_run_dir()?;
     let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
     let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
     log::info!("vmm: {} ({})", selection.engine, selection.explanation);

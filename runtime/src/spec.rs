@@ -6,7 +6,10 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
 
-use oci_spec::runtime::{Features, FeaturesBuilder, LinuxFeatureBuilder, LinuxNamespaceType, Spec};
+use oci_spec::runtime::{
+    Arch, CgroupBuilder, Features, FeaturesBuilder, LinuxFeatureBuilder, LinuxNamespaceType,
+    LinuxSeccompAction, SeccompBuilder, Spec,
+};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -100,6 +103,51 @@ pub fn features() -> Result<Features> {
                 .into_iter()
                 .map(|c| c.to_string())
                 .collect::<Vec<_>>(),
+        )
+        // The VM monitor enters the host cgroup (youki's libcgroups: v1, v2, systemd).
+        .cgroup(
+            CgroupBuilder::default()
+                .v1(true)
+                .v2(true)
+                .systemd(true)
+                .systemd_user(false)
+                .rdma(false)
+                .build()?,
+        )
+        // Compiled on the host with libseccomp, installed in the guest; a notify
+        // listener cannot cross the VM boundary.
+        .seccomp(
+            SeccompBuilder::default()
+                .enabled(true)
+                .actions(vec![
+                    LinuxSeccompAction::ScmpActKill,
+                    LinuxSeccompAction::ScmpActKillThread,
+                    LinuxSeccompAction::ScmpActKillProcess,
+                    LinuxSeccompAction::ScmpActTrap,
+                    LinuxSeccompAction::ScmpActErrno,
+                    LinuxSeccompAction::ScmpActTrace,
+                    LinuxSeccompAction::ScmpActLog,
+                    LinuxSeccompAction::ScmpActAllow,
+                ])
+                .operators(
+                    [
+                        "SCMP_CMP_NE",
+                        "SCMP_CMP_LT",
+                        "SCMP_CMP_LE",
+                        "SCMP_CMP_EQ",
+                        "SCMP_CMP_GE",
+                        "SCMP_CMP_GT",
+                        "SCMP_CMP_MASKED_EQ",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                )
+                .archs(vec![
+                    Arch::ScmpArchX86_64,
+                    Arch::ScmpArchX86,
+                    Arch::ScmpArchX32,
+                ])
+                .build()?,
         )
         .build()?;
     Ok(FeaturesBuilder::default()
@@ -206,5 +254,9 @@ mod tests {
             .iter()
             .any(|h| h == "createRuntime"));
         assert!(v["linux"]["namespaces"].as_array().unwrap().len() >= 5);
+        assert_eq!(v["linux"]["cgroup"]["v2"], true);
+        assert_eq!(v["linux"]["seccomp"]["enabled"], true);
+        let actions = v["linux"]["seccomp"]["actions"].as_array().unwrap();
+        assert!(!actions.iter().any(|a| a == "SCMP_ACT_NOTIFY"));
     }
 }

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::guest::GuestLink;
 
-/// Longest accepted container ID (runc has no limit; file names have one).
-pub const MAX_ID_LEN: usize = 1024;
+/// Longest accepted container ID: a file name's limit (runc has none of its own).
+pub const MAX_ID_LEN: usize = 255;
 
 /// Validates a container ID like runc: `^[\w+\-\.]+$`, not `.` or `..`.
 pub fn validate_id(id: &str) -> Result<()> {
@@ -150,8 +150,25 @@ impl ContainerDir {
     pub fn exit_code_file(&self) -> PathBuf {
         self.path.join("exit-code")
     }
+    /// The VM's sockets, helper logs and console. Not under the state dir: a unix
+    /// socket path must fit in 108 bytes, and `<root>/<64-hex id>/run/vsock_1030`
+    /// does not under containerd's `/run/containerd/.../k8s.io` roots. The state
+    /// dir's `run` is a symlink to it, for people looking.
     pub fn run_dir(&self) -> PathBuf {
-        self.path.join("run")
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.path.as_os_str().as_encoded_bytes());
+        let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        run_base().join(name)
+    }
+
+    /// Creates [`Self::run_dir`] and the `run` symlink to it in the state dir.
+    pub fn create_run_dir(&self) -> Result<PathBuf> {
+        let dir = self.run_dir();
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let link = self.path.join("run");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&dir, &link).ctx(|| format!("linking {}", link.display()))?;
+        Ok(dir)
     }
 
     pub fn load(&self) -> Result<ContainerRecord> {
@@ -200,8 +217,13 @@ impl ContainerDir {
         }
     }
 
-    /// Removes the whole directory.
+    /// Removes the whole directory, and the run dir.
     pub fn remove(&self) -> Result<()> {
+        match fs::remove_dir_all(self.run_dir()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx(|| format!("removing {}", self.run_dir().display())),
+        }
         match fs::remove_dir_all(&self.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -293,6 +315,18 @@ impl StateStore {
     }
 }
 
+/// Where run dirs live: short, so socket paths stay under 108 bytes.
+/// `/run/krun-oci-vm`, or `$XDG_RUNTIME_DIR/krun-oci-vm` for non-root.
+fn run_base() -> PathBuf {
+    if !nix::unistd::geteuid().is_root() {
+        if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join("krun-oci-vm");
+        }
+        return std::env::temp_dir().join(format!("krun-oci-vm-{}", nix::unistd::geteuid()));
+    }
+    PathBuf::from("/run/krun-oci-vm")
+}
+
 /// Default `--root`: `/run/krun-oci`, or `$XDG_RUNTIME_DIR/krun-oci` for non-root.
 pub fn default_root() -> PathBuf {
     if !nix::unistd::geteuid().is_root() {
@@ -313,7 +347,7 @@ mod tests {
         for ok in ["a", "abc-1.2_3+x", "A", "0", "..a", "a..b"] {
             validate_id(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        let long = "a".repeat(1025);
+        let long = "a".repeat(1024);
         for bad in [
             "",
             ".",

@@ -49,6 +49,12 @@ fn exec_exit_codes_stdin_and_concurrency() {
     let missing = rt.run(&["exec", "ex", "no-such-command"]);
     assert_eq!(missing.status.code(), Some(127));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("executable file not found in $PATH"));
+    // Present but not executable: 126.
+    let noexec = b.rootfs().join("noexec");
+    fs::write(&noexec, "#!/bin/sh\necho ran\n").unwrap();
+    fs::set_permissions(&noexec, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let denied = rt.run(&["exec", "ex", "/noexec"]);
+    assert_eq!(denied.status.code(), Some(126), "{denied:?}");
     // env, cwd and user.
     let out = rt.ok(&[
         "exec",
@@ -124,7 +130,8 @@ fn exec_detached_pid_forwards_signals_and_exits_with_code() {
             "ed",
             "sh",
             "-c",
-            "trap 'echo trapped; exit 9' TERM; echo up; while true; do sleep 0.1; done",
+            "trap 'echo got-usr1' USR1; trap 'echo trapped; exit 9' TERM; echo up; \
+             while true; do sleep 0.1; done",
         ])
         .stdin(Stdio::null())
         .stdout(fs::File::create(&out).unwrap())
@@ -134,6 +141,17 @@ fn exec_detached_pid_forwards_signals_and_exits_with_code() {
     let relay: i32 = fs::read_to_string(&pid_file).unwrap().parse().unwrap();
     eventually("exec output", Duration::from_secs(30), || {
         fs::read_to_string(&out).unwrap_or_default().contains("up")
+    });
+    // Any catchable signal is relayed, not only the stop signals.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    eventually("USR1 trapped", Duration::from_secs(30), || {
+        fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("got-usr1")
     });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(relay),

@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -63,6 +64,63 @@ fn exit_code_seven() {
     }
     let (code, state_code, ..) = run_to_exit("seven", &["sh", "-c", "exit 7"]);
     assert_eq!((code, state_code), (7, 7));
+}
+
+/// `run` (create + start + wait + delete) with a Kubernetes-length ID (64 hex)
+/// under a root as long as containerd's: the VM's socket paths must still fit
+/// in a sockaddr_un. `--keep` leaves the stopped container for `delete`.
+#[test]
+fn run_with_a_long_id_under_a_long_root() {
+    if !vm_available("run_with_a_long_id_under_a_long_root") {
+        return;
+    }
+    let rt = Runtime::new();
+    let root = rt
+        .root
+        .path()
+        .join("run/containerd/io.containerd.runtime.v2.task/k8s.io");
+    let root = root.to_str().unwrap();
+    let cli = |args: &[&str]| {
+        let mut c = std::process::Command::new(KRUN_OCI);
+        c.arg("--root").arg(root).args(args);
+        c
+    };
+    let ok = |args: &[&str]| {
+        let out = cli(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let id = "8d2f4c6e0a1b3c5d7e9f0a2b4c6d8e0f1a3b5c7d9e1f3a5b7c9d1e3f5a7b9c1d";
+    let b = TestBundle::new(&["sh", "-c", "echo from-run; exit 7"]);
+    let bundle = b.path().to_str().unwrap();
+    let out = cli(&["run", "-b", bundle, id]).output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-run\n");
+    let list = ok(&["list", "-q"]);
+    assert_eq!(list.trim(), "", "run left {list:?}");
+
+    let out = cli(&["run", "--keep", "-b", bundle, id]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let state: serde_json::Value = serde_json::from_str(&ok(&["state", id])).unwrap();
+    assert_eq!(
+        (state["status"].as_str(), state["exitCode"].as_i64()),
+        (Some("stopped"), Some(7))
+    );
+    ok(&["delete", id]);
+    let dir = krun_oci::state::ContainerDir {
+        id: id.into(),
+        path: std::path::Path::new(root).join(id),
+    };
+    assert!(!dir.path.exists() && !dir.run_dir().exists());
 }
 
 #[test]
@@ -335,13 +393,33 @@ fn create_validation_leaves_nothing() {
         let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), bad]);
         assert!(!out.status.success(), "{bad:?} accepted");
     }
-    let long = "a".repeat(1025);
+    let long = "a".repeat(1024);
     assert!(!rt
         .run(&["create", "--bundle", b.path().to_str().unwrap(), &long])
         .status
         .success());
     let out = rt.run(&["create", "--bundle", "/nonexistent", "v1"]);
     assert!(!out.status.success());
+    // An unknown flag: a usage error, exit 1 like runc.
+    let out = rt.run(&[
+        "create",
+        "--no-such-flag",
+        "--bundle",
+        b.path().to_str().unwrap(),
+        "v1",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--no-such-flag"));
+    // A --root that is a file.
+    let file_root = b.path().join("config.json");
+    let out = Command::new(KRUN_OCI)
+        .arg("--root")
+        .arg(&file_root)
+        .args(["create", "--bundle", b.path().to_str().unwrap(), "v1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "create under a file as --root");
+    assert!(file_root.is_file());
     // Terminal without console socket.
     b.write_config(|c| {
         c["ociVersion"] = serde_json::json!("1.0.2");

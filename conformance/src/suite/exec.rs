@@ -168,7 +168,15 @@ fn exec_not_running(ctx: &mut Ctx) -> Result<()> {
     ctx.start(&id)?;
     ctx.wait_pid(c.pid)?;
     ctx.wait_status(&id, "stopped")?;
-    fails(&ctx.rt(&["exec", &id, "true"])?).context("exec in a stopped container")
+    let out = ctx.rt(&["exec", &id, "true"])?;
+    fails(&out).context("exec in a stopped container")?;
+    // runc 1.1: "cannot exec in a stopped container"; the contract: "not running".
+    ensure!(
+        out.stderr.contains("not running") || out.stderr.contains("stopped container"),
+        "exec in a stopped container, stderr: {:?}",
+        out.stderr.trim()
+    );
+    Ok(())
 }
 
 fn exec_unknown(ctx: &mut Ctx) -> Result<()> {

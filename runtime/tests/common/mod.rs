@@ -249,6 +249,15 @@ pub fn assert_cleaned_up(rt: &Runtime, id: &str, pids: &[i32]) {
         !rt.root.path().join(id).exists(),
         "state dir of {id} left behind"
     );
+    let dir = krun_oci::state::ContainerDir {
+        id: id.to_string(),
+        path: rt.root.path().join(id),
+    };
+    assert!(
+        !dir.run_dir().exists(),
+        "run dir {} of {id} left behind",
+        dir.run_dir().display()
+    );
     for &p in pids {
         eventually(
             &format!("pid {p} of {id} to go away"),
