@@ -18,7 +18,8 @@ Method (also in docs/benchmarks.md):
   launching the VMM (helpers included) to the guest's Ready message.
 - Memory: ~IDLE_S after start (the main sleeping), sum of Pss (and Rss) from
   /proc/PID/smaps_rollup over the monitor and all its descendants (qemu, virtiofsd,
-  vhost-device-vsock).
+  vhost-device-vsock). With one VM up, every shared page counts fully for it; the
+  density figure (--density K idle VMs up at once) splits shared pages between them.
 """
 
 import argparse
@@ -182,6 +183,28 @@ def boot_timing(root, cid):
     return None
 
 
+def idle_density(rt, k):
+    """PSS per VM with k idle containers up at once: pages shared between VMs (the
+    QEMU binary and libraries, the kernel and initramfs files QEMU maps) count once
+    in total, split between them, as on a host that runs many containers."""
+    ids = [f"bench-dense-{i}" for i in range(k)]
+    try:
+        mons = []
+        for cid in ids:
+            pid_file = os.path.join(os.path.dirname(rt.root), f"{cid}.pid")
+            # create's stdio become the container's: no pipe that would stay open.
+            subprocess.run(rt.cli("create", "--bundle", rt.bundle, "--pid-file", pid_file, cid),
+                           env=rt.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120, check=True)
+            run(rt.cli("start", cid), env=rt.env)
+            mons.append(int(open(pid_file).read().strip()))
+        time.sleep(IDLE_S)
+        return sum(sum(v[0] for v in memory_kb(m).values()) for m in mons) / k
+    finally:
+        for cid in ids:
+            run(rt.cli("delete", "--force", cid), env=rt.env, check=False)
+
+
 def one_lifecycle(rt, cid, measure_vm=False):
     """create, start (timed against the main's first write), state, exec true, [memory],
     delete. Returns a dict of figures in seconds / kB."""
@@ -283,6 +306,8 @@ def main():
     ap.add_argument("--tb-sizes", default=os.environ.get("BENCH_TB_SIZES", ""),
                     help="comma-separated TCG tb-size values (MiB) to try, e.g. 16,32,64")
     ap.add_argument("--skip-distro", action="store_true")
+    ap.add_argument("--density", type=int, default=int(os.environ.get("BENCH_DENSITY", "4")),
+                    help="idle VMs up at once for the per-VM PSS under sharing (0: skip)")
     a = ap.parse_args()
     # SIGTERM/SIGHUP (e.g. make interrupted) still run the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -318,6 +343,16 @@ def main():
                 results[label].append(one_lifecycle(rt, f"bench-krun-{i}", measure_vm=True))
             print(f"  run {i + 1}/{a.n} done", file=sys.stderr, flush=True)
 
+        density = {}
+        if a.density > 0:
+            for label, source, tb in variants:
+                if tb is not None:
+                    continue
+                env = dict(os.environ, KRUN_OCI_KERNEL_SOURCE=source)
+                rt = Runtime(label, krun, kr.root, kr.bundle, env)
+                density[label] = [idle_density(rt, a.density) for _ in range(3)]
+            print("  density runs done", file=sys.stderr, flush=True)
+
         def col(label, key):
             return [r.get(key, float("nan")) for r in results[label]]
 
@@ -340,6 +375,11 @@ def main():
                 if key in ("ready", "pss_kb", "rss_kb") and label == "runc":
                     continue
                 print(f"  {label:40s} {f(col(label, key))}")
+        if density:
+            print(f"\n## host memory per idle VM, PSS, {a.density} idle VMs up at once "
+                  "(shared pages split between them; 3 runs)")
+            for label, v in density.items():
+                print(f"  {label:40s} {fmt_mb(v)}")
         print("\n## PSS by process (median, MB)")
         for label in results:
             if label == "runc":

@@ -325,6 +325,22 @@ fn exit_code_sigkill_is_137() {
     assert_eq!(main_exit_code("kill -9 $$"), (137, "137".to_string()));
 }
 
+/// What the main leaves running gets SIGTERM, then SIGKILL after the grace
+/// period when it ignores TERM; the main's code is still reported and written,
+/// and init goes on to power off. The second leftover keeps the main's stdout
+/// open: the output drain must not wait for it forever.
+#[test]
+fn leftovers_are_terminated_after_the_main_exits() {
+    let script = "(trap '' TERM; exec sleep 1000) >/dev/null 2>&1 & \
+                  (trap '' TERM; sleep 1000) & echo bye; exit 5";
+    let mut sb = Sandbox::start();
+    sb.spawn_main(sh(script));
+    let (out, _, code) = sb.collect_main();
+    assert_eq!((out.as_slice(), code), (&b"bye\n"[..], 5));
+    assert_eq!(sb.exit_code_file(), "5");
+    sb.wait_exit();
+}
+
 #[test]
 fn stdout_and_stderr_separate_and_in_order() {
     let mut sb = Sandbox::start();

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod fidelity;
 pub mod guest;
 pub mod hooks;
+pub mod host_config;
 pub mod image;
 pub mod lifecycle;
 pub mod logger;

@@ -22,6 +22,8 @@ use crate::vmm::VmmChoice;
 
 /// Default VM size when neither resources nor annotations say otherwise.
 pub const DEFAULT_VCPUS: u32 = 2;
+/// How long a guest has to take a SIGKILL before `kill` ends the VM instead.
+const KILL_ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub const DEFAULT_RAM_MIB: u32 = 512;
 /// Least RAM a guest gets, whatever the memory limit says (kernel + init overhead).
 pub const MIN_RAM_MIB: u32 = 128;
@@ -434,7 +436,13 @@ fn kill_unlocked(
     } else {
         SignalTarget::Main
     };
-    let reply = monitor::connect_control(link)
+    // SIGKILL must work on a wedged guest: it gets a few seconds, not the usual 30.
+    let limit = if signal == libc::SIGKILL {
+        KILL_ANSWER_LIMIT
+    } else {
+        monitor::CONTROL_TIMEOUT
+    };
+    let reply = monitor::connect_control_within(link, limit)
         .and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
     match reply {
         Ok(Message::Ack) => Ok(()),

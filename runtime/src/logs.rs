@@ -206,64 +206,116 @@ fn keep(e: &Entry, since: Option<DateTime<Utc>>) -> bool {
     since.is_none_or(|s| DateTime::parse_from_rfc3339(&e.time).is_ok_and(|t| t >= s))
 }
 
+/// Reads the complete lines of `r` from where it is, as entries; a partial last
+/// line is left unread for the next call.
+fn read_new_entries(r: &mut BufReader<File>) -> io::Result<Vec<Entry>> {
+    use std::io::{Seek, SeekFrom};
+    let mut out = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = r.read_line(&mut line)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if !line.ends_with('\n') {
+            // The writer is mid-line: read it again whole next time.
+            r.seek(SeekFrom::Current(-(n as i64)))?;
+            return Ok(out);
+        }
+        if let Ok(e) = serde_json::from_str::<Entry>(&line) {
+            out.push(e);
+        }
+    }
+}
+
+/// Prints the entries `r` gained since the last read.
+fn print_new(
+    r: Option<&mut BufReader<File>>,
+    opts: &PrintOptions,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<()> {
+    let Some(r) = r else { return Ok(()) };
+    for e in read_new_entries(r)? {
+        if keep(&e, opts.since) {
+            print_entry(&e, opts.timestamps, out, err)?;
+        }
+    }
+    out.flush()
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    fs::metadata(path)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok()
+}
+
 /// Prints the log; with `follow`, keeps printing new entries while it returns true.
+/// Following reads on from exactly where the first read stopped, and drains a
+/// rotated file before moving to the new one, so no entry is skipped.
 pub fn print(
     path: &Path,
     opts: &PrintOptions,
     follow: Option<&mut dyn FnMut() -> bool>,
 ) -> io::Result<()> {
-    let stdout = io::stdout();
-    let stderr = io::stderr();
-    let (mut out, mut err) = (stdout.lock(), stderr.lock());
-    let entries: Vec<Entry> = read_entries(path)?
-        .into_iter()
-        .filter(|e| keep(e, opts.since))
-        .collect();
+    print_to(
+        path,
+        opts,
+        follow,
+        &mut io::stdout().lock(),
+        &mut io::stderr().lock(),
+    )
+}
+
+/// [`print`] to the given stdout and stderr writers.
+pub fn print_to(
+    path: &Path,
+    opts: &PrintOptions,
+    follow: Option<&mut dyn FnMut() -> bool>,
+    out: &mut impl Write,
+    err: &mut impl Write,
+) -> io::Result<()> {
+    // The current file is opened first: what rotation moves away later is still
+    // read through this handle.
+    let mut current = File::open(path).ok().map(BufReader::new);
+    let mut ino = current
+        .as_ref()
+        .and_then(|r| r.get_ref().metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    let mut entries = Vec::new();
+    for f in files(path).iter().filter(|f| f.as_path() != path) {
+        for line in BufReader::new(File::open(f)?).lines() {
+            if let Ok(e) = serde_json::from_str::<Entry>(&line?) {
+                entries.push(e);
+            }
+        }
+    }
+    if let Some(r) = current.as_mut() {
+        entries.extend(read_new_entries(r)?);
+    }
+    entries.retain(|e| keep(e, opts.since));
     let skip = opts.tail.map_or(0, |n| entries.len().saturating_sub(n));
     for e in &entries[skip..] {
-        print_entry(e, opts.timestamps, &mut out, &mut err)?;
+        print_entry(e, opts.timestamps, out, err)?;
     }
     out.flush()?;
     let Some(still_running) = follow else {
         return Ok(());
     };
-    // Follow: keep reading the current file from where we are, reopening it after a rotation.
-    let mut file = File::open(path).ok();
-    let mut reader = file.take().map(|f| {
-        let mut r = BufReader::new(f);
-        // Skip what was printed above.
-        let mut sink = Vec::new();
-        let _ = io::Read::read_to_end(&mut r, &mut sink);
-        r
-    });
-    let mut ino = fs::metadata(path)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .ok();
     loop {
         let running = still_running();
-        if let Some(r) = reader.as_mut() {
-            let mut line = String::new();
-            while r.read_line(&mut line)? > 0 {
-                if line.ends_with('\n') {
-                    if let Ok(e) = serde_json::from_str::<Entry>(&line) {
-                        if keep(&e, opts.since) {
-                            print_entry(&e, opts.timestamps, &mut out, &mut err)?;
-                        }
-                    }
-                    line.clear();
-                }
-            }
-            out.flush()?;
-        }
+        print_new(current.as_mut(), opts, out, err)?;
         if !running {
             return Ok(());
         }
-        let now = fs::metadata(path)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .ok();
+        let now = inode(path);
         if now != ino {
+            // Rotated (or created): drain the old file once more, then move on.
+            print_new(current.as_mut(), opts, out, err)?;
             ino = now;
-            reader = File::open(path).ok().map(BufReader::new);
+            current = File::open(path).ok().map(BufReader::new);
+            continue;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -272,6 +324,42 @@ pub fn print(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Entries written after the first read, and across a rotation, are each
+    /// printed once, in order.
+    #[test]
+    fn follow_misses_nothing_across_writes_and_rotation() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.log");
+        let mut w = JsonLogWriter::with_limits(&p, 200, 3).unwrap();
+        w.write(Stream::Stdout, b"line-0\n").unwrap();
+        let mut n = 0;
+        let mut step = || {
+            n += 1;
+            if n <= 12 {
+                // Long enough lines that the 200-byte limit rotates every few.
+                let line = format!("line-{n} {}\n", "x".repeat(40));
+                w.write(Stream::Stdout, line.as_bytes()).unwrap();
+                true
+            } else {
+                false
+            }
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        print_to(
+            &p,
+            &PrintOptions::default(),
+            Some(&mut step),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let got: Vec<&str> = text.lines().map(|l| l.split(' ').next().unwrap()).collect();
+        let want: Vec<String> = (0..=12).map(|i| format!("line-{i}")).collect();
+        assert_eq!(got, want, "{text}");
+        assert!(files(&p).len() > 1, "the test must rotate");
+    }
 
     #[test]
     fn lines_partials_and_streams() {

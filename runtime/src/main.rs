@@ -48,9 +48,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     let Some(command) = cli.command else {
         anyhow::bail!("no command given; see --help");
     };
+    // --vmm / KRUN_OCI_VMM, else the host config file, else auto.
+    let vmm = match cli.vmm {
+        Some(v) => v,
+        None => krun_oci::host_config::load()?.vmm.unwrap_or_default(),
+    };
     let ctx = commands::Context {
         root,
-        vmm: cli.vmm.unwrap_or_default(),
+        vmm,
         systemd_cgroup: cli.systemd_cgroup,
     };
     match command {

@@ -361,10 +361,15 @@ fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream>
 
 /// Opens a control connection to the guest (handshake done).
 pub fn connect_control(link: &GuestLink) -> Result<UnixStream> {
+    connect_control_within(link, CONTROL_TIMEOUT)
+}
+
+/// [`connect_control`] where the guest must answer (connect and each reply) within `limit`.
+pub fn connect_control_within(link: &GuestLink, limit: Duration) -> Result<UnixStream> {
     let mut s = link
-        .connect(proto::CONTROL_PORT, CONTROL_TIMEOUT)
+        .connect(proto::CONTROL_PORT, limit)
         .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
-    s.set_read_timeout(Some(CONTROL_TIMEOUT))
+    s.set_read_timeout(Some(limit))
         .ctx(|| "control socket".into())?;
     proto::handshake(&mut s)?;
     Ok(s)

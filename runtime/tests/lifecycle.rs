@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -287,6 +287,86 @@ fn kill_all_and_ps() {
     rt.ok(&["kill", "--all", "all", "KILL"]);
     assert_eq!(wait_exit(pid), 137);
     rt.ok(&["delete", "all"]);
+}
+
+/// A VM that dies while booting (its kernel finds no init) fails create at once
+/// with the reason and the console's tail, and leaves nothing behind.
+#[test]
+fn create_fails_cleanly_when_the_vm_dies() {
+    if !vm_available("create_fails_cleanly_when_the_vm_dies") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["true"]);
+    let out = rt
+        .cmd(&["create", "--bundle", b.path().to_str().unwrap(), "dies"])
+        .env("KRUN_OCI_KERNEL_CMDLINE", "rdinit=/no-such-init")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("console:") && err.contains("no-such-init"),
+        "{err}"
+    );
+    assert_cleaned_up(&rt, "dies", &[]);
+    let left: Vec<_> = fs::read_dir(rt.root.path())
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    let run_dir = krun_oci::state::ContainerDir {
+        id: "dies".into(),
+        path: rt.root.path().join("dies"),
+    }
+    .run_dir();
+    for needle in [rt.root.path(), run_dir.as_path()] {
+        let stray = Command::new("pgrep")
+            .args(["-af", &needle.display().to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            stray.stdout.is_empty(),
+            "left: {}",
+            String::from_utf8_lossy(&stray.stdout)
+        );
+    }
+}
+
+/// `kill ID KILL` on a guest that answers nothing (the VMM and its helpers
+/// stopped) ends the VM: exit 137, state stopped, delete cleans.
+#[test]
+fn sigkill_ends_a_wedged_vm() {
+    if !vm_available("sigkill_ends_a_wedged_vm") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sleep", "1000"]);
+    let pid = rt.create("wedged", &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", "wedged"]);
+    let helpers = rt.helper_pids("wedged");
+    for &h in &helpers {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(h),
+            nix::sys::signal::Signal::SIGSTOP,
+        );
+    }
+    let t0 = std::time::Instant::now();
+    rt.ok(&["kill", "wedged", "KILL"]);
+    assert_eq!(wait_exit(pid), 137);
+    assert!(
+        t0.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let st = rt.state("wedged");
+    assert_eq!(
+        (st["status"].as_str(), st["exitCode"].as_i64()),
+        (Some("stopped"), Some(137))
+    );
+    rt.ok(&["delete", "wedged"]);
+    assert_cleaned_up(&rt, "wedged", &helpers);
 }
 
 #[test]

@@ -19,6 +19,7 @@ pub fn tests() -> Vec<Test> {
         "process/oom-score-adj" => oom,
         "process/exit-code" => exit_code,
         "config/hostname" => hostname,
+        "config/sysctl" => sysctl,
         "config/readonly-root" => readonly_root,
         "config/writable-root" => writable_root,
         "mounts/tmpfs" => mount_tmpfs,
@@ -179,6 +180,17 @@ fn hostname(ctx: &mut Ctx) -> Result<()> {
         "hostname {}",
         r["hostname"]
     );
+    Ok(())
+}
+
+/// `linux.sysctl` is applied before the workload runs (network ones are
+/// per network namespace, so any runtime can set them).
+fn sysctl(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&["--probe", "/proc/sys/net/ipv4/ip_forward"], |c| {
+        c["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+    })?;
+    let got = &r["probes"]["/proc/sys/net/ipv4/ip_forward"]["content"];
+    ensure!(got == "1\n", "net.ipv4.ip_forward reads {got}");
     Ok(())
 }
 

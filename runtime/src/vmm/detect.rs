@@ -188,7 +188,7 @@ pub fn plan(choice: VmmChoice, inputs: &SelectionInputs) -> Result<(Engine, Stri
     } else if !inputs.libkrun_kernel {
         Some(
             "no kernel libkrun can boot (no libkrunfw; the stock distro kernel lacks \
-              VIRTIO_MMIO_CMDLINE_DEVICES)"
+              VIRTIO_MMIO_CMDLINE_DEVICES): run `make kernel`, or install libkrunfw"
                 .to_string(),
         )
     } else {

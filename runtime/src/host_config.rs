@@ -1,0 +1,77 @@
+//! Host-wide settings: `/etc/krun-oci/config.toml`, or the file `KRUN_OCI_CONFIG`
+//! names. Clients such as podman and containerd start the runtime with their own
+//! flags, so a setting that must hold for every container on a host lives here.
+//!
+//! ```toml
+//! vmm = "qemu"   # auto | libkrun | qemu; --vmm and KRUN_OCI_VMM win over it
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::vmm::VmmChoice;
+
+/// Where the file is read from when `KRUN_OCI_CONFIG` is not set.
+pub const DEFAULT_PATH: &str = "/etc/krun-oci/config.toml";
+
+/// The settings; every one is optional.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The VMM when neither `--vmm` nor `KRUN_OCI_VMM` chooses one.
+    pub vmm: Option<VmmChoice>,
+}
+
+/// The file in use: `KRUN_OCI_CONFIG` if set, else [`DEFAULT_PATH`].
+pub fn path() -> PathBuf {
+    std::env::var_os("KRUN_OCI_CONFIG")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH))
+}
+
+/// Reads the settings; a missing file means none, a malformed one is an error.
+pub fn load_from(path: &Path) -> Result<HostConfig> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HostConfig::default()),
+        Err(e) => {
+            return Err(Error::InvalidInput(format!(
+                "reading {}: {e}",
+                path.display()
+            )))
+        }
+    };
+    toml::from_str(&text).map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+}
+
+/// [`load_from`] of [`path`].
+pub fn load() -> Result<HostConfig> {
+    load_from(&path())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_file_is_no_settings_and_bad_ones_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("config.toml");
+        assert_eq!(load_from(&p).unwrap(), HostConfig::default());
+        std::fs::write(&p, "vmm = \"qemu\"\n").unwrap();
+        assert_eq!(load_from(&p).unwrap().vmm, Some(VmmChoice::Qemu));
+        std::fs::write(&p, "vmm = \"firecracker\"\n").unwrap();
+        assert!(load_from(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("config.toml"));
+        std::fs::write(&p, "vmn = \"qemu\"\n").unwrap();
+        assert!(
+            load_from(&p).is_err(),
+            "an unknown key is a mistake to report"
+        );
+    }
+}
