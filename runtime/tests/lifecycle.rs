@@ -307,7 +307,7 @@ fn create_fails_cleanly_when_the_vm_dies() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains("console:") && err.contains("no-such-init"),
+        err.contains("console:") && err.contains("No working init"),
         "{err}"
     );
     assert_cleaned_up(&rt, "dies", &[]);
