@@ -88,6 +88,32 @@ impl Exit {
     }
 }
 
+/// Name of the `--log` file in a test's directory.
+pub const RUNTIME_LOG: &str = "runtime.log";
+
+/// Every line of a `--log-format json` file is one JSON object with string `level`,
+/// `msg` and an RFC3339 `time` (containerd parses each line); returns them.
+pub fn check_log_lines(path: &Path) -> Result<Vec<Value>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).context("reading the --log file"),
+    };
+    text.lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line)
+                .with_context(|| format!("log line is not one JSON object: {line:?}"))?;
+            for k in ["level", "msg", "time"] {
+                ensure!(v[k].is_string(), "log line lacks string {k:?}: {line}");
+            }
+            let t = v["time"].as_str().unwrap_or("");
+            chrono::DateTime::parse_from_rfc3339(t)
+                .with_context(|| format!("log time {t:?} is not RFC3339"))?;
+            Ok(v)
+        })
+        .collect()
+}
+
 pub struct Ctx {
     pub cfg: Arc<Config>,
     pub dir: PathBuf,
@@ -132,10 +158,30 @@ impl Ctx {
         self.track.lock().unwrap().pids.push(pid);
     }
 
-    /// The runtime with `--root` first, then `args`.
+    /// The `--log` file [`Ctx::rt`] passes, checked after each test ([`check_log_lines`]).
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join(RUNTIME_LOG)
+    }
+
+    /// The global flags containerd passes: `--root`, and `--log` in JSON.
+    fn global_flags(&self) -> Vec<String> {
+        let (root, log) = (self.root.display(), self.log_file().display().to_string());
+        [
+            "--root",
+            &root.to_string(),
+            "--log",
+            &log,
+            "--log-format",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The runtime with the global flags first, then `args`.
     pub fn rt(&mut self, args: &[&str]) -> Result<Out> {
-        let root = self.root.display().to_string();
-        let mut full = vec!["--root", root.as_str()];
+        let global = self.global_flags();
+        let mut full: Vec<&str> = global.iter().map(String::as_str).collect();
         full.extend_from_slice(args);
         self.raw(&full)
     }
@@ -147,11 +193,11 @@ impl Ctx {
         run_command(&runtime, args, &self.dir, n, self.cfg.cmd_timeout, None)
     }
 
-    /// The runtime with `--root` first, then `args`, with `fd3` as its fd 3 (`--preserve-fds`).
+    /// The runtime with the global flags first, then `args`, with `fd3` as its fd 3 (`--preserve-fds`).
     pub fn rt_with_fd3(&mut self, args: &[&str], fd3: &fs::File) -> Result<Out> {
         let n = self.next();
-        let root = self.root.display().to_string();
-        let mut full = vec!["--root", root.as_str()];
+        let global = self.global_flags();
+        let mut full: Vec<&str> = global.iter().map(String::as_str).collect();
         full.extend_from_slice(args);
         let runtime = self.cfg.runtime.clone();
         run_command(

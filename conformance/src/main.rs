@@ -212,6 +212,14 @@ fn run_one(
     if current.lock().unwrap().take().is_none() {
         std::thread::park();
     }
+    // Every test ran the runtime with `--log F --log-format json`, as containerd does.
+    let outcome = match (
+        outcome,
+        harness::check_log_lines(&tmp.path().join(harness::RUNTIME_LOG)),
+    ) {
+        (Outcome::Pass, Err(e)) => Outcome::Fail(format!("--log: {e:#}")),
+        (o, _) => o,
+    };
     let notes = harness::cleanup(cfg, &tmp.path().join("root"), tmp.path(), &track);
     for n in notes {
         eprintln!("# cleanup {}: {n}", t.name);

@@ -593,6 +593,26 @@ fn exec_stdin_roundtrip_and_user() {
         out.contains("uid=1000") && out.contains("gid=1001"),
         "{out}"
     );
+
+    // The process's stdio are pipes, never sockets (clients and programs that
+    // check their stdout's type see what they would under runc).
+    let (out, _, code) = exec(
+        &sb,
+        EXEC_PORT,
+        exec_req(
+            "fds",
+            sh("for f in 0 1 2; do busybox readlink /proc/self/fd/$f; done"),
+        ),
+        b"",
+    )
+    .unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("pipe:")).count(),
+        3,
+        "{out}"
+    );
 }
 
 #[test]

@@ -204,6 +204,12 @@ fn run_session(
                 source: e,
             })
     };
+    if console_socket.is_some() {
+        // A session of our own, so the pty becomes our controlling terminal and the
+        // client's resizes arrive as SIGWINCH. Fails harmlessly where we already
+        // lead a session (the detached relay) or a process group.
+        let _ = nix::unistd::setsid();
+    }
     let pty = console_socket
         .map(krun_oci::console::send_pty_to_console_socket)
         .transpose();

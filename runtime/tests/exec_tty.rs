@@ -291,7 +291,7 @@ fn console_socket_for_create_and_exec() {
     rt.ok(&["start", "tty"]);
     // exec -t with a console socket while the main's shell runs.
     let exec_pid_file = b.path().join("exec.pid");
-    let receiver = std::thread::spawn(move || receive_master(&listener));
+    let receiver = std::thread::spawn(move || (receive_master(&listener), listener));
     let st = rt
         .cmd(&[
             "exec",
@@ -310,10 +310,29 @@ fn console_socket_for_create_and_exec() {
         .status()
         .unwrap();
     assert!(st.success());
-    let exec_master = receiver.join().unwrap();
+    let (exec_master, listener) = receiver.join().unwrap();
     let relay: i32 = fs::read_to_string(&exec_pid_file).unwrap().parse().unwrap();
     let exec_master = drive_shell(exec_master);
     assert_eq!(wait_exit(relay), 4);
+    drop(exec_master);
+    // The same without --detach: krun-oci exec itself relays, resizes included.
+    let receiver = std::thread::spawn(move || receive_master(&listener));
+    let mut attached = rt
+        .cmd(&[
+            "exec",
+            "-t",
+            "--console-socket",
+            sock.to_str().unwrap(),
+            "-e",
+            "PS1=$ ",
+            "tty",
+            "sh",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let exec_master = drive_shell(receiver.join().unwrap());
+    assert_eq!(attached.wait().unwrap().code(), Some(4));
     drop(exec_master);
     let master = drive_shell(master);
     assert_eq!(wait_exit(pid), 4);
