@@ -340,3 +340,49 @@ fn console_socket_for_create_and_exec() {
     rt.ok(&["delete", "tty"]);
     assert!(!Path::new(&rt.root.path().join("tty")).exists());
 }
+
+/// `exec -t` with a terminal as its stdin (a person at a shell): input and echo,
+/// ^C typed as a character interrupts the guest's foreground command (the guest's
+/// line discipline sends SIGINT), and the window size follows the host terminal.
+#[test]
+fn exec_t_on_a_terminal_relays_input_ctrl_c_and_resizes() {
+    if !vm_available("exec_t_on_a_terminal_relays_input_ctrl_c_and_resizes") {
+        return;
+    }
+    let rt = Runtime::new();
+    let (_b, pid) = running(&rt, "et");
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = pty.slave;
+    let mut cmd = rt.cmd(&["exec", "-t", "-e", "PS1=$ ", "et", "sh"]);
+    cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()));
+    // SAFETY: setsid and TIOCSCTTY are async-signal-safe: the terminal becomes
+    // krun-oci's controlling terminal, as a login shell's would.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            libc::ioctl(0, libc::TIOCSCTTY, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(slave);
+    let mut m = fs::File::from(pty.master);
+    m.write_all(b"sleep 101\n").unwrap();
+    eventually(
+        "sleep 101 to run in the guest",
+        Duration::from_secs(30),
+        || {
+            let out = rt.run(&["exec", "et", "sh", "-c", "ps | grep -c '[s]leep 101'"]);
+            String::from_utf8_lossy(&out.stdout).trim() == "1"
+        },
+    );
+    m.write_all(b"\x03").unwrap();
+    m.write_all(b"echo after-$((2+3))\n").unwrap();
+    read_until(&mut m, "after-5");
+    let m = drive_shell(OwnedFd::from(m));
+    assert_eq!(child.wait().unwrap().code(), Some(4));
+    drop(m);
+    finish(&rt, "et", pid);
+}
