@@ -177,3 +177,33 @@ fn a_pid_file_with_wrong_content_is_caught() {
         "{tap}"
     );
 }
+
+/// `--format json`: one document with each test's result and the summary.
+#[test]
+fn json_format_reports_each_test_and_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let noop = script(dir.path(), "noop-runtime", "exit 0");
+    let (out, text) = run(
+        &noop,
+        "state/unknown,delete/force-missing",
+        &["--format", "json"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("one JSON document");
+    assert_eq!(v["runtime"], "noop-runtime");
+    let result = |name: &str| {
+        v["tests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))["result"]
+            .clone()
+    };
+    assert_eq!(result("state/unknown"), "fail");
+    assert_eq!(result("delete/force-missing"), "pass");
+    assert_eq!(
+        (&v["summary"]["passed"], &v["summary"]["failed"]),
+        (&serde_json::json!(1), &serde_json::json!(1))
+    );
+}
