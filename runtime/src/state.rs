@@ -156,7 +156,10 @@ impl ContainerDir {
     /// dir's `run` is a symlink to it, for people looking.
     pub fn run_dir(&self) -> PathBuf {
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(self.path.as_os_str().as_encoded_bytes());
+        // One name however the root was spelled (relative, `//`, `.`).
+        let path = std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone());
+        let path: PathBuf = path.components().collect();
+        let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
         let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         run_base().join(name)
     }
@@ -341,6 +344,22 @@ pub fn default_root() -> PathBuf {
 mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
+
+    #[test]
+    fn run_dir_is_short_and_the_same_however_the_root_is_spelled() {
+        let dir = |p: &str| ContainerDir {
+            id: "c".into(),
+            path: PathBuf::from(p),
+        };
+        let a = dir("/run/containerd/runc/k8s.io/c").run_dir();
+        assert_eq!(a, dir("/run//containerd/./runc/k8s.io/c").run_dir());
+        assert_ne!(a, dir("/run/containerd/runc/default/c").run_dir());
+        // Room for the longest socket name under it in a 108-byte sockaddr_un.
+        assert!(
+            a.join("virtiofs-mounts.sock").as_os_str().len() < 100,
+            "{a:?}"
+        );
+    }
 
     #[test]
     fn ids_validated_like_runc() {
