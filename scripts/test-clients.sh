@@ -412,6 +412,20 @@ scenario_podman_exec() {
 	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
 }
 
+# podman update (runtime `update --resources FILE`): the CPU quota lands on the VM's
+# host cgroup, which holds QEMU and its helpers.
+scenario_podman_update() {
+	local cid quota
+	podman_detached sh -c 'echo started; while :; do sleep 1; done' || return
+	wait_output started podman logs "$cid"
+	podman update --cpu-quota 50000 --cpu-period 100000 "$cid" >/dev/null 2>"$work/update.err" ||
+		fail "podman update: $(cat "$work/update.err")"
+	quota=$(find /sys/fs/cgroup -path "*$cid*" \( -name cpu.cfs_quota_us -o -name cpu.max \) \
+		-exec cat {} + 2>/dev/null | head -n1)
+	case "$quota" in 50000*) ;; *) fail "VM cgroup cpu quota after podman update: '$quota'" ;; esac
+	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
+}
+
 # podman logs has stdout and stderr; podman kill is SIGKILL (the TERM trap is moot): 137.
 scenario_podman_logs_kill() {
 	local cid code logs
@@ -630,7 +644,7 @@ PY
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
 	shim_image runc_shim_image shim_pause runc_shim_pause podman_run podman_stop podman_exec podman_logs_kill
-	podman_rm_force podman_pause podman_it)
+	podman_rm_force podman_pause podman_update podman_it)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

@@ -249,6 +249,9 @@ impl Guest {
                     .map_err(|e| format!("resize: {}", spawn::errno_text(&e))),
                 None => Err("the main process has no terminal".into()),
             },
+            Message::UpdatePids { limit } => {
+                crate::resources::update_pids(limit).map(|()| Message::Ack)
+            }
             Message::Ps => Ok(Message::Processes {
                 processes: procfs::list(),
             }),

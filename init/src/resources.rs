@@ -1,10 +1,11 @@
 //! `linux.resources` inside the guest. The VM's size already carries the memory
 //! limit and the CPU count (chosen on the host); what a VM size cannot express is
 //! applied to a guest cgroup, `/container` of the guest's cgroup2, which every container
-//! process joins before exec: today the pids limit.
+//! process joins before exec: today the pids limit, also changed later by `update`.
 
 use std::fs;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use nix::mount::MsFlags;
 use oci_spec::runtime::Spec;
@@ -25,22 +26,12 @@ pub fn pids_max(limit: i64) -> Option<String> {
     }
 }
 
-/// Sets up the container cgroup when a limit needs it; returns its
-/// `cgroup.procs`, opened for writing, for the processes to join.
-pub fn apply(spec: &Spec) -> Result<Option<OwnedFd>, String> {
-    let Some(max) = spec
-        .linux()
-        .as_ref()
-        .and_then(|l| l.resources().as_ref())
-        .and_then(|r| r.pids().as_ref())
-        .and_then(|p| pids_max(p.limit()))
-    else {
-        return Ok(None);
-    };
-    let fail = |what: &str, e: std::io::Error| format!("pids limit: {what}: {}", errno_text(&e));
-    // A private mount of the hierarchy, detached once the file is open: the open
-    // file must not count as a writer on the container's /sys/fs/cgroup, or the
-    // config's read-only remount of it would fail with EBUSY.
+/// Runs `f` on the container cgroup's directory (created when missing) through a
+/// private mount of the hierarchy, detached afterwards: an open file must not count
+/// as a writer on the container's /sys/fs/cgroup, or the config's read-only remount
+/// of it would fail with EBUSY.
+fn in_container_cgroup<T>(f: impl FnOnce(&Path) -> Result<T, String>) -> Result<T, String> {
+    let fail = |what: &str, e: std::io::Error| format!("{what}: {}", errno_text(&e));
     let private = crate::mounts::TempMount::new(
         PRIVATE_MOUNT,
         "cgroup2",
@@ -58,15 +49,54 @@ pub fn apply(spec: &Spec) -> Result<Option<OwnedFd>, String> {
                 return Err(fail("creating the container cgroup", e));
             }
         }
-        fs::write(dir.join("pids.max"), &max).map_err(|e| fail("writing pids.max", e))?;
-        let procs = fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join("cgroup.procs"))
-            .map_err(|e| fail("opening cgroup.procs", e))?;
-        Ok(Some(procs.into()))
+        f(&dir)
     })();
     drop(private);
     result
+}
+
+/// Sets up the container cgroup with the config's pids limit (none: `max`, so
+/// `update` can set one later); returns its `cgroup.procs`, opened for writing,
+/// for the processes to join. Without a limit, a guest that cannot make the
+/// cgroup still runs the container, only `update` of the pids limit will fail.
+pub fn apply(spec: &Spec) -> Result<Option<OwnedFd>, String> {
+    let max = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().as_ref())
+        .and_then(|r| r.pids().as_ref())
+        .and_then(|p| pids_max(p.limit()));
+    let limited = max.is_some();
+    let made = in_container_cgroup(|dir| {
+        let max = max.unwrap_or_else(|| "max".into());
+        fs::write(dir.join("pids.max"), &max)
+            .map_err(|e| format!("writing pids.max: {}", errno_text(&e)))?;
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .map_err(|e| format!("opening cgroup.procs: {}", errno_text(&e)))?;
+        Ok(OwnedFd::from(procs))
+    });
+    match made {
+        Ok(procs) => Ok(Some(procs)),
+        Err(e) if !limited => {
+            log::warn!("no container cgroup ({e}); a pids limit cannot be set later");
+            Ok(None)
+        }
+        Err(e) => Err(format!("pids limit: {e}")),
+    }
+}
+
+/// `update`: a new pids limit for the running container (runc's rule).
+pub fn update_pids(limit: i64) -> Result<(), String> {
+    let Some(max) = pids_max(limit) else {
+        return Ok(());
+    };
+    in_container_cgroup(|dir| {
+        fs::write(dir.join("pids.max"), &max)
+            .map_err(|e| format!("writing pids.max: {}", errno_text(&e)))
+    })
+    .map_err(|e| format!("pids limit: {e}"))
 }
 
 #[cfg(test)]

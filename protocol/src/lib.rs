@@ -244,6 +244,11 @@ pub enum Message {
         rows: u16,
         cols: u16,
     },
+    /// Host -> guest: set the container's pids limit (runc's rule: 0 leaves it,
+    /// negative lifts it) -> `Ack`/`Nack`. For `update`.
+    UpdatePids {
+        limit: i64,
+    },
     /// Host -> guest: list processes.
     Ps,
     Processes {

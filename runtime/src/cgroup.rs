@@ -65,19 +65,32 @@ impl HostCgroup {
     /// Creates the cgroup, moves `pid` (the monitor) into it and applies the
     /// host-side limits of `spec`.
     pub fn enter(&self, pid: i32, spec: &Spec) -> Result<()> {
-        let m = self.manager()?;
-        m.add_task(Pid::from_raw(pid))
+        self.manager()?
+            .add_task(Pid::from_raw(pid))
             .map_err(|e| err(&format!("entering {}", self.path.display()), e))?;
-        if let Some(resources) = host_resources(spec)? {
-            m.apply(&ControllerOpt {
-                resources: &resources,
+        match host_resources(spec)? {
+            Some(resources) => self.apply(&resources),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies cpu and block I/O limits (`enter`, and `update` later).
+    pub fn apply(&self, resources: &LinuxResources) -> Result<()> {
+        self.manager()?
+            .apply(&ControllerOpt {
+                resources,
                 disable_oom_killer: false,
                 oom_score_adj: None,
                 freezer_state: None,
             })
-            .map_err(|e| err("applying cpu and block I/O limits", e))?;
-        }
-        Ok(())
+            .map_err(|e| err("applying cpu and block I/O limits", e))
+    }
+
+    /// The cgroup's statistics: what the whole VM (the VMM and its helpers) uses.
+    pub fn stats(&self) -> Result<libcgroups::stats::Stats> {
+        self.manager()?
+            .stats()
+            .map_err(|e| err("reading cgroup statistics", e))
     }
 
     /// Freezes (`true`) or thaws the whole VM.
@@ -123,9 +136,14 @@ impl HostCgroup {
 
 /// The part of `linux.resources` that applies to the VM as a whole on the host.
 pub fn host_resources(spec: &Spec) -> Result<Option<LinuxResources>> {
-    let Some(r) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
-        return Ok(None);
-    };
+    match spec.linux().as_ref().and_then(|l| l.resources().as_ref()) {
+        Some(r) => host_part(r),
+        None => Ok(None),
+    }
+}
+
+/// CPU and block I/O of `r`: what the host cgroup of the VM enforces.
+pub fn host_part(r: &LinuxResources) -> Result<Option<LinuxResources>> {
     if r.cpu().is_none() && r.block_io().is_none() {
         return Ok(None);
     }

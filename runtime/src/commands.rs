@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use krun_oci::cli::{
-    CreateArgs, DeleteArgs, ExecArgs, ExecRelayArgs, KillArgs, ListArgs, LogsArgs, OutputFormat,
-    PsArgs, RunArgs, SpecArgs,
+    CreateArgs, DeleteArgs, EventsArgs, ExecArgs, ExecRelayArgs, KillArgs, ListArgs, LogsArgs,
+    OutputFormat, PsArgs, RunArgs, SpecArgs, UpdateArgs,
 };
 use krun_oci::container::Container;
 use krun_oci::exec;
@@ -472,4 +472,102 @@ pub fn monitor(ctx: &Context, id: &str) -> Result<i32> {
         path: store.root().join(id),
     };
     Ok(krun_oci::monitor::run(&dir)?)
+}
+
+/// `events [--stats] [--interval D] ID`: one stats event with `--stats`, else one
+/// every interval until the container stops.
+pub fn events(ctx: &Context, args: EventsArgs) -> Result<i32> {
+    use std::io::Write;
+    let store = ctx.store()?;
+    let interval = humantime::parse_duration(&args.interval)
+        .with_context(|| format!("--interval {:?}", args.interval))?;
+    loop {
+        match lifecycle::stats_event(&store, &args.id) {
+            Ok(event) => {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{event}")?;
+                out.flush()?;
+            }
+            // The stream ends with the container.
+            Err(krun_oci::Error::NotRunning) if !args.stats => return Ok(0),
+            Err(e) => return Err(e.into()),
+        }
+        if args.stats {
+            return Ok(0);
+        }
+        std::thread::sleep(interval);
+    }
+}
+
+/// `update [--resources FILE|-] [--memory M] [--cpu-quota Q] [--cpu-period P]
+/// [--cpuset-cpus C] [--pids-limit N] ID`: the flags override the file, as in runc.
+pub fn update(ctx: &Context, args: UpdateArgs) -> Result<i32> {
+    use oci_spec::runtime::{LinuxPids, LinuxResources};
+    let mut r: LinuxResources = match args.resources.as_deref() {
+        None => LinuxResources::default(),
+        Some("-") => serde_json::from_reader(std::io::stdin()).context("resources from stdin")?,
+        Some(f) => {
+            serde_json::from_slice(&std::fs::read(f).with_context(|| format!("reading {f}"))?)
+                .with_context(|| format!("parsing {f}"))?
+        }
+    };
+    if let Some(m) = &args.memory {
+        let mut mem = r.memory().unwrap_or_default();
+        mem.set_limit(Some(parse_bytes(m)?));
+        r.set_memory(Some(mem));
+    }
+    if args.cpu_quota.is_some() || args.cpu_period.is_some() || args.cpuset_cpus.is_some() {
+        let mut cpu = r.cpu().clone().unwrap_or_default();
+        if let Some(q) = args.cpu_quota {
+            cpu.set_quota(Some(q));
+        }
+        if let Some(p) = args.cpu_period {
+            cpu.set_period(Some(p));
+        }
+        if let Some(c) = &args.cpuset_cpus {
+            cpu.set_cpus(Some(c.clone()));
+        }
+        r.set_cpu(Some(cpu));
+    }
+    if let Some(n) = args.pids_limit {
+        let mut pids = LinuxPids::default();
+        pids.set_limit(n);
+        r.set_pids(Some(pids));
+    }
+    lifecycle::update(&ctx.store()?, &args.id, &r)?;
+    Ok(0)
+}
+
+/// A byte count as runc's `--memory` takes it: `512m`, `1g`, `1048576`.
+fn parse_bytes(s: &str) -> Result<i64> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t.as_str(), 1),
+        Some((i, _)) => (
+            &t[..i],
+            match t[i..].trim_end_matches('b') {
+                "k" => 1 << 10,
+                "m" => 1 << 20,
+                "g" => 1 << 30,
+                "" => 1,
+                _ => anyhow::bail!("--memory {s:?}: expected a number with k, m or g"),
+            },
+        ),
+    };
+    let n: i64 = num.parse().with_context(|| format!("--memory {s:?}"))?;
+    Ok(n * mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_like_runc() {
+        assert_eq!(parse_bytes("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_bytes("512m").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_bytes("64kb").unwrap(), 64 << 10);
+        assert!(parse_bytes("12x").is_err());
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use krun_oci_protocol::{Message, SignalTarget};
-use oci_spec::runtime::Spec;
+use oci_spec::runtime::{LinuxResources, Spec};
 
 use crate::bundle::Bundle;
 use crate::container::{Container, EXIT_CODE_FILE};
@@ -458,19 +458,85 @@ fn kill_unlocked(
     }
 }
 
+/// One `stats` event as `events` prints it: `{"type":"stats","id":ID,"data":...}`,
+/// the data being the host cgroup's statistics (youki's libcgroups field names), so
+/// the VM's whole cost as the host sees it.
+pub fn stats_event(store: &StateStore, id: &str) -> Result<serde_json::Value> {
+    let c = Container::load(store, id)?;
+    if c.status() == Status::Stopped {
+        return Err(Error::NotRunning);
+    }
+    let cgroup = c.record.cgroup.as_ref().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{id} has no host cgroup (created by an older krun-oci)"
+        ))
+    })?;
+    let stats = cgroup.stats()?;
+    Ok(serde_json::json!({"type": "stats", "id": id, "data": stats}))
+}
+
+/// Created or running: what the guest must answer. A frozen guest answers nothing.
+fn require_unpaused(c: &Container, action: &str) -> Result<()> {
+    match c.status() {
+        Status::Created | Status::Running => Ok(()),
+        Status::Paused => Err(Error::InvalidInput(format!(
+            "cannot {action} a paused container: resume it first"
+        ))),
+        _ => Err(Error::NotRunning),
+    }
+}
+
+/// `update`: new resource limits for a created, running or paused container. CPU
+/// and block I/O go to the VM's host cgroup, the pids limit to the guest's
+/// container cgroup. A VM's RAM is fixed when it boots, so a different memory
+/// limit is refused before anything changes.
+pub fn update(store: &StateStore, id: &str, resources: &LinuxResources) -> Result<()> {
+    let c = Container::load(store, id)?;
+    let _lock = c.dir.lock()?;
+    require_unpaused(&c, "update")?;
+    let spec = load_snapshot(&c)?;
+    if let Some(want) = resources.memory().as_ref().and_then(|m| m.limit()) {
+        let now = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.memory().as_ref())
+            .and_then(|m| m.limit());
+        if Some(want) != now {
+            let (_, ram_mib) = vm_size(&spec);
+            return Err(Error::InvalidInput(format!(
+                "memory limit {want}: a VM's RAM is fixed when it boots ({ram_mib} MiB); \
+                 update cannot change it"
+            )));
+        }
+    }
+    if let Some(host) = crate::cgroup::host_part(resources)? {
+        let cgroup = c.record.cgroup.as_ref().ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{id} has no host cgroup for cpu and block I/O limits"
+            ))
+        })?;
+        cgroup.apply(&host)?;
+    }
+    if let Some(pids) = resources.pids() {
+        let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+        let msg = Message::UpdatePids {
+            limit: pids.limit(),
+        };
+        match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, msg))? {
+            Message::Ack => {}
+            Message::Nack { reason } => return Err(Error::Guest(reason)),
+            m => return Err(Error::Guest(format!("unexpected reply to update: {m:?}"))),
+        }
+    }
+    Ok(())
+}
+
 /// Lists the processes inside the container's VM (guest pids).
 pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestProcess>> {
     let c = Container::load(store, id)?;
-    match c.status() {
-        Status::Created | Status::Running => {}
-        // The guest answers ps, and a frozen guest answers nothing.
-        Status::Paused => {
-            return Err(Error::InvalidInput(
-                "cannot list the processes of a paused container".into(),
-            ))
-        }
-        _ => return Err(Error::NotRunning),
-    }
+    // The guest answers ps.
+    require_unpaused(&c, "list the processes of")?;
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
     match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Ps))? {
         Message::Processes { processes } => Ok(processes),

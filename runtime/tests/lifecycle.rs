@@ -289,6 +289,77 @@ fn kill_all_and_ps() {
     rt.ok(&["delete", "all"]);
 }
 
+/// `update`: the pids limit reaches the guest (forks beyond it fail), CPU limits
+/// the VM's host cgroup; a different memory limit is refused (the VM's RAM is
+/// fixed); `events --stats` reports the VM's usage.
+#[test]
+fn update_limits_and_events_stats() {
+    if !vm_available("update_limits_and_events_stats") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let b = TestBundle::new(&["sleep", "1000"]);
+    let pid = rt.create("upd", &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", "upd"]);
+    let helpers = rt.helper_pids("upd");
+    let forks = [
+        "exec",
+        "upd",
+        "sh",
+        "-c",
+        "sleep 5 & sleep 5 & sleep 5 & echo forked-3",
+    ];
+    assert_eq!(rt.ok(&forks), "forked-3\n");
+    rt.ok(&["update", "--pids-limit", "3", "upd"]);
+    let out = rt.run(&forks);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("can't fork"),
+        "{out:?}"
+    );
+    rt.ok(&[
+        "update",
+        "--cpu-quota",
+        "50000",
+        "--cpu-period",
+        "100000",
+        "upd",
+    ]);
+    let quota = [
+        "/sys/fs/cgroup/cpu/upd/cpu.cfs_quota_us",
+        "/sys/fs/cgroup/cpu,cpuacct/upd/cpu.cfs_quota_us",
+        "/sys/fs/cgroup/upd/cpu.max",
+    ]
+    .iter()
+    .find_map(|p| fs::read_to_string(p).ok())
+    .expect("the VM's host cgroup");
+    assert!(quota.starts_with("50000"), "{quota}");
+    let out = rt.run(&["update", "--memory", "1g", "upd"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("RAM is fixed"),
+        "{out:?}"
+    );
+    let ev: serde_json::Value =
+        serde_json::from_str(&rt.ok(&["events", "--stats", "upd"])).unwrap();
+    assert_eq!(
+        (ev["type"].as_str(), ev["id"].as_str()),
+        (Some("stats"), Some("upd"))
+    );
+    assert!(
+        ev["data"]["cpu"]["usage"]["usage_total"].as_u64() > Some(0),
+        "{ev}"
+    );
+    rt.ok(&["kill", "upd", "KILL"]);
+    assert_eq!(wait_exit(pid), 137);
+    assert!(!rt
+        .run(&["update", "--pids-limit", "5", "upd"])
+        .status
+        .success());
+    rt.ok(&["delete", "upd"]);
+    assert_cleaned_up(&rt, "upd", &helpers);
+}
+
 /// A VM that dies while booting (its kernel finds no init) fails create at once
 /// with the reason and the console's tail, and leaves nothing behind.
 #[test]

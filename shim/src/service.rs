@@ -606,6 +606,19 @@ impl Service {
 
     /// Freezes (the whole VM stops) or thaws the task's host cgroup, then
     /// publishes TaskPaused or TaskResumed.
+    /// containerd sends the new `LinuxResources` as JSON in an `Any`.
+    fn do_update(&self, req: &api::UpdateTaskRequest) -> Result<api::Empty> {
+        self.task(&req.id)?;
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("update without resources".into()))?;
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| Error::InvalidArgument(format!("update resources: {e}")))?;
+        krun_oci::lifecycle::update(&self.store()?, &req.id, &resources)?;
+        Ok(api::Empty::default())
+    }
+
     fn do_set_paused(&self, id: String, paused: bool) -> Result<()> {
         self.task(&id)?;
         let store = self.store()?;
@@ -884,8 +897,8 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::default())
     }
 
-    fn update(&self, _ctx: &TtrpcContext, _req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
-        Err(Error::Unimplemented("update is not supported yet by the krun-oci shim".into()).into())
+    fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<api::Empty> {
+        Ok(self.do_update(&req)?)
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {

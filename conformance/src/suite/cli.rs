@@ -316,6 +316,13 @@ fn events_stats(ctx: &mut Ctx) -> Result<()> {
     let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line:?}"))?;
     ensure!(v["type"] == "stats", "event type {}", v["type"]);
     ensure!(v["id"] == id.as_str(), "event id {}", v["id"]);
+    // runc and libcgroups name the fields differently; both report cpu and memory.
+    for k in ["cpu", "memory"] {
+        ensure!(
+            v["data"][k].as_object().is_some_and(|o| !o.is_empty()),
+            "no {k} statistics: {line}"
+        );
+    }
     Ok(())
 }
 
