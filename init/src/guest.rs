@@ -224,11 +224,16 @@ impl Guest {
     fn handle_control(self: &Arc<Self>, msg: Message) -> Message {
         let result = match msg {
             Message::Heartbeat => return Message::HeartbeatAck,
-            Message::Setup { spec, seccomp } => seccomp
+            Message::Setup {
+                spec,
+                seccomp,
+                network,
+            } => seccomp
                 .as_ref()
                 .map(spawn::Seccomp::decode)
                 .transpose()
                 .and_then(|filter| {
+                    crate::network::apply(&network)?;
                     // Before the config's mounts, which may make /sys/fs/cgroup read-only.
                     let cgroup_procs = crate::resources::apply(&spec)?;
                     apply_setup(&spec)?;

@@ -12,6 +12,7 @@ mod boot;
 mod guest;
 mod logger;
 mod mounts;
+mod network;
 mod procfs;
 mod reaper;
 mod resources;

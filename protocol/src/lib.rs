@@ -15,6 +15,7 @@
 //! direction, is [`Message::Hello`] with [`PROTOCOL_VERSION`].
 
 pub mod mounts;
+pub mod net;
 
 use std::io::{self, Read, Write};
 
@@ -23,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use oci_spec::runtime::Process;
 
 /// Bumped on every incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest accepted frame body (kind byte + payload).
 pub const MAX_FRAME_LEN: u32 = 1024 * 1024 + 1;
@@ -205,6 +206,10 @@ pub enum Message {
         /// `linux.seccomp`, compiled by the host (the guest has no libseccomp).
         #[serde(default)]
         seccomp: Option<SeccompProgram>,
+        /// The NICs the VM was given and how to configure them (empty: loopback
+        /// only). Guest-init brings `lo` up in every case.
+        #[serde(default)]
+        network: Vec<net::NetInterface>,
     },
     /// Host -> guest: run the container's main process now. Accepted exactly once.
     SpawnMain {

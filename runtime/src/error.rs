@@ -35,6 +35,8 @@ pub enum Error {
     Guest(String),
     #[error("vm: {0}")]
     Vm(String),
+    #[error("network: {0}")]
+    Network(String),
     #[error(transparent)]
     Protocol(#[from] krun_oci_protocol::ProtocolError),
     #[error(transparent)]

@@ -19,6 +19,7 @@ pub mod logger;
 pub mod logs;
 pub mod monitor;
 pub mod mounts;
+pub mod network;
 pub mod process_info;
 pub mod seccomp;
 pub mod signal;

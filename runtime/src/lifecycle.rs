@@ -68,6 +68,11 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
         }
         _ => {}
     }
+    // Before anything exists: a bad network annotation fails create cleanly.
+    let (network, network_warning) = crate::network::plan(&bundle.spec)?;
+    if let Some(w) = network_warning {
+        log::warn!("{w}");
+    }
     let dir = store.claim(id)?;
     let result = (|| {
         let _lock = dir.lock()?;
@@ -108,6 +113,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             console_socket: opts.console_socket.clone(),
             log_path: log_path.clone(),
             cgroup: record.cgroup.clone(),
+            network,
         };
         write_atomic(
             &dir.monitor_config_file(),
@@ -653,6 +659,15 @@ fn destroy(c: &Container) {
     if let Some(cg) = &c.record.cgroup {
         if let Err(e) = cg.remove() {
             log::warn!("{e}");
+        }
+    }
+    // The monitor undoes its taps and redirects as it exits; one that was killed
+    // left its record behind.
+    if let Ok(monitor) = c.dir.monitor_config() {
+        if let crate::network::Plan::Attach { netns, .. } = &monitor.network {
+            if let Err(e) = crate::network::release_in(&c.dir.network_record(), netns) {
+                log::warn!("{e}");
+            }
         }
     }
 }

@@ -54,6 +54,9 @@ pub struct MonitorConfig {
     /// The host cgroup to enter before the VMM starts (so the whole VM is in it).
     #[serde(default)]
     pub cgroup: Option<crate::cgroup::HostCgroup>,
+    /// Which links of the network namespace become the VM's NICs.
+    #[serde(default)]
+    pub network: crate::network::Plan,
 }
 
 /// The monitor's report to `create`.
@@ -78,14 +81,22 @@ impl ContainerDir {
     pub fn monitor_log_file(&self) -> PathBuf {
         self.path.join("monitor.log")
     }
+    /// The monitor's configuration as create wrote it.
+    pub fn monitor_config(&self) -> Result<MonitorConfig> {
+        Ok(serde_json::from_slice(
+            &std::fs::read(self.monitor_config_file()).ctx(|| "reading monitor.json".into())?,
+        )?)
+    }
+    /// What the monitor attached of the network namespace (network.rs).
+    pub fn network_record(&self) -> PathBuf {
+        self.path.join(crate::network::NETWORK_RECORD)
+    }
 }
 
 /// Entry point of `krun-oci monitor ID`. Returns the process exit status.
 pub fn run(dir: &ContainerDir) -> Result<i32> {
     let sync = take_sync_pipe();
-    let cfg: MonitorConfig = serde_json::from_slice(
-        &std::fs::read(dir.monitor_config_file()).ctx(|| "reading monitor.json".into())?,
-    )?;
+    let cfg = dir.monitor_config()?;
     let spec: Spec = serde_json::from_slice(
         &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
     )?;
@@ -97,6 +108,7 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
         Ok(b) => b,
         Err(e) => {
             log::error!("boot failed: {e}");
+            release_network(dir);
             report(
                 sync,
                 &SyncReport::Failed {
@@ -115,7 +127,17 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
             timings: booted.timings.clone(),
         },
     );
-    Ok(supervise(dir, &cfg, booted))
+    let code = supervise(dir, &cfg, booted);
+    release_network(dir);
+    Ok(code)
+}
+
+/// Undoes the taps and redirects of the VM's NICs (the monitor is still in the
+/// container's network namespace).
+fn release_network(dir: &ContainerDir) {
+    if let Err(e) = crate::network::release(&dir.network_record()) {
+        log::warn!("{e}");
+    }
 }
 
 /// Joins `linux.namespaces`' network `path` (podman's or CNI's namespace), so the
@@ -214,6 +236,11 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
     if let Some(m) = &mounts {
         m.prepare()?;
     }
+    let network = crate::network::attach(
+        &cfg.network,
+        &dir.network_record(),
+        selection.vmm.opens_taps_by_name(),
+    )?;
     let vm_spec = VmSpec {
         id: dir.id.clone(),
         run_dir: run_dir.clone(),
@@ -221,6 +248,7 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
         vcpus: cfg.vcpus,
         ram_mib: cfg.ram_mib,
         mounts,
+        nics: network.nics,
     };
     let link = selection.vmm.link(&vm_spec);
     let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
@@ -257,6 +285,7 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
             Message::Setup {
                 spec: Box::new(spec.clone()),
                 seccomp,
+                network: network.interfaces,
             },
         )? {
             Message::Ack => {}

@@ -77,6 +77,11 @@ pub fn features() -> Result<Features> {
         (ANNOTATION_RAM_MIB, "RAM of the container's VM in MiB"),
         (ANNOTATION_LOG_PATH, "path of the container's json-file log"),
         (
+            crate::network::ANNOTATION_NETWORK,
+            "how the network namespace reaches the VM: auto (its links become NICs when a \
+             namespace path is given), tap (the same, required), none (loopback only)",
+        ),
+        (
             ANNOTATION_CRUN_CPUS,
             "alias of krun-oci.cpus (crun-krun compatibility)",
         ),
@@ -248,6 +253,7 @@ mod tests {
         let v = serde_json::to_value(features().unwrap()).unwrap();
         assert_eq!(v["ociVersionMax"], OCI_VERSION);
         assert!(v["annotations"][ANNOTATION_RAM_MIB].is_string());
+        assert!(v["annotations"][crate::network::ANNOTATION_NETWORK].is_string());
         assert!(v["hooks"]
             .as_array()
             .unwrap()

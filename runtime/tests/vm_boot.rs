@@ -114,6 +114,7 @@ fn spec(dir: &Path, rootfs: PathBuf) -> VmSpec {
         vcpus: 2,
         ram_mib: 256,
         mounts: None,
+        nics: Vec::new(),
     }
 }
 

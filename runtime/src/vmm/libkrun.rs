@@ -133,7 +133,28 @@ pub struct LibkrunConfig {
     /// serves the staging directory (one of `virtiofs`, tag `krun-mounts`).
     #[serde(default)]
     pub mounts: Option<crate::mounts::MountsShare>,
+    /// One `krun_add_net_tap` per NIC: persistent taps the monitor made in the
+    /// container's network namespace (network.rs), opened by name.
+    #[serde(default)]
+    pub nics: Vec<NetTap>,
 }
+
+/// One `krun_add_net_tap(ctx, tap, mac, NET_FEATURES, 0)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetTap {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// virtio-net offloads libkrun negotiates on the tap (its `NET_FEATURE_*`, the
+/// virtio-net feature bits): checksum offload and TSO both ways, as QEMU's tap
+/// backend offers. TSO needs the tap's vnet header, which network.rs sets.
+pub const NET_FEATURES: u32 = 1 // CSUM
+    | 1 << 1 // GUEST_CSUM
+    | 1 << 7 // GUEST_TSO4
+    | 1 << 8 // GUEST_TSO6
+    | 1 << 11 // HOST_TSO4
+    | 1 << 12; // HOST_TSO6
 
 impl LibkrunConfig {
     /// The configuration for one VM. `init` is guest-init (needed with libkrunfw only).
@@ -205,6 +226,14 @@ impl LibkrunConfig {
             vsock_ports,
             console_output: spec.run_dir.join("console.log"),
             mounts: spec.mounts.clone(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|n| NetTap {
+                    tap: n.tap_name.clone(),
+                    mac: n.mac,
+                })
+                .collect(),
         })
     }
 
@@ -305,6 +334,13 @@ impl LibkrunConfig {
             // SAFETY: valid string.
             check("krun_add_vsock_port2", unsafe {
                 krun_add_vsock_port2(ctx, p.port, path.as_ptr(), p.listen)
+            })?;
+        }
+        for n in &self.nics {
+            let tap = cstr(&n.tap)?;
+            // SAFETY: a valid string and a 6-byte MAC, both read during the call.
+            check("krun_add_net_tap", unsafe {
+                krun_add_net_tap(ctx, tap.as_ptr(), n.mac.as_ptr(), NET_FEATURES, 0)
             })?;
         }
         let console = cpath(&self.console_output)?;
@@ -422,6 +458,10 @@ impl Vmm for LibkrunVmm {
         GuestLink::PortSockets {
             dir: spec.run_dir.clone(),
         }
+    }
+
+    fn opens_taps_by_name(&self) -> bool {
+        true
     }
 
     fn launch(&self, spec: &VmSpec) -> Result<Box<dyn Vm>> {
@@ -627,6 +667,7 @@ mod tests {
             vcpus: 2,
             ram_mib: 256,
             mounts: None,
+            nics: Vec::new(),
         }
     }
 
@@ -805,7 +846,11 @@ mod tests {
         fs::write(&img.kernel, b"").unwrap();
         fs::write(&img.initrd, b"").unwrap();
         for k in [choose_kernel(&img, false).unwrap(), KernelSource::Libkrunfw] {
-            let c = LibkrunConfig::new(&s, &k, Some(&init)).unwrap();
+            let mut c = LibkrunConfig::new(&s, &k, Some(&init)).unwrap();
+            c.nics.push(NetTap {
+                tap: "krtap0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+            });
             let ctx = krun::krun_create_ctx();
             assert!(ctx >= 0);
             c.apply(ctx as u32).unwrap();

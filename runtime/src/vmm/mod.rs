@@ -35,6 +35,8 @@ pub struct VmSpec {
     /// Bind mounts of host paths, served as a second virtio-fs share (tag
     /// `krun-mounts`); `None` when the config has none.
     pub mounts: Option<crate::mounts::MountsShare>,
+    /// The VM's NICs, one tap each (empty: loopback only).
+    pub nics: Vec<crate::network::Nic>,
 }
 
 /// Why a VM stopped.
@@ -70,6 +72,11 @@ pub trait Vmm {
     fn link(&self, spec: &VmSpec) -> GuestLink;
     /// Starts the VM (does not wait for the guest).
     fn launch(&self, spec: &VmSpec) -> crate::Result<Box<dyn Vm>>;
+    /// Whether the VMM opens its taps by name (they must then be persistent)
+    /// rather than taking the open fd.
+    fn opens_taps_by_name(&self) -> bool {
+        false
+    }
 }
 
 /// Prepares a VMM or helper process: stdout/stderr to `log`, no stdin, its own

@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -194,6 +194,8 @@ pub struct QemuVmm {
     pub programs: Programs,
     /// Host TSC kHz for `tsc_early_khz=`.
     pub tsc_khz: Option<u64>,
+    /// `/dev/vhost-net` opens: the NICs' data path runs in the host kernel.
+    pub vhost_net: bool,
 }
 
 impl QemuVmm {
@@ -203,6 +205,11 @@ impl QemuVmm {
             accel,
             programs: Programs::locate()?,
             tsc_khz: detect::host_cpu_khz(),
+            vhost_net: fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/vhost-net")
+                .is_ok(),
         })
     }
 
@@ -286,6 +293,22 @@ impl QemuVmm {
             &format!("socket,id=vs0,path={}", path(&paths.vsock_ctl)),
         ]);
         push(&["-device", "vhost-user-vsock-device,chardev=vs0"]);
+        // The taps are open in the monitor; QEMU inherits the fds (ChildSpec::keep_fds).
+        let vhost = if self.vhost_net { "on" } else { "off" };
+        for (i, nic) in spec.nics.iter().enumerate() {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net{i},fd={},vhost={vhost}", nic.tap.as_raw_fd()),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
+                    krun_oci_protocol::net::format_mac(&nic.mac),
+                    nic.mtu
+                ),
+            ]);
+        }
         push(&[
             "-chardev",
             &format!("file,id=con0,path={}", path(&paths.console)),
@@ -369,12 +392,15 @@ impl Vmm for QemuVmm {
                 .ready_when_listening(&paths.fs_mounts_sock),
             );
         }
-        children.push(ChildSpec::new(
-            "qemu",
-            &self.programs.qemu,
-            self.qemu_args(spec, &paths),
-            &paths,
-        ));
+        children.push(
+            ChildSpec::new(
+                "qemu",
+                &self.programs.qemu,
+                self.qemu_args(spec, &paths),
+                &paths,
+            )
+            .keep_fds(spec.nics.iter().map(|n| n.tap.clone()).collect()),
+        );
         let vm = QemuVm::start(&spec.id, children, paths)?;
         Ok(Box::new(vm))
     }
@@ -390,6 +416,8 @@ struct ChildSpec {
     ready_socket: Option<PathBuf>,
     /// Bind mounts the child makes in its own mount namespace before exec.
     binds: Option<Arc<BindOps>>,
+    /// Open fds the child inherits under the same numbers (QEMU's taps).
+    keep_fds: Vec<Arc<OwnedFd>>,
 }
 
 impl ChildSpec {
@@ -406,7 +434,13 @@ impl ChildSpec {
             log: paths.run_dir.join(format!("{component}.log")),
             ready_socket: None,
             binds: None,
+            keep_fds: Vec::new(),
         }
+    }
+
+    fn keep_fds(mut self, fds: Vec<Arc<OwnedFd>>) -> ChildSpec {
+        self.keep_fds = fds;
+        self
     }
 
     fn with_binds(mut self, ops: BindOps) -> ChildSpec {
@@ -423,6 +457,21 @@ impl ChildSpec {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
         super::supervised(&mut cmd, &self.log)?;
+        if !self.keep_fds.is_empty() {
+            let fds: Vec<i32> = self.keep_fds.iter().map(|f| f.as_raw_fd()).collect();
+            // SAFETY: only fcntl (async-signal-safe) between fork and exec; the fds
+            // stay open in the parent, which holds the Arcs across the spawn.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    for &fd in &fds {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         if let Some(ops) = self.binds.clone() {
             // SAFETY: BindOps::apply only makes system calls (prepared before fork).
             unsafe {
@@ -743,6 +792,7 @@ mod tests {
                 vhost_vsock: "s".into(),
             },
             tsc_khz: Some(2_199_998),
+            vhost_net: false,
         }
     }
 
@@ -754,6 +804,7 @@ mod tests {
             vcpus: 2,
             ram_mib: 256,
             mounts: None,
+            nics: Vec::new(),
         }
     }
 
