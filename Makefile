@@ -13,7 +13,8 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc crun podman \
 	containerd tmux cpio xz-utils python3 file procps util-linux bc \
-	linux-source-6.12 flex bison libelf-dev libssl-dev build-essential
+	linux-source-6.12 flex bison libelf-dev libssl-dev build-essential \
+	iproute2 curl iptables containernetworking-plugins netavark aardvark-dns
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
 .PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench demo install deps fmt lint clean

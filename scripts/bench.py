@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """krun-oci figures beside runc's: create, start, state, exec, boot-to-ready and host
-memory per idle VM (our kernel and the distro's stock kernel). Prints; never asserts.
+memory per idle VM (our kernel and the distro's stock kernel), network throughput.
+Prints; never asserts.
 
 Usage: bench.py KRUN_OCI_BINARY [-n N] [--runc PATH] [--tb-sizes 0,32,...]
 
@@ -261,6 +262,107 @@ def one_lifecycle(rt, cid, measure_vm=False):
     return r
 
 
+NET_SCRIPT = (
+    "dd if=/dev/zero of=/blob/blob bs=1M count={mib} 2>/dev/null; "
+    "httpd -p 80 -h /blob; echo serving; "
+    "while [ ! -e /go ]; do sleep 0.05; done; echo fetching; "
+    "wget -q -O /dev/null http://10.77.0.1:8000/blob; echo fetched rc=$?"
+)
+
+
+def ip(*args):
+    subprocess.run(["ip", *args], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+class BenchNet:
+    """Two network namespaces joined by a veth, as in runtime/tests/network.rs: the
+    container side (eth0, 10.77.0.2/24) and the far side (10.77.0.1) with a busybox
+    httpd serving a file of `mib` MiB (sparse: its pages cost nothing to read)."""
+
+    def __init__(self, work, mib):
+        self.ctr, self.far = f"krb-{os.getpid()}-c", f"krb-{os.getpid()}-f"
+        ip("netns", "add", self.ctr)
+        ip("netns", "add", self.far)
+        ip("-n", self.far, "link", "add", "kv-far", "type", "veth", "peer", "name", "eth0",
+           "netns", self.ctr)
+        ip("-n", self.far, "addr", "add", "10.77.0.1/24", "dev", "kv-far")
+        ip("-n", self.far, "link", "set", "kv-far", "up")
+        ip("-n", self.ctr, "addr", "add", "10.77.0.2/24", "dev", "eth0")
+        ip("-n", self.ctr, "link", "set", "eth0", "up")
+        www = os.path.join(work, "www-far")
+        os.makedirs(www, exist_ok=True)
+        with open(os.path.join(www, "blob"), "wb") as f:
+            f.truncate(mib << 20)
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", self.far, "/bin/busybox", "httpd", "-f", "-p", "8000",
+             "-h", www], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+
+    def close(self):
+        self.server.kill()
+        self.server.wait()
+        subprocess.run(["ip", "netns", "del", self.ctr], stderr=subprocess.DEVNULL)
+        subprocess.run(["ip", "netns", "del", self.far], stderr=subprocess.DEVNULL)
+
+
+def network_throughput(rt, net, mib):
+    """(guest -> far, far -> guest) in Gbit/s for `mib` MiB over HTTP. Guest -> far:
+    the far side fetches from busybox httpd in the container (file in a tmpfs),
+    timed on the host. Far -> guest: the container fetches from the far server,
+    timed by the host from the container's 'fetching' line to its 'fetched' line."""
+    cfg_path = os.path.join(rt.bundle, "config.json")
+    original = open(cfg_path).read()
+    cfg = json.loads(original)
+    cfg["process"]["args"] = ["sh", "-c", NET_SCRIPT.format(mib=mib)]
+    for ns in cfg["linux"]["namespaces"]:
+        if ns["type"] == "network":
+            ns["path"] = f"/run/netns/{net.ctr}"
+    cfg["mounts"].append({"destination": "/blob", "type": "tmpfs", "source": "tmpfs",
+                          "options": ["nosuid", "nodev", f"size={mib + 16}m"]})
+    cfg.setdefault("annotations", {})["krun-oci.ram_mib"] = str(mib + 512)
+    json.dump(cfg, open(cfg_path, "w"))
+    go = os.path.join(rt.rootfs, "go")
+    if os.path.exists(go):
+        os.unlink(go)
+    cid = f"bench-net-{rt.name.split()[0]}"
+    proc = subprocess.Popen(rt.cli("run", "--bundle", rt.bundle, cid), env=rt.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def line(want):
+            while True:
+                ready, _, _ = select.select([proc.stdout], [], [], 300)
+                if not ready:
+                    raise RuntimeError(f"{rt.name}: no '{want}' line")
+                got = proc.stdout.readline().decode()
+                if not got:
+                    raise RuntimeError(f"{rt.name}: exited before '{want}'")
+                if got.startswith(want):
+                    return now(), got
+        line("serving")
+        dt, _ = run(["ip", "netns", "exec", net.far, "/bin/busybox", "wget", "-q", "-O",
+                     "/dev/null", "http://10.77.0.2/blob"])
+        out_gbit = mib * 8 * 1.048576 / 1000 / dt
+        open(go, "w").close()
+        t0, _ = line("fetching")
+        t1, got = line("fetched")
+        if "rc=0" not in got:
+            raise RuntimeError(f"{rt.name}: guest fetch failed: {got.strip()}")
+        in_gbit = mib * 8 * 1.048576 / 1000 / (t1 - t0)
+        proc.wait(timeout=60)
+        return out_gbit, in_gbit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        run(rt.cli("delete", "--force", cid), env=rt.env, check=False)
+        open(cfg_path, "w").write(original)
+        if os.path.exists(go):
+            os.unlink(go)
+
+
 def stats(values):
     v = [x for x in values if x == x]  # drop NaN
     if not v:
@@ -308,6 +410,10 @@ def main():
     ap.add_argument("--skip-distro", action="store_true")
     ap.add_argument("--density", type=int, default=int(os.environ.get("BENCH_DENSITY", "4")),
                     help="idle VMs up at once for the per-VM PSS under sharing (0: skip)")
+    ap.add_argument("--net-mib", type=int, default=int(os.environ.get("BENCH_NET_MIB", "256")),
+                    help="MiB sent over HTTP each way between the container and the far "
+                         "side of a veth (0: skip)")
+    ap.add_argument("--net-runs", type=int, default=int(os.environ.get("BENCH_NET_RUNS", "3")))
     a = ap.parse_args()
     # SIGTERM/SIGHUP (e.g. make interrupted) still run the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -353,6 +459,19 @@ def main():
                 density[label] = [idle_density(rt, a.density) for _ in range(3)]
             print("  density runs done", file=sys.stderr, flush=True)
 
+        throughput = {}
+        if a.net_mib > 0:
+            net = BenchNet(work, a.net_mib)
+            try:
+                for _ in range(a.net_runs):
+                    for rt in (runc, Runtime("krun-oci (own kernel)", krun, kr.root, kr.bundle,
+                                             dict(os.environ, KRUN_OCI_KERNEL_SOURCE="own"))):
+                        throughput.setdefault(rt.name, []).append(
+                            network_throughput(rt, net, a.net_mib))
+            finally:
+                net.close()
+            print("  network runs done", file=sys.stderr, flush=True)
+
         def col(label, key):
             return [r.get(key, float("nan")) for r in results[label]]
 
@@ -380,6 +499,14 @@ def main():
                   "(shared pages split between them; 3 runs)")
             for label, v in density.items():
                 print(f"  {label:40s} {fmt_mb(v)}")
+        if throughput:
+            for i, way in enumerate(["container -> far side", "far side -> container"]):
+                print(f"\n## network: {a.net_mib} MiB over HTTP, {way} of a veth "
+                      f"(Gbit/s, {a.net_runs} runs)")
+                for label, v in throughput.items():
+                    g = [x[i] for x in v]
+                    print(f"  {label:40s} median {statistics.median(g):.2f} "
+                          f"(min {min(g):.2f}, max {max(g):.2f})")
         print("\n## PSS by process (median, MB)")
         for label in results:
             if label == "runc":

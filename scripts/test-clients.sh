@@ -49,6 +49,7 @@ cleanup() {
 		wait "$containerd_pid" 2>/dev/null
 	fi
 	tmux kill-session -t "krun-tty-$$" 2>/dev/null
+	declare -F cni_cleanup >/dev/null && cni_cleanup
 	umount -R "$work" 2>/dev/null
 	rm -rf "$work"
 	# Shims killed above leave their sockets (ours only: see assert_clean).
@@ -86,7 +87,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp kc rc)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -412,6 +413,98 @@ scenario_podman_exec() {
 	podman rm -f "$cid" >/dev/null || fail "podman rm -f failed"
 }
 
+# ---------- networking ----------
+# A server on the host (all addresses, so also the bridges' gateways) that the
+# guests fetch from; started once, by the first scenario that needs it.
+host_port=18091
+host_server_pid=""
+host_server() {
+	[ -n "$host_server_pid" ] && return 0
+	mkdir -p "$work/www-host"
+	echo from-the-host >"$work/www-host/host.txt"
+	/bin/busybox httpd -f -p "0.0.0.0:$host_port" -h "$work/www-host" &
+	host_server_pid=$!
+	local n=0
+	until grep -q ":$(printf '%04X' $host_port) 00000000:0000 0A" /proc/net/tcp; do
+		n=$((n + 1))
+		[ $n -ge 100 ] && { fail "the host's test server did not listen"; return 1; }
+		sleep 0.1
+	done
+}
+
+# podman's default network (netavark bridge, no --network none): a published port
+# reaches the guest's server from the host, the guest reaches the bridge's gateway,
+# and the guest resolves with the resolv.conf podman made.
+scenario_podman_network() {
+	local cid out logs resolv line
+	host_server || return
+	cid=$(podman run -d --runtime "$podman_runtime" --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 \
+		-p 18080:80 --rootfs "$rootfs" sh -c 'mkdir -p /tmp/www; echo page-from-the-guest >/tmp/www/index.html
+			gw=$(ip route | sed -n "s/^default via \([0-9.]*\).*/\1/p")
+			echo "gateway=$gw fetched=$(timeout 20 wget -q -O - http://$gw:'"$host_port"'/host.txt)"
+			sed "s/^/resolv: /" /etc/resolv.conf
+			httpd -p 80 -h /tmp/www; echo serving; while :; do sleep 1; done' 2>"$work/podman-run.err") ||
+		{ fail "podman run -d -p: $cid $(cat "$work/podman-run.err")"; return; }
+	podman_ids+=("$cid")
+	markers+=("$cid")
+	if wait_output serving podman logs "$cid"; then
+		out=$(curl -s -m 30 http://127.0.0.1:18080/ 2>&1)
+		expect_out "podman -p 18080:80" "$out" "page-from-the-guest"
+		logs=$(podman logs "$cid" 2>&1)
+		expect_out "podman network" "$logs" "fetched=from-the-host"
+		resolv=$(cat "$(podman inspect --format '{{.ResolvConfPath}}' "$cid")")
+		[ -n "$resolv" ] || fail "podman network: podman made no resolv.conf"
+		while IFS= read -r line; do
+			[ -n "$line" ] && ! grep -qxF -- "resolv: $line" <<<"$logs" &&
+				fail "podman network: the guest's resolv.conf lacks '$line': $logs"
+		done <<<"$resolv"
+	fi
+	podman rm -f "$cid" >/dev/null || fail "podman rm failed"
+}
+
+# ctr run --cni: ctr runs CNI on /proc/<task pid>/ns/net between create and start
+# (bridge + host-local + portmap from Debian's containernetworking-plugins). The
+# guest gets the address and reaches the bridge's gateway.
+cni_net="krun-test-$$"
+cni_bridge="krbr$$"
+cni_conf=/etc/cni/net.d/00-$cni_net.conflist
+cni_made_bin=""
+cni_setup() {
+	[ -e "$cni_conf" ] && return 0
+	[ -x /usr/lib/cni/bridge ] || { fail "containernetworking-plugins is not installed"; return 1; }
+	# ctr looks in the CNI defaults only: plugins in /opt/cni/bin, configs in /etc/cni/net.d.
+	if [ ! -e /opt/cni/bin ]; then
+		mkdir -p /opt/cni && ln -s /usr/lib/cni /opt/cni/bin && cni_made_bin=1
+	fi
+	mkdir -p /etc/cni/net.d
+	cat >"$cni_conf" <<EOF
+{"cniVersion": "0.4.0", "name": "$cni_net", "plugins": [
+  {"type": "bridge", "bridge": "$cni_bridge", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.99.0.0/24", "gateway": "10.99.0.1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}]}
+EOF
+}
+cni_cleanup() {
+	[ -n "${host_server_pid:-}" ] && kill "$host_server_pid" 2>/dev/null
+	rm -f "$cni_conf"
+	[ -n "$cni_made_bin" ] && rm -f /opt/cni/bin && rmdir /opt/cni 2>/dev/null
+	ip link del "$cni_bridge" 2>/dev/null
+	rm -rf "/var/lib/cni/networks/$cni_net" "/var/lib/cni/results/$cni_net"-*
+}
+cni_scenario() {
+	local id=$1 out rc
+	shift
+	host_server && cni_setup || return
+	out=$(ctr run --rm --cni "$@" --rootfs "$rootfs" "$id" sh -c \
+		'ip -o -4 addr show eth0; echo "fetched=$(timeout 20 wget -q -O - http://10.99.0.1:'"$host_port"'/host.txt)"' 2>&1); rc=$?
+	expect_rc "ctr run --cni" $rc 0
+	expect_out "ctr run --cni" "$out" "inet 10.99.0."
+	expect_out "ctr run --cni" "$out" "fetched=from-the-host"
+}
+scenario_shim_cni() { cni_scenario kc --runtime io.containerd.krun.v2; }
+scenario_runc_shim_cni() { cni_scenario rc --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
+
 # podman update (runtime `update --resources FILE`): the CPU quota lands on the VM's
 # host cgroup, which holds QEMU and its helpers.
 scenario_podman_update() {
@@ -644,7 +737,7 @@ PY
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
 	shim_image runc_shim_image shim_pause runc_shim_pause podman_run podman_stop podman_exec podman_logs_kill
-	podman_rm_force podman_pause podman_update podman_it)
+	podman_rm_force podman_pause podman_update podman_it podman_network shim_cni runc_shim_cni)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

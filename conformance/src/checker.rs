@@ -275,6 +275,74 @@ fn kernel_features() -> Value {
     })
 }
 
+/// Every network interface the workload sees: MAC, MTU, whether it is up, and
+/// its addresses as `ip/prefix` (getifaddrs).
+fn interfaces() -> Map<String, Value> {
+    let mut m = Map::new();
+    for e in fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let read = |f: &str| {
+            fs::read_to_string(e.path().join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let flags = u64::from_str_radix(read("flags").trim_start_matches("0x"), 16).unwrap_or(0);
+        m.insert(
+            name,
+            json!({
+                "address": read("address"),
+                "mtu": read("mtu").parse::<u64>().ok(),
+                "up": flags & libc::IFF_UP as u64 != 0,
+                "addresses": [],
+            }),
+        );
+    }
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates the list we walk read-only and free below;
+    // sockaddr pointers are cast by the family they announce.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return m;
+        }
+        let mut cur = ifap;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() || ifa.ifa_netmask.is_null() {
+                continue;
+            }
+            let name = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+            let text = match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    let n = &*(ifa.ifa_netmask as *const libc::sockaddr_in);
+                    let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                    format!("{ip}/{}", n.sin_addr.s_addr.count_ones())
+                }
+                libc::AF_INET6 => {
+                    let a = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let n = &*(ifa.ifa_netmask as *const libc::sockaddr_in6);
+                    let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                    let bits: u32 = n.sin6_addr.s6_addr.iter().map(|b| b.count_ones()).sum();
+                    format!("{ip}/{bits}")
+                }
+                _ => continue,
+            };
+            if let Some(Value::Array(list)) = m.get_mut(&name).and_then(|v| v.get_mut("addresses"))
+            {
+                list.push(Value::String(text));
+            }
+        }
+        libc::freeifaddrs(ifap);
+    }
+    m
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let mut probes = Map::new();
@@ -354,6 +422,7 @@ fn main() {
         "mem_total_kib": mem_total_kib,
         "probes": probes,
         "kernel_features": features,
+        "interfaces": interfaces(),
     });
     println!("{report}");
     std::process::exit(exit);

@@ -244,6 +244,9 @@ impl Guest {
                     });
                     Ok(Message::Ack)
                 }),
+            Message::ConfigureNetwork { network } => {
+                crate::network::apply(&network).map(|()| Message::Ack)
+            }
             Message::SpawnMain { process } => self.spawn_main(&process),
             Message::Signal { target, signal } => {
                 self.signal(&target, signal).map(|()| Message::Ack)

@@ -54,19 +54,26 @@ async fn configure(nics: &[NetInterface]) -> Result<(), String> {
             return Err(format!("invalid interface name {:?}", nic.name));
         }
         let mac = parse_mac(&nic.mac).ok_or_else(|| format!("invalid MAC {:?}", nic.mac))?;
+        let device = nic.device_mac.as_deref().unwrap_or(&nic.mac);
+        let device = parse_mac(device).ok_or_else(|| format!("invalid MAC {device:?}"))?;
         let link = links
             .iter()
-            .find(|l| mac_of(l) == Some(mac))
+            .find(|l| mac_of(l) == Some(device))
             .ok_or_else(|| format!("no NIC with MAC {} for {}", nic.mac, nic.name))?;
         let index = link.header.index;
-        if name_of(link) != Some(nic.name.as_str()) {
-            let tmp = format!("krnic{i}");
+        if name_of(link) != Some(nic.name.as_str()) || device != mac {
+            // Down first: neither the name nor (for virtio-net) the MAC changes while up.
             set_link(
                 &handle,
-                LinkUnspec::new_with_index(index).down().name(tmp).build(),
-                "rename",
+                LinkUnspec::new_with_index(index).down().build(),
+                "down",
             )
             .await?;
+            let mut change = LinkUnspec::new_with_index(index).name(format!("krnic{i}"));
+            if device != mac {
+                change = change.address(mac.to_vec());
+            }
+            set_link(&handle, change.build(), "rename").await?;
         }
         found.push(index);
     }

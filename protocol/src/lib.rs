@@ -211,6 +211,12 @@ pub enum Message {
         #[serde(default)]
         network: Vec<net::NetInterface>,
     },
+    /// Host -> guest on the control port, at start and before `SpawnMain`: links
+    /// that appeared in the container's network namespace after create, attached
+    /// to the VM's spare NIC. Answered `Ack` or `Nack`.
+    ConfigureNetwork {
+        network: Vec<net::NetInterface>,
+    },
     /// Host -> guest: run the container's main process now. Accepted exactly once.
     SpawnMain {
         process: Process,

@@ -70,6 +70,11 @@ pub struct NetInterface {
     pub name: String,
     /// The link's MAC, which the guest NIC carries: `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+    /// The MAC the guest NIC has now, where it differs from `mac`: a spare NIC the
+    /// VM booted with before the link existed (`ctr run --cni` adds it between
+    /// create and start). Guest-init finds the NIC by it and sets `mac`.
+    #[serde(default)]
+    pub device_mac: Option<String>,
     pub mtu: u32,
     pub addresses: Vec<IpPrefix>,
     pub routes: Vec<NetRoute>,

@@ -256,6 +256,29 @@ fn reap_quietly(pid: i32) {
     let _ = nix::sys::wait::waitpid(pid, None);
 }
 
+/// A link a client added to the container's new network namespace between
+/// create and start (`ctr run --cni`) goes to the VM's spare NIC now.
+fn attach_late_network(c: &Container, link: &crate::guest::GuestLink) -> Result<()> {
+    let monitor = c.dir.monitor_config()?;
+    if monitor.network != crate::network::Plan::Fresh {
+        return Ok(());
+    }
+    let network = crate::network::attach_late(&c.dir.network_record(), c.record.pid)?;
+    if network.is_empty() {
+        return Ok(());
+    }
+    let mut control = monitor::connect_control(link)?;
+    match monitor::request(&mut control, Message::ConfigureNetwork { network })? {
+        Message::Ack => Ok(()),
+        Message::Nack { reason } => Err(Error::Guest(format!(
+            "guest network setup failed: {reason}"
+        ))),
+        other => Err(Error::Guest(format!(
+            "unexpected reply to configure-network: {other:?}"
+        ))),
+    }
+}
+
 /// Runs the container's main process.
 pub fn start(store: &StateStore, id: &str) -> Result<()> {
     let mut c = Container::load(store, id)?;
@@ -277,6 +300,7 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         .clone()
         .ok_or_else(|| Error::InvalidInput("config has no process".into()))?;
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
+    attach_late_network(&c, &link)?;
     // startContainer hooks run in the container (the guest), before the main; a
     // failing one aborts start.
     let hooks = spec.hooks().clone().unwrap_or_default();

@@ -145,16 +145,23 @@ fn release_network(dir: &ContainerDir) {
 /// starts threads: setns changes the calling thread, later threads inherit it.
 fn join_network_namespace(spec: &Spec) -> Result<()> {
     use oci_spec::runtime::LinuxNamespaceType;
-    let path = spec
+    let netns = spec
         .linux()
         .as_ref()
         .and_then(|l| l.namespaces().as_ref())
-        .and_then(|ns| {
-            ns.iter()
-                .find(|n| n.typ() == LinuxNamespaceType::Network)
-                .and_then(|n| n.path().clone())
-        });
-    let Some(path) = path else {
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network));
+    let listed = netns.is_some();
+    let Some(path) = netns.and_then(|n| n.path().clone()) else {
+        // Listed without a path: a new namespace, as runc makes for the container's
+        // init (clients such as `ctr run --cni` configure /proc/<pid>/ns/net).
+        if listed {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                Error::InvalidInput(format!(
+                    "creating a network namespace: {}",
+                    e.desc().to_lowercase()
+                ))
+            })?;
+        }
         return Ok(());
     };
     let f = File::open(&path).ctx(|| format!("opening network namespace {}", path.display()))?;

@@ -80,6 +80,11 @@ impl NetworkMode {
 pub enum Plan {
     /// Attach the links of the namespace the monitor joins (`netns`).
     Attach { netns: PathBuf, required: bool },
+    /// The config lists a network namespace without a path: the monitor makes a
+    /// new one (as runc does for the container's init), the VM boots with a spare
+    /// NIC, and a link that a client adds between create and start (`ctr run
+    /// --cni` runs CNI on `/proc/<pid>/ns/net` then) is attached to it at start.
+    Fresh,
     /// No NIC: the guest has loopback only.
     #[default]
     LoopbackOnly,
@@ -116,7 +121,7 @@ pub fn plan(spec: &Spec) -> Result<(Plan, Option<String>)> {
             )))
         }
         // A new, empty namespace (`runc spec`'s default): loopback only, as with runc.
-        (NetworkMode::Auto, Some(None)) => (Plan::LoopbackOnly, None),
+        (NetworkMode::Auto, Some(None)) => (Plan::Fresh, None),
         (NetworkMode::Auto, None) => (
             Plan::LoopbackOnly,
             Some(
@@ -128,12 +133,19 @@ pub fn plan(spec: &Spec) -> Result<(Plan, Option<String>)> {
     })
 }
 
-/// One link handed to the VM: recorded before anything is changed.
+/// One tap of the VM and the link redirected to it: recorded before anything
+/// is changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
-    pub link: String,
-    pub link_index: u32,
+    /// `None`: a spare tap no link is redirected to (yet).
+    #[serde(default)]
+    pub link: Option<String>,
+    #[serde(default)]
+    pub link_index: Option<u32>,
     pub tap: String,
+    /// The guest NIC's MAC of a spare tap (the link's MAC is set at start).
+    #[serde(default)]
+    pub spare_mac: Option<[u8; 6]>,
 }
 
 /// One NIC of the VM: the tap (open, for QEMU's `fd=`; by name for libkrun) and
@@ -143,7 +155,8 @@ pub struct Nic {
     pub tap: Arc<OwnedFd>,
     pub tap_name: String,
     pub mac: [u8; 6],
-    pub mtu: u32,
+    /// The link's MTU (`None` for a spare NIC: the link comes later).
+    pub mtu: Option<u32>,
 }
 
 /// What [`attach`] made.
@@ -158,8 +171,18 @@ pub struct Attached {
 /// plan's namespace). `persistent_taps`: for libkrun, which opens the tap by
 /// name. On error everything made so far is undone.
 pub fn attach(plan: &Plan, record: &Path, persistent_taps: bool) -> Result<Attached> {
-    let Plan::Attach { netns, required } = plan else {
-        return Ok(Attached::default());
+    let (netns, required) = match plan {
+        Plan::Attach { netns, required } => (netns, required),
+        // Optional: without a tap device the container still runs, with loopback only.
+        Plan::Fresh => {
+            return Ok(spare_nic(record, persistent_taps).unwrap_or_else(|e| {
+                log::warn!(
+                    "{e}: no spare NIC, a network added before start will not reach the guest"
+                );
+                Attached::default()
+            }))
+        }
+        Plan::LoopbackOnly => return Ok(Attached::default()),
     };
     let mut claims = Vec::new();
     let result = block_on(attach_links(record, persistent_taps, &mut claims));
@@ -190,91 +213,207 @@ async fn attach_links(
     claims: &mut Vec<Claim>,
 ) -> Result<Attached> {
     let handle = connect()?;
-    let links: Vec<LinkMessage> = handle
-        .link()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("listing links"))?;
-    let addresses: Vec<AddressMessage> = handle
-        .address()
-        .get()
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl("listing addresses"))?;
-    let routes = list_routes(&handle).await?;
+    let (links, addresses, routes) = dump(&handle).await?;
     let mut out = Attached::default();
     for link in &links {
         let Some(candidate) = Candidate::from_link(link, &addresses) else {
             continue;
         };
         let tap_name = format!("{TAP_PREFIX}{}", out.nics.len());
-        let claim = Claim {
-            link: candidate.name.clone(),
-            link_index: candidate.index,
+        claims.push(Claim {
+            link: Some(candidate.name.clone()),
+            link_index: Some(candidate.index),
             tap: tap_name.clone(),
-        };
-        claims.push(claim);
+            spare_mac: None,
+        });
         write_record(record, claims)?;
-        // The link's own ingress qdisc is the claim: a second VM's add fails.
-        match add_ingress(&handle, candidate.index).await {
-            Ok(()) => {}
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
-                log::warn!(
-                    "{}: it already has an ingress qdisc (another VM's?); not attached",
-                    candidate.name
-                );
-                claims.pop();
-                write_record(record, claims)?;
-                continue;
-            }
-            Err(e) => return Err(nl(format!("ingress qdisc on {}", candidate.name))(e)),
+        if !claim_link(&handle, &candidate).await? {
+            claims.pop();
+            write_record(record, claims)?;
+            continue;
         }
         let tap = open_tap(&tap_name, persistent_taps)?;
-        let tap_index = link_index(&handle, &tap_name).await?;
-        handle
-            .link()
-            .set(
-                rtnetlink::LinkUnspec::new_with_index(tap_index)
-                    .mtu(candidate.mtu)
-                    .up()
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(nl(format!("bringing {tap_name} up")))?;
-        add_ingress(&handle, tap_index)
-            .await
-            .map_err(nl(format!("ingress qdisc on {tap_name}")))?;
-        redirect(&handle, candidate.index, tap_index)
-            .await
-            .map_err(nl(format!("redirect {} -> {tap_name}", candidate.name)))?;
-        redirect(&handle, tap_index, candidate.index)
-            .await
-            .map_err(nl(format!("redirect {tap_name} -> {}", candidate.name)))?;
-        log::info!(
-            "network: {} ({}, mtu {}) -> {tap_name}",
-            candidate.name,
-            format_mac(&candidate.mac),
-            candidate.mtu
-        );
-        out.interfaces.push(NetInterface {
-            name: candidate.name.clone(),
-            mac: format_mac(&candidate.mac),
-            mtu: candidate.mtu,
-            addresses: candidate.addresses.clone(),
-            routes: routes_of(&routes, candidate.index),
-        });
+        redirect_both_ways(&handle, &candidate, &tap_name).await?;
+        out.interfaces.push(candidate.interface(&routes, None));
         out.nics.push(Nic {
             tap: Arc::new(tap),
             tap_name,
             mac: candidate.mac,
-            mtu: candidate.mtu,
+            mtu: Some(candidate.mtu),
         });
     }
     Ok(out)
+}
+
+/// The link's own ingress qdisc is the claim: a second VM's add fails (false).
+async fn claim_link(handle: &rtnetlink::Handle, link: &Candidate) -> Result<bool> {
+    match add_ingress(handle, link.index).await {
+        Ok(()) => Ok(true),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+            log::warn!(
+                "{}: it already has an ingress qdisc (another VM's?); not attached",
+                link.name
+            );
+            Ok(false)
+        }
+        Err(e) => Err(nl(format!("ingress qdisc on {}", link.name))(e)),
+    }
+}
+
+/// Tap up with the link's MTU, its ingress qdisc, and the two redirects.
+async fn redirect_both_ways(handle: &rtnetlink::Handle, link: &Candidate, tap: &str) -> Result<()> {
+    let tap_index = link_index(handle, tap).await?;
+    handle
+        .link()
+        .set(
+            rtnetlink::LinkUnspec::new_with_index(tap_index)
+                .mtu(link.mtu)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(nl(format!("bringing {tap} up")))?;
+    add_ingress(handle, tap_index)
+        .await
+        .map_err(nl(format!("ingress qdisc on {tap}")))?;
+    redirect(handle, link.index, tap_index)
+        .await
+        .map_err(nl(format!("redirect {} -> {tap}", link.name)))?;
+    redirect(handle, tap_index, link.index)
+        .await
+        .map_err(nl(format!("redirect {tap} -> {}", link.name)))?;
+    log::info!(
+        "network: {} ({}, mtu {}) -> {tap}",
+        link.name,
+        format_mac(&link.mac),
+        link.mtu
+    );
+    Ok(())
+}
+
+/// The spare NIC of a [`Plan::Fresh`] VM: a tap, up, no redirect yet, and a
+/// locally administered MAC of its own until start gives it the link's.
+fn spare_nic(record: &Path, persistent_taps: bool) -> Result<Attached> {
+    let tap_name = format!("{TAP_PREFIX}0");
+    let mut mac = [0u8; 6];
+    std::io::Read::read_exact(
+        &mut File::open("/dev/urandom").ctx(|| "opening /dev/urandom".into())?,
+        &mut mac,
+    )
+    .ctx(|| "reading /dev/urandom".into())?;
+    mac[0] = 0x02; // locally administered, unicast
+    write_record(
+        record,
+        &[Claim {
+            link: None,
+            link_index: None,
+            tap: tap_name.clone(),
+            spare_mac: Some(mac),
+        }],
+    )?;
+    let made = open_tap(&tap_name, persistent_taps).and_then(|tap| {
+        block_on(async {
+            let handle = connect()?;
+            let index = link_index(&handle, &tap_name).await?;
+            handle
+                .link()
+                .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(nl(format!("bringing {tap_name} up")))
+        })?;
+        Ok(tap)
+    });
+    match made {
+        Ok(tap) => Ok(Attached {
+            nics: vec![Nic {
+                tap: Arc::new(tap),
+                tap_name,
+                mac,
+                mtu: None,
+            }],
+            interfaces: Vec::new(),
+        }),
+        Err(e) => {
+            let _ = release(record);
+            Err(e)
+        }
+    }
+}
+
+/// At start, for a [`Plan::Fresh`] VM: redirects the first link a client added
+/// to the container's namespace (the monitor's, `/proc/<monitor_pid>/ns/net`)
+/// to the spare tap. Returns what guest-init configures (empty: nothing was
+/// added, the guest keeps loopback only).
+pub fn attach_late(record: &Path, monitor_pid: i32) -> Result<Vec<NetInterface>> {
+    let Some(mut claims) = read_record(record)? else {
+        return Ok(Vec::new());
+    };
+    let Some(spare) = claims
+        .iter()
+        .position(|c| c.link.is_none() && c.spare_mac.is_some())
+    else {
+        return Ok(Vec::new());
+    };
+    let netns = File::open(format!("/proc/{monitor_pid}/ns/net"))
+        .ctx(|| "opening the container's network namespace".into())?;
+    let record = record.to_owned();
+    std::thread::spawn(move || -> Result<Vec<NetInterface>> {
+        nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::Network(format!("joining the network namespace: {e}")))?;
+        block_on(async {
+            let handle = connect()?;
+            let (links, addresses, routes) = dump(&handle).await?;
+            let mut candidates = links
+                .iter()
+                .filter_map(|l| Candidate::from_link(l, &addresses));
+            let Some(link) = candidates.next() else {
+                return Ok(Vec::new());
+            };
+            for other in candidates {
+                log::warn!(
+                    "{}: the VM has one spare NIC, taken by {}; not attached",
+                    other.name,
+                    link.name
+                );
+            }
+            claims[spare].link = Some(link.name.clone());
+            claims[spare].link_index = Some(link.index);
+            write_record(&record, &claims)?;
+            if !claim_link(&handle, &link).await? {
+                claims[spare].link = None;
+                claims[spare].link_index = None;
+                write_record(&record, &claims)?;
+                return Ok(Vec::new());
+            }
+            let tap = claims[spare].tap.clone();
+            redirect_both_ways(&handle, &link, &tap).await?;
+            Ok(vec![link.interface(&routes, claims[spare].spare_mac)])
+        })
+    })
+    .join()
+    .map_err(|_| Error::Network("the network attach thread panicked".into()))?
+}
+
+type Dump = (Vec<LinkMessage>, Vec<AddressMessage>, Vec<RouteMessage>);
+
+async fn dump(handle: &rtnetlink::Handle) -> Result<Dump> {
+    let links = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing links"))?;
+    let addresses = handle
+        .address()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl("listing addresses"))?;
+    Ok((links, addresses, list_routes(handle).await?))
 }
 
 /// A link worth attaching.
@@ -287,6 +426,19 @@ struct Candidate {
 }
 
 impl Candidate {
+    /// What guest-init configures for this link (on the NIC that has
+    /// `device_mac` now, where that is not the link's own).
+    fn interface(&self, routes: &[RouteMessage], device_mac: Option<[u8; 6]>) -> NetInterface {
+        NetInterface {
+            name: self.name.clone(),
+            mac: format_mac(&self.mac),
+            device_mac: device_mac.map(|m| format_mac(&m)),
+            mtu: self.mtu,
+            addresses: self.addresses.clone(),
+            routes: routes_of(routes, self.index),
+        }
+    }
+
     /// Up, not loopback, not one of our taps, an Ethernet MAC, and addresses.
     fn from_link(link: &LinkMessage, addresses: &[AddressMessage]) -> Option<Candidate> {
         let flags = link.header.flags;
@@ -492,26 +644,28 @@ async fn undo(claims: &[Claim]) -> Result<()> {
     let handle = connect()?;
     let mut first_error = None;
     for c in claims {
-        // Only if the index still names the link we claimed.
-        let link = handle
-            .link()
-            .get()
-            .match_index(c.link_index)
-            .execute()
-            .try_next()
-            .await
-            .ok()
-            .flatten();
-        let same = link.is_some_and(|l| {
-            l.attributes
-                .iter()
-                .any(|a| matches!(a, LinkAttribute::IfName(n) if *n == c.link))
-        });
-        if same {
-            if let Err(e) = del_ingress(&handle, c.link_index).await {
-                if !is_gone(&e) {
-                    first_error
-                        .get_or_insert(nl(format!("removing {}'s ingress qdisc", c.link))(e));
+        if let (Some(name), Some(index)) = (&c.link, c.link_index) {
+            // Only if the index still names the link we claimed.
+            let link = handle
+                .link()
+                .get()
+                .match_index(index)
+                .execute()
+                .try_next()
+                .await
+                .ok()
+                .flatten();
+            let same = link.is_some_and(|l| {
+                l.attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfName(n) if n == name))
+            });
+            if same {
+                if let Err(e) = del_ingress(&handle, index).await {
+                    if !is_gone(&e) {
+                        first_error
+                            .get_or_insert(nl(format!("removing {name}'s ingress qdisc"))(e));
+                    }
                 }
             }
         }
@@ -675,7 +829,7 @@ mod tests {
             "ociVersion": "1.0.2",
             "linux": {"namespaces": [{"type": "network"}]}
         }));
-        assert_eq!(plan(&fresh).unwrap(), (Plan::LoopbackOnly, None));
+        assert_eq!(plan(&fresh).unwrap(), (Plan::Fresh, None));
         let host = spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {}}));
         let (p, warning) = plan(&host).unwrap();
         assert_eq!(p, Plan::LoopbackOnly);

@@ -333,3 +333,75 @@ fn a_claimed_link_is_not_taken_twice_and_delete_cleans_after_a_killed_monitor() 
     assert_cleaned_up(&rt, "first", &helpers);
     assert_eq!(net.leftovers(), Vec::<String>::new(), "left in the netns");
 }
+
+/// `ctr run --cni`'s order: the config lists a network namespace without a path,
+/// so the monitor makes a new one; a link appears in it (`/proc/<pid>/ns/net`)
+/// between create and start, and start gives it to the VM's spare NIC.
+#[test]
+fn a_link_added_between_create_and_start_reaches_the_guest() {
+    const T: &str = "net_late";
+    if !vm_available(T) {
+        return;
+    }
+    let Some(mut net) = TestNet::new("late") else {
+        return;
+    };
+    become_subreaper();
+    let www = tempfile::tempdir().unwrap();
+    fs::write(www.path().join("f.txt"), "late-file").unwrap();
+    net.serve_far(www.path(), 8000);
+    let rt = Runtime::new();
+    let b = TestBundle::new(&[
+        "sh",
+        "-c",
+        "ip -o link show eth0; ip -o addr show eth0; echo mtu=$(cat /sys/class/net/eth0/mtu); \
+         echo got=$(timeout 20 wget -q -O - http://10.77.0.1:8000/f.txt)",
+    ]);
+    let (out, err) = (b.path().join("out"), b.path().join("err"));
+    let pid = rt.create(T, &b, &out, &err);
+    let helpers = rt.helper_pids(T);
+    // The monitor's namespace is new: not ours, and only loopback and the spare tap.
+    let own = fs::read_link("/proc/self/ns/net").unwrap();
+    assert_ne!(fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), own);
+    // What a CNI plugin does: move the container end of a veth in and configure it.
+    let mac = net.mac();
+    let target = format!("/proc/{pid}/ns/net");
+    let nsenter = |args: &[&str]| {
+        let st = Command::new("nsenter")
+            .arg(format!("--net={target}"))
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "nsenter {args:?}");
+    };
+    ip(&[
+        "-n",
+        &net.ctr,
+        "link",
+        "set",
+        "eth0",
+        "netns",
+        &pid.to_string(),
+    ])
+    .unwrap();
+    nsenter(&["ip", "addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+    nsenter(&["ip", "link", "set", "eth0", "mtu", &MTU.to_string(), "up"]);
+    nsenter(&["ip", "route", "add", "default", "via", "10.77.0.1"]);
+    rt.ok(&["start", T]);
+    assert_eq!(
+        wait_exit(pid),
+        0,
+        "{}",
+        fs::read_to_string(&err).unwrap_or_default()
+    );
+    let got = fs::read_to_string(&out).unwrap();
+    assert!(got.contains("got=late-file"), "{got}");
+    assert!(
+        got.contains(&format!("link/ether {mac}")),
+        "the link's MAC {mac}: {got}"
+    );
+    assert!(got.contains("inet 10.77.0.2/24"), "{got}");
+    assert!(got.contains(&format!("mtu={MTU}")), "{got}");
+    rt.ok(&["delete", T]);
+    assert_cleaned_up(&rt, T, &helpers);
+}

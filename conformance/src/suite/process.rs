@@ -34,6 +34,8 @@ pub fn tests() -> Vec<Test> {
         "config/seccomp" => seccomp,
         "config/pids-limit" => pids_limit,
         "config/netns-path" => netns_path,
+        "network/loopback-up" => loopback_up,
+        "network/netns-interface" => netns_interface,
         "config/vm-size-from-resources" => vm_size_resources,
         "config/vm-size-from-annotations" => vm_size_annotations,
         "config/kernel-features" => kernel_features,
@@ -470,6 +472,100 @@ fn netns_path(ctx: &mut Ctx) -> Result<()> {
         let got = fs::read_link(format!("/proc/{}/ns/net", created.pid))?;
         let _ = ctx.rt(&["delete", "--force", &id]);
         ensure!(got == want, "container pid is in {got:?}, want {want:?}");
+        Ok(())
+    })();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    result
+}
+
+/// In a new network namespace (`runc spec`'s default) `lo` is up with 127.0.0.1
+/// and ::1, as runc's init leaves it.
+fn loopback_up(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |_| {})?;
+    let lo = &r["interfaces"]["lo"];
+    ensure!(lo["up"] == true, "lo is not up: {lo}");
+    let addrs = lo["addresses"].to_string();
+    ensure!(
+        addrs.contains("127.0.0.1/8"),
+        "lo lacks 127.0.0.1/8: {addrs}"
+    );
+    ensure!(addrs.contains("::1/128"), "lo lacks ::1/128: {addrs}");
+    Ok(())
+}
+
+/// A network namespace `path` with an interface (a veth end with IPv4 and IPv6
+/// addresses and MTU 1400): the workload sees it as it is there, with its MAC.
+fn netns_interface(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
+    let mut holder = std::process::Command::new("unshare")
+        .args(["--net", "sleep", "600"])
+        .spawn()
+        .context("unshare --net")?;
+    let ns_path = format!("/proc/{}/ns/net", holder.id());
+    let result = (|| {
+        let own = fs::read_link("/proc/self/ns/net")?;
+        (0..500)
+            .find(|_| {
+                let new = fs::read_link(&ns_path).is_ok_and(|l| l != own);
+                if !new {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                new
+            })
+            .ok_or_else(|| anyhow::anyhow!("no new network namespace at {ns_path}"))?;
+        let in_ns = |args: &[&str]| -> Result<String> {
+            let out = std::process::Command::new("nsenter")
+                .arg(format!("--net={ns_path}"))
+                .args(args)
+                .output()
+                .context("nsenter")?;
+            ensure!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        in_ns(&[
+            "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ])?;
+        in_ns(&["ip", "addr", "add", "10.123.0.2/24", "dev", "eth0"])?;
+        in_ns(&["ip", "addr", "add", "fd12::2/64", "dev", "eth0", "nodad"])?;
+        in_ns(&["ip", "link", "set", "eth0", "mtu", "1400", "up"])?;
+        in_ns(&["ip", "link", "set", "peer0", "up"])?;
+        // /sys shows the mounter's namespace: ask ip (in the namespace) instead.
+        let link = in_ns(&["ip", "-o", "link", "show", "eth0"])?;
+        let mac = link
+            .split("link/ether ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .ok_or_else(|| anyhow::anyhow!("no MAC in {link:?}"))?
+            .to_string();
+        let p = ns_path.clone();
+        let r = ctx.checker_report(&[], |c| {
+            let ns = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            ns.retain(|n| n["type"] != "network");
+            ns.push(json!({"type": "network", "path": p}));
+        })?;
+        let eth0 = &r["interfaces"]["eth0"];
+        ensure!(eth0["up"] == true, "eth0 is not up: {eth0}");
+        ensure!(
+            eth0["address"] == mac.trim(),
+            "eth0 {eth0}, want MAC {}",
+            mac.trim()
+        );
+        ensure!(eth0["mtu"] == 1400, "eth0 {eth0}, want MTU 1400");
+        let addrs = eth0["addresses"].to_string();
+        for want in ["10.123.0.2/24", "fd12::2/64"] {
+            ensure!(addrs.contains(want), "eth0 lacks {want}: {addrs}");
+        }
+        // What the runtime attached is gone with the container.
+        let qdiscs = in_ns(&["tc", "qdisc", "show"])?;
+        ensure!(
+            !qdiscs.contains("ingress"),
+            "left in the namespace: {qdiscs}"
+        );
         Ok(())
     })();
     let _ = holder.kill();

@@ -300,12 +300,16 @@ impl QemuVmm {
                 "-netdev",
                 &format!("tap,id=net{i},fd={},vhost={vhost}", nic.tap.as_raw_fd()),
             ]);
+            // host_mtu caps the guest's MTU: only where the link's is known.
+            let mtu = nic
+                .mtu
+                .map(|m| format!(",host_mtu={m}"))
+                .unwrap_or_default();
             push(&[
                 "-device",
                 &format!(
-                    "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
-                    krun_oci_protocol::net::format_mac(&nic.mac),
-                    nic.mtu
+                    "virtio-net-device,netdev=net{i},mac={}{mtu}",
+                    krun_oci_protocol::net::format_mac(&nic.mac)
                 ),
             ]);
         }
