@@ -275,6 +275,58 @@ fn kernel_features() -> Value {
     })
 }
 
+/// What is in `/dev` (top level and one level down): type (`c`, `b`, `p`, `l`,
+/// `d`, `f`), device numbers, permission bits, owner, link target.
+fn dev_entries() -> Map<String, Value> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut m = Map::new();
+    let mut dirs = vec![std::path::PathBuf::from("/dev")];
+    let mut depth = 0;
+    while depth < 2 && !dirs.is_empty() {
+        let mut next = Vec::new();
+        for dir in dirs {
+            for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let Ok(meta) = fs::symlink_metadata(e.path()) else {
+                    continue;
+                };
+                let ft = meta.file_type();
+                let kind = if ft.is_char_device() {
+                    "c"
+                } else if ft.is_block_device() {
+                    "b"
+                } else if ft.is_fifo() {
+                    "p"
+                } else if ft.is_symlink() {
+                    "l"
+                } else if ft.is_dir() {
+                    next.push(e.path());
+                    "d"
+                } else {
+                    "f"
+                };
+                let rdev = meta.rdev();
+                let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+                let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+                m.insert(
+                    e.path().display().to_string(),
+                    json!({
+                        "type": kind,
+                        "major": major,
+                        "minor": minor,
+                        "mode": meta.mode() & 0o7777,
+                        "uid": meta.uid(),
+                        "gid": meta.gid(),
+                        "target": fs::read_link(e.path()).ok().map(|t| t.display().to_string()),
+                    }),
+                );
+            }
+        }
+        dirs = next;
+        depth += 1;
+    }
+    m
+}
+
 /// Every network interface the workload sees: MAC, MTU, whether it is up, and
 /// its addresses as `ip/prefix` (getifaddrs).
 fn interfaces() -> Map<String, Value> {
@@ -423,6 +475,7 @@ fn main() {
         "probes": probes,
         "kernel_features": features,
         "interfaces": interfaces(),
+        "dev": dev_entries(),
     });
     println!("{report}");
     std::process::exit(exit);

@@ -2,10 +2,17 @@
 //! inside the guest (already switched into the container root) at Setup, in
 //! runc's order: mounts as listed, (hostname, sysctls,) read-only paths, masked paths.
 //!
-//! Differences a VM makes (docs/guest-init.md): `/dev` stays the guest's own
-//! devtmpfs and `/dev/pts` its devpts instance (the config's tmpfs and devpts
-//! there are skipped); `cgroup` mounts become cgroup2 (the guest is unified);
-//! bind sources come from the host through the `krun-mounts` virtio-fs share.
+//! Guest-init mounts `/proc`, `/dev` (devtmpfs), `/dev/pts`, `/dev/shm`, `/run`,
+//! `/sys` and `/sys/fs/cgroup` at boot (boot.rs). A config mount at one of those
+//! destinations replaces the boot one (detached first), so the workload's mount
+//! table is the config's, in the config's order; a config `/dev` tmpfs gets
+//! runc's default device nodes and links ([`populate_dev`]), and `linux.devices`
+//! are made either way.
+//!
+//! Differences a VM makes (docs/guest-init.md): `cgroup` mounts become cgroup2
+//! (the guest is unified); bind sources come from the host through the
+//! `krun-mounts` virtio-fs share; a `/dev/shm` bind (podman's) is a tmpfs of the
+//! guest's own.
 
 use std::fs;
 use std::io;
@@ -110,13 +117,56 @@ fn errno(e: nix::Error) -> String {
     e.desc().to_lowercase()
 }
 
-/// Whether the guest keeps its own filesystem at this mount's destination.
-fn guest_provided(m: &Mount, dest: &Path) -> bool {
-    let typ = m.typ().as_deref().unwrap_or_default();
-    (dest == Path::new("/dev") && typ == "tmpfs")
-        || (dest == Path::new("/dev/pts") && typ == "devpts")
-        // A bind the host does not share (the protocol's rule: /dev/shm).
-        || (is_bind(m) && !is_shared_bind(m))
+/// A bind the host does not share (the protocol's rule: `/dev/shm`): the
+/// guest serves it with a tmpfs of its own.
+fn guest_provided(m: &Mount) -> bool {
+    is_bind(m) && !is_shared_bind(m)
+}
+
+/// Where guest-init mounted a filesystem at boot (boot.rs `container_mounts`).
+const BOOT_MOUNTS: [&str; 7] = [
+    "/proc",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/run",
+    "/sys",
+    "/sys/fs/cgroup",
+];
+
+/// The boot mounts still in place; a config mount at one of them detaches it
+/// (with what is mounted below it) first.
+struct BootMounts(Vec<&'static str>);
+
+impl BootMounts {
+    fn current() -> BootMounts {
+        let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mounted: Vec<&str> = table.lines().filter_map(|l| l.split(' ').nth(4)).collect();
+        BootMounts(
+            BOOT_MOUNTS
+                .into_iter()
+                .filter(|d| mounted.contains(d))
+                .collect(),
+        )
+    }
+
+    /// Detaches the boot mount at `dest`, if it is still there. Returns whether it was.
+    fn replace(&mut self, dest: &Path) -> bool {
+        let Some(d) = self.0.iter().copied().find(|d| Path::new(d) == dest) else {
+            return false;
+        };
+        if let Err(e) = umount2(d, MntFlags::MNT_DETACH) {
+            log::warn!("detaching the guest's {d}: {}", errno(e));
+        }
+        // Lazy unmount takes the mounts below it along.
+        self.0
+            .retain(|other| !Path::new(other).starts_with(Path::new(d)));
+        true
+    }
+
+    fn has(&self, dest: &str) -> bool {
+        self.0.contains(&dest)
+    }
 }
 
 /// Flags a bind remount sets on one mount (the others belong to its superblock).
@@ -167,17 +217,29 @@ impl Drop for TempMount {
     }
 }
 
-/// Applies `mounts` of `spec`, in order.
+/// Applies `mounts` of `spec`, in order, then `linux.devices`.
 pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
     let mounts = spec.mounts().as_deref().unwrap_or_default();
     let entries = shared_binds(mounts);
     let mut share: Option<TempMount> = None;
-    let result = (|| {
+    let mut boot = BootMounts::current();
+    let mut dev_replaced = false;
+    let result = (|| -> Result<(), String> {
         for (pos, m) in mounts.iter().enumerate() {
             let dest = destination(m);
-            if guest_provided(m, &dest) {
-                log::debug!("{}: the guest's own filesystem stays", dest.display());
+            if guest_provided(m) {
+                if !boot.has("/dev/shm") {
+                    guest_shm(&dest).map_err(|e| mount_error(m, e))?;
+                }
                 continue;
+            }
+            // The share lives under /dev: a new /dev (or /) would hide it; it is
+            // mounted again, in the new one, when the next bind needs it.
+            if Path::new(SHARE_DIR).starts_with(&dest) {
+                share = None;
+            }
+            if boot.replace(&dest) && dest == Path::new("/dev") {
+                dev_replaced = true;
             }
             match entries.iter().find(|(p, _)| *p == pos) {
                 Some((_, entry)) => {
@@ -202,7 +264,143 @@ pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
         Ok(())
     })();
     drop(share);
-    result
+    result?;
+    if dev_replaced {
+        populate_dev()?;
+    }
+    let devices = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.devices().as_deref())
+        .unwrap_or_default();
+    for d in devices {
+        make_device(d)?;
+    }
+    Ok(())
+}
+
+/// A tmpfs of the guest's own at `dest` (`/dev/shm`), with runc's default options.
+fn guest_shm(dest: &Path) -> Result<(), String> {
+    fs::create_dir_all(dest).map_err(|e| errno_text(&e))?;
+    mount(
+        Some("shm"),
+        dest,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(errno)
+}
+
+/// runc's default devices in a config `/dev` tmpfs (mode 0666, owned by root).
+const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// The nodes and links runc puts in a new `/dev`: [`DEFAULT_DEVICES`], `fd`,
+/// `stdin`/`stdout`/`stderr`, `ptmx` -> `pts/ptmx`, and `core` where there is a
+/// `/proc/kcore`.
+fn populate_dev() -> Result<(), String> {
+    use nix::sys::stat::SFlag;
+    for (name, major, minor) in DEFAULT_DEVICES {
+        let path = format!("/dev/{name}");
+        mknod_as(Path::new(&path), SFlag::S_IFCHR, major, minor, 0o666, 0, 0)
+            .map_err(|e| format!("creating {path}: {e}"))?;
+    }
+    let mut links = vec![
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+        ("pts/ptmx", "/dev/ptmx"),
+    ];
+    if Path::new("/proc/kcore").exists() {
+        links.push(("/proc/kcore", "/dev/core"));
+    }
+    for (target, link) in links {
+        match std::os::unix::fs::symlink(target, link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("linking {link}: {}", errno_text(&e))),
+        }
+    }
+    Ok(())
+}
+
+/// One `linux.devices` entry: its type, numbers, mode and owner (an existing
+/// node is kept, as runc does).
+fn make_device(d: &oci_spec::runtime::LinuxDevice) -> Result<(), String> {
+    use nix::sys::stat::SFlag;
+    use oci_spec::runtime::LinuxDeviceType;
+    let path = destination_of(d.path());
+    let kind = match d.typ() {
+        LinuxDeviceType::C | LinuxDeviceType::U => SFlag::S_IFCHR,
+        LinuxDeviceType::B => SFlag::S_IFBLK,
+        LinuxDeviceType::P => SFlag::S_IFIFO,
+        other => {
+            return Err(format!(
+                "device {}: type {other:?} cannot be created",
+                path.display()
+            ))
+        }
+    };
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|e| format!("device {}: {}", path.display(), errno_text(&e)))?;
+    }
+    mknod_as(
+        &path,
+        kind,
+        d.major() as u64,
+        d.minor() as u64,
+        d.file_mode().unwrap_or(0o666),
+        d.uid().unwrap_or(0),
+        d.gid().unwrap_or(0),
+    )
+    .map_err(|e| format!("device {}: {e}", path.display()))
+}
+
+fn destination_of(p: &Path) -> PathBuf {
+    Path::new("/").join(p)
+}
+
+/// mknod with exactly `mode` (not masked by the umask) and the owner.
+fn mknod_as(
+    path: &Path,
+    kind: nix::sys::stat::SFlag,
+    major: u64,
+    minor: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+) -> Result<(), String> {
+    use nix::sys::stat::{makedev, mknod, Mode};
+    match mknod(
+        path,
+        kind,
+        Mode::from_bits_truncate(mode),
+        makedev(major, minor),
+    ) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => return Ok(()),
+        Err(e) => return Err(errno(e)),
+    }
+    fs::set_permissions(
+        path,
+        std::os::unix::fs::PermissionsExt::from_mode(mode & 0o7777),
+    )
+    .map_err(|e| errno_text(&e))?;
+    nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    )
+    .map_err(errno)
 }
 
 /// Applies `linux.readonlyPaths`, then `linux.maskedPaths` (after sysctls, as runc).
@@ -391,16 +589,16 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_keeps_dev_devpts_and_shm() {
+    fn the_guest_serves_a_dev_shm_bind_only() {
         let m = |j: &str| -> Mount { serde_json::from_str(j).unwrap() };
         let dev = m(r#"{"destination":"/dev","type":"tmpfs","source":"tmpfs"}"#);
-        assert!(guest_provided(&dev, &destination(&dev)));
+        assert!(!guest_provided(&dev));
         let pts = m(r#"{"destination":"/dev/pts","type":"devpts","source":"devpts"}"#);
-        assert!(guest_provided(&pts, &destination(&pts)));
+        assert!(!guest_provided(&pts));
         let shm = m(r#"{"destination":"/dev/shm","type":"bind","source":"/x"}"#);
-        assert!(guest_provided(&shm, &destination(&shm)));
+        assert!(guest_provided(&shm));
         let shm_tmpfs = m(r#"{"destination":"/dev/shm","type":"tmpfs","source":"shm"}"#);
-        assert!(!guest_provided(&shm_tmpfs, &destination(&shm_tmpfs)));
+        assert!(!guest_provided(&shm_tmpfs));
         let rel = m(r#"{"destination":"data","type":"tmpfs","source":"tmpfs"}"#);
         assert_eq!(destination(&rel), Path::new("/data"));
     }

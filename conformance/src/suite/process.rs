@@ -29,6 +29,9 @@ pub fn tests() -> Vec<Test> {
         "mounts/bind-relative-source" => mount_bind_relative,
         "mounts/bind-missing-source" => mount_bind_missing,
         "mounts/sysfs-readonly" => mount_sysfs_readonly,
+        "mounts/dev-tmpfs" => mount_dev_tmpfs,
+        "mounts/order-and-options" => mount_order,
+        "config/devices" => devices,
         "config/masked-paths" => masked_paths,
         "config/readonly-paths" => readonly_paths,
         "config/seccomp" => seccomp,
@@ -477,6 +480,161 @@ fn netns_path(ctx: &mut Ctx) -> Result<()> {
     let _ = holder.kill();
     let _ = holder.wait();
     result
+}
+
+/// runc's default devices, as `(name, major, minor)`.
+const DEFAULT_DEVICES: [(&str, u64, u64); 6] = [
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// The config's `/dev` tmpfs is the workload's `/dev`: runc's default device
+/// nodes (0666), the fd/stdio links, `ptmx` -> `pts/ptmx`, and no other device.
+fn mount_dev_tmpfs(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |_| {})?;
+    let dev_mount = r["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["mountpoint"] == "/dev")
+        .next_back()
+        .ok_or_else(|| anyhow::anyhow!("no mount at /dev"))?;
+    ensure!(dev_mount["fstype"] == "tmpfs", "/dev is {dev_mount}");
+    let dev = &r["dev"];
+    for (name, major, minor) in DEFAULT_DEVICES {
+        let e = &dev[format!("/dev/{name}")];
+        ensure!(
+            e["type"] == "c" && e["major"] == major && e["minor"] == minor && e["mode"] == 0o666,
+            "/dev/{name}: {e}, want a 0666 char device {major}:{minor}"
+        );
+    }
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let e = &dev[link];
+        ensure!(
+            e["type"] == "l" && e["target"] == target,
+            "{link}: {e}, want -> {target}"
+        );
+    }
+    let extra: Vec<&String> = dev
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(path, e)| {
+            (e["type"] == "c" || e["type"] == "b")
+                && path.matches('/').count() == 2
+                && !DEFAULT_DEVICES
+                    .iter()
+                    .any(|(n, _, _)| **path == format!("/dev/{n}"))
+        })
+        .map(|(path, _)| path)
+        .collect();
+    ensure!(
+        extra.is_empty(),
+        "devices beyond runc's defaults in /dev: {extra:?}"
+    );
+    Ok(())
+}
+
+/// `linux.devices`: each node with its type, numbers, mode and owner, parent
+/// directories made.
+fn devices(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| {
+        c["linux"]["devices"] = json!([
+            {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o640, "uid": 1000, "gid": 1001},
+            {"path": "/dev/sub/zero2", "type": "c", "major": 1, "minor": 5, "fileMode": 0o600, "uid": 0, "gid": 0},
+            {"path": "/dev/myfifo", "type": "p", "fileMode": 0o620, "uid": 0, "gid": 0},
+        ]);
+    })?;
+    let dev = &r["dev"];
+    for (path, kind, major, minor, mode, uid, gid) in [
+        ("/dev/fuse", "c", 10, 229, 0o640, 1000, 1001),
+        ("/dev/sub/zero2", "c", 1, 5, 0o600, 0, 0),
+        ("/dev/myfifo", "p", 0, 0, 0o620, 0, 0),
+    ] {
+        let e = &dev[path];
+        ensure!(
+            e["type"] == kind
+                && e["major"] == major
+                && e["minor"] == minor
+                && e["mode"] == mode
+                && e["uid"] == uid
+                && e["gid"] == gid,
+            "{path}: {e}, want {kind} {major}:{minor} mode {mode:o} owner {uid}:{gid}"
+        );
+    }
+    Ok(())
+}
+
+/// `mounts` reach the workload in the config's order, with their types and
+/// flags (`/sys/fs/cgroup`'s type and flags are the host's business: runc mounts a
+/// writable tmpfs of v1 controllers there on hybrid hosts).
+fn mount_order(ctx: &mut Ctx) -> Result<()> {
+    let mut wanted: Vec<(String, String, Vec<String>)> = Vec::new();
+    let r = ctx.checker_report(&[], |c| {
+        let mounts = c["mounts"].as_array_mut().expect("mounts");
+        mounts.push(
+            json!({"destination": "/data", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "noexec", "size=1m"]}),
+        );
+        mounts.push(
+            json!({"destination": "/data/ro", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["ro", "size=1m"]}),
+        );
+        for m in mounts.iter() {
+            wanted.push((
+                m["destination"].as_str().unwrap_or_default().to_string(),
+                m["type"].as_str().unwrap_or_default().to_string(),
+                m["options"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o.as_str().map(str::to_string))
+                    .collect(),
+            ));
+        }
+    })?;
+    let table: Vec<&Value> = r["mounts"].as_array().into_iter().flatten().collect();
+    let mut last = 0;
+    for (dest, typ, options) in &wanted {
+        // The last mount at a destination is the one the workload sees.
+        let Some(i) = table.iter().rposition(|m| m["mountpoint"] == dest.as_str()) else {
+            anyhow::bail!("{dest} is not mounted: {}", r["mounts"]);
+        };
+        ensure!(
+            i >= last,
+            "{dest} is mounted before an earlier config entry: {}",
+            r["mounts"]
+        );
+        last = i;
+        let m = table[i];
+        if dest == "/sys/fs/cgroup" {
+            continue;
+        }
+        if typ != "bind" {
+            ensure!(m["fstype"] == typ.as_str(), "{dest}: {m}, want type {typ}");
+        }
+        let flags: Vec<&str> = m["options"]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .collect();
+        for o in options {
+            if matches!(o.as_str(), "ro" | "nosuid" | "nodev" | "noexec") {
+                ensure!(flags.contains(&o.as_str()), "{dest}: {m}, want {o}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// In a new network namespace (`runc spec`'s default) `lo` is up with 127.0.0.1
