@@ -500,8 +500,7 @@ fn mount_dev_tmpfs(ctx: &mut Ctx) -> Result<()> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|m| m["mountpoint"] == "/dev")
-        .next_back()
+        .rfind(|m| m["mountpoint"] == "/dev")
         .ok_or_else(|| anyhow::anyhow!("no mount at /dev"))?;
     ensure!(dev_mount["fstype"] == "tmpfs", "/dev is {dev_mount}");
     let dev = &r["dev"];
