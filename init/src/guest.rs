@@ -289,7 +289,11 @@ impl Guest {
                 .map(|b| (b.height() as u16, b.width() as u16))
                 .filter(|&(r, c)| r > 0 && c > 0)
                 .unwrap_or((24, 80));
-            StdioMode::Pty { rows, cols }
+            StdioMode::Pty {
+                rows,
+                cols,
+                console: true,
+            }
         } else {
             StdioMode::Pipes
         };
@@ -418,7 +422,11 @@ impl Guest {
                 .size
                 .filter(|&(r, c)| r > 0 && c > 0)
                 .unwrap_or((24, 80));
-            StdioMode::Pty { rows, cols }
+            StdioMode::Pty {
+                rows,
+                cols,
+                console: false,
+            }
         } else {
             StdioMode::Pipes
         };

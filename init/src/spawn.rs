@@ -28,7 +28,9 @@ pub enum StdioMode {
     /// Three pipes: stdin, stdout, stderr (never sockets).
     Pipes,
     /// A fresh guest pty of this size; the child gets the slave as its controlling tty.
-    Pty { rows: u16, cols: u16 },
+    /// `console`: the container's own terminal (the main's), which runc also binds
+    /// onto `/dev/console`.
+    Pty { rows: u16, cols: u16, console: bool },
 }
 
 /// A started child. Its exit code arrives on `exit` from the reaper.
@@ -401,6 +403,30 @@ pub fn set_winsize(tty: &File, rows: u16, cols: u16) -> io::Result<()> {
 
 /// Starts `process` inside the container root (init's "/"), registered with the
 /// reaper before anything can reap it. Errors are user-facing reasons.
+/// Binds the terminal onto `/dev/console` (an empty file made as the mount point
+/// where the config's /dev has none), as runc does for the container's terminal.
+fn bind_console(slave: &OwnedFd) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let console = Path::new("/dev/console");
+    if std::fs::symlink_metadata(console).is_err() {
+        File::create(console).map_err(|e| format!("creating /dev/console: {}", errno_text(&e)))?;
+    }
+    let source = format!("/proc/self/fd/{}", slave.as_raw_fd());
+    nix::mount::mount(
+        Some(source.as_str()),
+        console,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        format!(
+            "binding the terminal to /dev/console: {}",
+            e.desc().to_lowercase()
+        )
+    })
+}
+
 pub fn spawn(
     process: &Process,
     mode: StdioMode,
@@ -474,7 +500,11 @@ pub fn spawn(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
         }
-        StdioMode::Pty { rows, cols } => {
+        StdioMode::Pty {
+            rows,
+            cols,
+            console,
+        } => {
             let ws = nix::pty::Winsize {
                 ws_row: rows,
                 ws_col: cols,
@@ -485,6 +515,9 @@ pub fn spawn(
                 .map_err(|e| format!("allocating a pty: {}", e.desc().to_lowercase()))?;
             set_cloexec(&pty.master);
             set_cloexec(&pty.slave);
+            if console {
+                bind_console(&pty.slave)?;
+            }
             let slave = File::from(pty.slave);
             let dup = |f: &File| {
                 f.try_clone()

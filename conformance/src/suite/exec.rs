@@ -292,7 +292,7 @@ fn console_create(ctx: &mut Ctx) -> Result<()> {
         c["process"]["args"] = json!([
             "sh",
             "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo console-is-a-tty; sleep 100000"
+            "[ -t 0 ] && [ -t 1 ] && echo console-is-a-tty; echo via-dev-console >/dev/console; sleep 100000"
         ]);
     })?;
     let id = ctx.new_id();
@@ -303,7 +303,9 @@ fn console_create(ctx: &mut Ctx) -> Result<()> {
     let con = rx.join().map_err(|_| anyhow!("receiver panicked"))??;
     ensure!(!con.name.is_empty(), "the message carried no pty name");
     ctx.start(&id)?;
-    read_until(&con.master, "console-is-a-tty", ctx.cfg.cmd_timeout)?;
+    // /dev/console is the container's terminal too (runc binds the pty slave there).
+    let out = read_until(&con.master, "via-dev-console", ctx.cfg.cmd_timeout)?;
+    ensure!(out.contains("console-is-a-tty"), "console output {out:?}");
     Ok(())
 }
 

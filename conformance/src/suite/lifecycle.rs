@@ -37,6 +37,7 @@ pub fn tests() -> Vec<Test> {
         "delete/running" => delete_running,
         "delete/force-running" => delete_force_running,
         "delete/created-consistent" => delete_created,
+        "delete/created-without-force" => delete_created_without_force,
         "delete/stopped" => delete_stopped,
         "delete/force-missing" => delete_force_missing,
         "delete/missing" => delete_missing,
@@ -513,6 +514,21 @@ fn delete_created(ctx: &mut Ctx) -> Result<()> {
     } else {
         ensure!(ctx.status(&id)? == "created", "refused, yet status changed");
     }
+    ensure!(!b.join("rootfs/ran").exists(), "the main process ran");
+    Ok(())
+}
+
+/// runc deletes a `created` container without `--force` (containerd's runc shim
+/// relies on it): the main never runs, the pid is gone, nothing answers `state`.
+fn delete_created_without_force(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(|c| c["process"]["args"] = json!(["sh", "-c", "touch /ran"]))?;
+    let id = ctx.new_id();
+    let c = ctx.create(&b, &id, &[])?;
+    let out = ctx.rt(&["delete", &id])?;
+    ensure!(out.ok(), "delete of a created container: {}", out.brief());
+    fails_with(&ctx.rt(&["state", &id])?, "container does not exist")?;
+    let _ = ctx.wait_pid(c.pid);
+    ensure!(!pid_alive(c.pid), "deleted, yet pid {} is alive", c.pid);
     ensure!(!b.join("rootfs/ran").exists(), "the main process ran");
     Ok(())
 }

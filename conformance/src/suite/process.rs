@@ -107,12 +107,12 @@ fn umask(ctx: &mut Ctx) -> Result<()> {
 fn rlimits(ctx: &mut Ctx) -> Result<()> {
     let r = ctx.checker_report(&[], |c| {
         c["process"]["rlimits"] = json!([
-            {"type": "RLIMIT_NOFILE", "soft": 512, "hard": 777},
+            {"type": "RLIMIT_NOFILE", "soft": 3000, "hard": 4000},
             {"type": "RLIMIT_CORE", "soft": 0, "hard": 4096},
         ]);
     })?;
     ensure!(
-        r["rlimits"]["RLIMIT_NOFILE"] == json!({"soft": 512, "hard": 777}),
+        r["rlimits"]["RLIMIT_NOFILE"] == json!({"soft": 3000, "hard": 4000}),
         "NOFILE {}",
         r["rlimits"]["RLIMIT_NOFILE"]
     );
