@@ -74,6 +74,8 @@ fn mountinfo() -> Vec<Value> {
                 "fstype": post.first()?,
                 "source": post.get(1).unwrap_or(&""),
                 "super_options": post.get(2).unwrap_or(&""),
+                // Propagation: `shared:N`, `master:N`, `unbindable`, or nothing (private).
+                "optional": pre.get(6..).map(|o| o.join(" ")).unwrap_or_default(),
             }))
         })
         .collect()

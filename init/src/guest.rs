@@ -680,6 +680,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// hostname, domainname, sysctls, read-only and masked paths.
 fn apply_setup(spec: &oci_spec::runtime::Spec) -> Result<(), String> {
     crate::mounts::apply_mounts(spec)?;
+    crate::mounts::apply_rootfs_propagation(spec)?;
     if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         nix::unistd::sethostname(h)
             .map_err(|e| format!("sethostname {h:?}: {}", e.desc().to_lowercase()))?;

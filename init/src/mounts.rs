@@ -403,6 +403,25 @@ fn mknod_as(
     .map_err(errno)
 }
 
+/// `linux.rootfsPropagation` on `/`, after the mounts (runc applies it once the
+/// root is in place).
+pub fn apply_rootfs_propagation(spec: &Spec) -> Result<(), String> {
+    let Some(p) = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.rootfs_propagation().as_deref())
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(());
+    };
+    let o = parse_options(&[p.to_string()]);
+    let [flag] = o.propagation[..] else {
+        return Err(format!("rootfsPropagation {p:?}: not a propagation type"));
+    };
+    mount(None::<&str>, "/", None::<&str>, flag, None::<&str>)
+        .map_err(|e| format!("rootfsPropagation {p}: {}", errno(e)))
+}
+
 /// Applies `linux.readonlyPaths`, then `linux.maskedPaths` (after sysctls, as runc).
 pub fn apply_path_restrictions(spec: &Spec) -> Result<(), String> {
     let linux = spec.linux().as_ref();

@@ -31,6 +31,8 @@ pub fn tests() -> Vec<Test> {
         "mounts/sysfs-readonly" => mount_sysfs_readonly,
         "mounts/dev-tmpfs" => mount_dev_tmpfs,
         "mounts/order-and-options" => mount_order,
+        "mounts/bind-propagation" => mount_bind_propagation,
+        "config/rootfs-propagation" => rootfs_propagation,
         "config/devices" => devices,
         "config/masked-paths" => masked_paths,
         "config/readonly-paths" => readonly_paths,
@@ -267,6 +269,61 @@ fn mount_bind_dir(ctx: &mut Ctx) -> Result<()> {
     ensure!(
         r["probes"]["/conf-bind"]["writable"] == false,
         "ro bind mount is writable"
+    );
+    Ok(())
+}
+
+/// The propagation tags of the last mount at `dest` in the checker's mount table.
+fn propagation_of(r: &Value, dest: &str) -> Result<String> {
+    r["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .rfind(|m| m["mountpoint"] == dest)
+        .map(|m| m["optional"].as_str().unwrap_or_default().to_string())
+        .ok_or_else(|| anyhow::anyhow!("{dest} is not mounted: {}", r["mounts"]))
+}
+
+/// Propagation options of bind mounts: `rshared` makes a peer group, `private`
+/// none, `runbindable` an unbindable mount.
+fn mount_bind_propagation(ctx: &mut Ctx) -> Result<()> {
+    let src = ctx.path("bind-prop");
+    fs::create_dir_all(&src)?;
+    let s = src.display().to_string();
+    let r = ctx.checker_report(&[], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        for (dest, prop) in [("/p-shared", "rshared"), ("/p-private", "private"), ("/p-unbindable", "runbindable")] {
+            m.push(json!({"destination": dest, "type": "bind", "source": s, "options": ["rbind", prop]}));
+        }
+    })?;
+    let shared = propagation_of(&r, "/p-shared")?;
+    ensure!(shared.contains("shared:"), "rshared bind: {shared:?}");
+    let private = propagation_of(&r, "/p-private")?;
+    ensure!(
+        !private.contains("shared:") && !private.contains("master:"),
+        "private bind: {private:?}"
+    );
+    let unbindable = propagation_of(&r, "/p-unbindable")?;
+    ensure!(
+        unbindable.contains("unbindable"),
+        "runbindable bind: {unbindable:?}"
+    );
+    Ok(())
+}
+
+/// `linux.rootfsPropagation`: the workload's root mount has it.
+fn rootfs_propagation(ctx: &mut Ctx) -> Result<()> {
+    let r = ctx.checker_report(&[], |c| c["linux"]["rootfsPropagation"] = json!("rshared"))?;
+    let root = propagation_of(&r, "/")?;
+    ensure!(
+        root.contains("shared:"),
+        "rootfsPropagation rshared: / has {root:?}"
+    );
+    let r = ctx.checker_report(&[], |c| c["linux"]["rootfsPropagation"] = json!("private"))?;
+    let root = propagation_of(&r, "/")?;
+    ensure!(
+        !root.contains("shared:") && !root.contains("master:"),
+        "rootfsPropagation private: / has {root:?}"
     );
     Ok(())
 }
