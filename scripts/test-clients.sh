@@ -87,7 +87,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp kc rc)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp kc rc ko)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -502,6 +502,33 @@ cni_scenario() {
 	expect_out "ctr run --cni" "$out" "inet 10.99.0."
 	expect_out "ctr run --cni" "$out" "fetched=from-the-host"
 }
+# The guest's OOM killer ends the workload: exit 137 and containerd's TaskOOM
+# (/tasks/oom) from containerd-shim-krun-v2 (the stock runc shim watches the host
+# cgroup of the VM, which never sees the guest's OOM kill).
+scenario_shim_oom() {
+	local out rc events_pid n=0
+	: >"$work/oom-events.out"
+	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >>"$work/oom-events.out" 2>&1 &
+	events_pid=$!
+	ctr namespaces create "$ns" >/dev/null 2>&1
+	until grep -q "/namespaces/update" "$work/oom-events.out"; do
+		n=$((n + 1))
+		[ $n -ge 600 ] && { fail "ctr events never subscribed"; break; }
+		ctr namespaces label "$ns" krun-test-oom="$n" >/dev/null 2>&1
+		sleep 0.1
+	done
+	out=$(ctr run --rm --runtime io.containerd.krun.v2 --memory-limit 134217728 --rootfs "$rootfs" ko tail /dev/zero 2>&1); rc=$?
+	expect_rc "OOM kill" $rc 137
+	n=0
+	until grep " $ns " "$work/oom-events.out" | grep -q " /tasks/oom "; do
+		n=$((n + 1))
+		[ $n -ge 100 ] && { fail "no /tasks/oom event: $(grep " $ns " "$work/oom-events.out")"; break; }
+		sleep 0.1
+	done
+	kill $events_pid 2>/dev/null
+	wait $events_pid 2>/dev/null
+}
+
 scenario_shim_cni() { cni_scenario kc --runtime io.containerd.krun.v2; }
 scenario_runc_shim_cni() { cni_scenario rc --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
@@ -737,7 +764,7 @@ PY
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
 	shim_image runc_shim_image shim_pause runc_shim_pause podman_run podman_stop podman_exec podman_logs_kill
-	podman_rm_force podman_pause podman_update podman_it podman_network shim_cni runc_shim_cni)
+	podman_rm_force podman_pause podman_update podman_it podman_network shim_cni runc_shim_cni shim_oom)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

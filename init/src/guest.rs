@@ -64,6 +64,8 @@ pub struct Guest {
     finishing: AtomicBool,
     /// seccomp filter and resource cgroup from Setup, for the main and every exec.
     confinement: std::sync::OnceLock<spawn::Confinement>,
+    /// The kernel's OOM-kill count when the main started.
+    oom_kills_at_start: std::sync::atomic::AtomicU64,
 }
 
 impl Guest {
@@ -82,6 +84,7 @@ impl Guest {
             execs: Mutex::new(HashMap::new()),
             finishing: AtomicBool::new(false),
             confinement: std::sync::OnceLock::new(),
+            oom_kills_at_start: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -297,6 +300,8 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
+        self.oom_kills_at_start
+            .store(crate::resources::oom_kills(), Ordering::SeqCst);
         let spawned = match spawn::spawn(process, mode, &self.reaper, self.confinement()) {
             Ok(s) => s,
             Err(reason) => {
@@ -526,7 +531,13 @@ impl Guest {
         for p in pumps {
             let _ = p.join();
         }
-        self.send_event(&Frame::Message(Message::MainExited { code }));
+        // The VM runs only this container: any OOM kill in it is the container's.
+        let oom_killed =
+            crate::resources::oom_kills() > self.oom_kills_at_start.load(Ordering::SeqCst);
+        if oom_killed {
+            log::warn!("the OOM killer ran while the main process ran");
+        }
+        self.send_event(&Frame::Message(Message::MainExited { code, oom_killed }));
         self.power_off(code);
     }
 

@@ -41,8 +41,9 @@ fn in_container_cgroup<T>(f: impl FnOnce(&Path) -> Result<T, String>) -> Result<
     .map_err(|e| fail("mounting cgroup2", std::io::Error::from(e)))?;
     let mnt = private.dir.as_path();
     let result = (|| {
-        fs::write(mnt.join("cgroup.subtree_control"), "+pids")
-            .map_err(|e| fail("enabling the pids controller", e))?;
+        // memory: for the container cgroup's memory.events (its OOM kills).
+        fs::write(mnt.join("cgroup.subtree_control"), "+pids +memory")
+            .map_err(|e| fail("enabling the pids and memory controllers", e))?;
         let dir = mnt.join(CONTAINER_CGROUP);
         if let Err(e) = fs::create_dir(&dir) {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
@@ -97,6 +98,21 @@ pub fn update_pids(limit: i64) -> Result<(), String> {
             .map_err(|e| format!("writing pids.max: {}", errno_text(&e)))
     })
     .map_err(|e| format!("pids limit: {e}"))
+}
+
+/// How many of the container's processes the kernel's OOM killer has killed
+/// (`oom_kill` of the container cgroup's memory.events: every OOM kill, the
+/// guest-wide ones too, counts in the victim's cgroup).
+pub fn oom_kills() -> u64 {
+    in_container_cgroup(|dir| {
+        Ok(fs::read_to_string(dir.join("memory.events"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    })
+    .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -229,6 +229,10 @@ pub enum Message {
     /// (WEXITSTATUS or 128+signal). Sent after all of its output.
     MainExited {
         code: i32,
+        /// The guest's OOM killer killed a process while the main ran (containerd's
+        /// TaskOOM, Docker's `OOMKilled`).
+        #[serde(default)]
+        oom_killed: bool,
     },
     /// Host -> guest: deliver `signal` to `target`.
     Signal {

@@ -481,16 +481,32 @@ pub fn events(ctx: &Context, args: EventsArgs) -> Result<i32> {
     let store = ctx.store()?;
     let interval = humantime::parse_duration(&args.interval)
         .with_context(|| format!("--interval {:?}", args.interval))?;
+    let print = |event: &serde_json::Value| -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{event}")?;
+        Ok(out.flush()?)
+    };
+    // runc's `{"type":"oom","id":ID}`, once, when the guest's OOM killer has run.
+    let mut oom_reported = false;
+    let mut report_oom = || -> Result<()> {
+        if !oom_reported && lifecycle::oom_killed(&store, &args.id) {
+            oom_reported = true;
+            print(&serde_json::json!({"type": "oom", "id": args.id}))?;
+        }
+        Ok(())
+    };
     loop {
         match lifecycle::stats_event(&store, &args.id) {
-            Ok(event) => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{event}")?;
-                out.flush()?;
+            Ok(event) => print(&event)?,
+            // The stream ends with the container (and the OOM kill that ended it).
+            Err(krun_oci::Error::NotRunning) if !args.stats => {
+                report_oom()?;
+                return Ok(0);
             }
-            // The stream ends with the container.
-            Err(krun_oci::Error::NotRunning) if !args.stats => return Ok(0),
             Err(e) => return Err(e.into()),
+        }
+        if !args.stats {
+            report_oom()?;
         }
         if args.stats {
             return Ok(0);

@@ -112,11 +112,22 @@ impl Container {
                 .created
                 .to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
             owner: self.record.owner.clone(),
-            annotations: self.record.annotations.clone(),
+            annotations: {
+                let mut a = self.record.annotations.clone();
+                if self.dir.oom_killed() {
+                    a.insert(ANNOTATION_OOM_KILLED.into(), "true".into());
+                }
+                a
+            },
             exit_code: self.exit_code(),
         }
     }
 }
+
+/// Added to `state`'s annotations once the guest's OOM killer ran while the main
+/// ran (runc's state has no field for it; containerd gets TaskOOM from the shim,
+/// `events` prints an `oom` event).
+pub const ANNOTATION_OOM_KILLED: &str = "krun-oci.oom-killed";
 
 /// Reads `/.a3s_exit_code` of a rootfs. The guest is hostile: the file is opened
 /// with O_NOFOLLOW, must be a regular file, and only a few bytes are read.

@@ -488,6 +488,11 @@ fn kill_unlocked(
     }
 }
 
+/// Whether the guest's OOM killer ran while the container's main ran.
+pub fn oom_killed(store: &StateStore, id: &str) -> bool {
+    Container::load(store, id).is_ok_and(|c| c.dir.oom_killed())
+}
+
 /// One `stats` event as `events` prints it: `{"type":"stats","id":ID,"data":...}`,
 /// the data being the host cgroup's statistics (youki's libcgroups field names), so
 /// the VM's whole cost as the host sees it.

@@ -419,7 +419,7 @@ pub fn request(s: &mut UnixStream, msg: Message) -> Result<Message> {
 
 /// Why the supervision loop woke up.
 enum Event {
-    MainExited(i32),
+    MainExited { code: i32, oom_killed: bool },
     StreamClosed,
 }
 
@@ -473,8 +473,8 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                     Ok(Frame::Message(Message::StdinAck { bytes })) => {
                         window.release(bytes as usize)
                     }
-                    Ok(Frame::Message(Message::MainExited { code })) => {
-                        let _ = tx.send(Event::MainExited(code));
+                    Ok(Frame::Message(Message::MainExited { code, oom_killed })) => {
+                        let _ = tx.send(Event::MainExited { code, oom_killed });
                         return;
                     }
                     Ok(other) => log::warn!("unexpected frame on the events stream: {other:?}"),
@@ -504,7 +504,13 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
     // Wait for the workload's end or the VM's death.
     let code = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::MainExited(code)) => break Some(code),
+            Ok(Event::MainExited { code, oom_killed }) => {
+                if oom_killed {
+                    // Recorded before the exit code: `stopped` is seen with it.
+                    let _ = write_atomic(&dir.oom_file(), b"1");
+                }
+                break Some(code);
+            }
             Ok(Event::StreamClosed) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
@@ -514,7 +520,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                 log::warn!("VM stopped without reporting an exit code: {exit:?}");
                 // The events reader may still hold the last frames; give it a moment.
                 break match rx.recv_timeout(Duration::from_millis(500)) {
-                    Ok(Event::MainExited(code)) => Some(code),
+                    Ok(Event::MainExited { code, .. }) => Some(code),
                     _ => None,
                 };
             }

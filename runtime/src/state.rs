@@ -150,6 +150,14 @@ impl ContainerDir {
     pub fn exit_code_file(&self) -> PathBuf {
         self.path.join("exit-code")
     }
+    /// Present once the guest reported that its OOM killer ran (monitor.rs).
+    pub fn oom_file(&self) -> PathBuf {
+        self.path.join("oom-killed")
+    }
+    /// Whether the guest's OOM killer ran while the main ran.
+    pub fn oom_killed(&self) -> bool {
+        self.oom_file().exists()
+    }
     /// The VM's sockets, helper logs and console. Not under the state dir: a unix
     /// socket path must fit in 108 bytes, and `<root>/<64-hex id>/run/vsock_1030`
     /// does not under containerd's `/run/containerd/.../k8s.io` roots. The state

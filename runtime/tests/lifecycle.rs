@@ -28,6 +28,10 @@ fn run_to_exit(test: &str, args: &[&str]) -> (i32, i32, String, String, serde_js
     let code = wait_exit(pid);
     let state = rt.state(test);
     assert_eq!(state["status"], "stopped");
+    assert!(
+        state["annotations"].get("krun-oci.oom-killed").is_none(),
+        "no OOM kill, yet {state}"
+    );
     let logs = rt.ok(&["logs", test]);
     rt.ok(&["delete", test]);
     assert_cleaned_up(&rt, test, &helpers);
@@ -583,4 +587,37 @@ fn create_validation_leaves_nothing() {
         .map(|d| d.map(|e| e.unwrap().file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// The guest's OOM killer ends the main: exit 137, `state` carries
+/// `krun-oci.oom-killed`, `events` reports `oom`; a container without an OOM
+/// kill has no such annotation.
+#[test]
+fn an_oom_kill_is_reported() {
+    if !vm_available("an_oom_kill_is_reported") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    // `tail` keeps all of an endless line: it grows until the OOM killer ends it.
+    let b = TestBundle::new(&["tail", "/dev/zero"]);
+    b.write_config(|c| c["annotations"] = serde_json::json!({"krun-oci.ram_mib": "128"}));
+    let (out, err) = (b.path().join("out"), b.path().join("err"));
+    let pid = rt.create("oom", &b, &out, &err);
+    let helpers = rt.helper_pids("oom");
+    rt.ok(&["start", "oom"]);
+    assert_eq!(wait_exit(pid), 137);
+    let state = rt.state("oom");
+    assert_eq!(state["exitCode"], 137);
+    assert_eq!(
+        state["annotations"]["krun-oci.oom-killed"], "true",
+        "{state}"
+    );
+    let events = rt.ok(&["events", "oom"]);
+    assert!(
+        events.lines().any(|l| l == r#"{"id":"oom","type":"oom"}"#),
+        "{events}"
+    );
+    rt.ok(&["delete", "oom"]);
+    assert_cleaned_up(&rt, "oom", &helpers);
 }

@@ -34,6 +34,8 @@ pub trait Instance: Sized + Send + Sync {
     fn try_wait(&self) -> Option<Exit>;
     /// Lifecycle status, `None` once the container is gone.
     fn status(&self) -> Option<Status>;
+    /// Whether the guest's OOM killer ran while the workload ran.
+    fn oom_killed(&self) -> bool;
 }
 
 /// Where and how a krun-oci container is created.
@@ -164,5 +166,9 @@ impl Instance for KrunInstance {
         Container::load(&self.store, &self.id)
             .ok()
             .map(|c| c.status())
+    }
+
+    fn oom_killed(&self) -> bool {
+        Container::load(&self.store, &self.id).is_ok_and(|c| c.dir.oom_killed())
     }
 }

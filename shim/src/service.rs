@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use containerd_shim::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -704,6 +704,16 @@ fn publish_task_exit(events: &Events, task: &Task) {
     };
     if task.exit_published.swap(true, Ordering::SeqCst) {
         return;
+    }
+    // As containerd's runc shim: the OOM event, then the exit it caused.
+    if task.instance.oom_killed() {
+        events.publish(
+            topics::TASK_OOM_EVENT_TOPIC,
+            Box::new(TaskOOM {
+                container_id: task.id.clone(),
+                ..Default::default()
+            }),
+        );
     }
     events.publish(
         topics::TASK_EXIT_EVENT_TOPIC,
