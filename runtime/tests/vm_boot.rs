@@ -372,7 +372,7 @@ fn real_init_link() {
     );
     let code = loop {
         match proto::read_frame(&mut ev).unwrap() {
-            proto::Frame::Message(proto::Message::MainExited { code }) => break code,
+            proto::Frame::Message(proto::Message::MainExited { code, .. }) => break code,
             _ => continue,
         }
     };
