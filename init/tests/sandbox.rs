@@ -159,7 +159,7 @@ impl Sandbox {
             match proto::read_frame(self.events()).unwrap() {
                 Frame::Stdout(d) => out.extend(d),
                 Frame::Stderr(d) => err.extend(d),
-                Frame::Message(Message::MainExited { code }) => return (out, err, code),
+                Frame::Message(Message::MainExited { code, .. }) => return (out, err, code),
                 // Flow control for the stdin the test sent.
                 Frame::Message(Message::StdinAck { .. }) => {}
                 other => panic!("unexpected on events: {other:?}"),
