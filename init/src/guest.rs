@@ -241,9 +241,11 @@ impl Guest {
                     let cgroup_procs = crate::resources::apply(&spec)?;
                     apply_setup(&spec)?;
                     self.apply_readonly_root(&spec)?;
+                    let namespaces = spawn::Namespaces::from_spec(&spec)?;
                     let _ = self.confinement.set(spawn::Confinement {
                         seccomp: filter.map(Arc::new),
                         cgroup_procs: cgroup_procs.map(Arc::new),
+                        namespaces: Some(Arc::new(namespaces)),
                     });
                     Ok(Message::Ack)
                 }),
@@ -302,7 +304,7 @@ impl Guest {
         };
         self.oom_kills_at_start
             .store(crate::resources::oom_kills(), Ordering::SeqCst);
-        let spawned = match spawn::spawn(process, mode, &self.reaper, self.confinement()) {
+        let spawned = match spawn::spawn(process, mode, &self.reaper, self.confinement(), None) {
             Ok(s) => s,
             Err(reason) => {
                 // Nothing ran: a later spawn-main may try again.
@@ -435,7 +437,16 @@ impl Guest {
         } else {
             StdioMode::Pipes
         };
-        let spawned = match spawn::spawn(&req.process, mode, &self.reaper, self.confinement()) {
+        // An exec joins the main's namespaces (before the main, e.g. startContainer
+        // hooks, it runs in guest-init's).
+        let main = self.main_pid.load(Ordering::SeqCst);
+        let spawned = match spawn::spawn(
+            &req.process,
+            mode,
+            &self.reaper,
+            self.confinement(),
+            (main > 0).then_some(main),
+        ) {
             Ok(s) => s,
             Err(reason) => {
                 forget(self);

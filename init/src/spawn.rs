@@ -218,6 +218,176 @@ impl Seccomp {
 pub struct Confinement {
     pub seccomp: Option<std::sync::Arc<Seccomp>>,
     pub cgroup_procs: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    pub namespaces: Option<std::sync::Arc<Namespaces>>,
+}
+
+/// The container's own namespaces inside the guest: the `linux.namespaces` types
+/// listed without a path that a VM can give the workload (uts, ipc, mount,
+/// cgroup, user). The main unshares them; every exec joins the main's. pid and
+/// network stay the VM's: the guest's network *is* the container's network
+/// namespace (its NICs), and the main is guest-init's child (docs/guest-init.md).
+#[derive(Debug, Default)]
+pub struct Namespaces {
+    /// `CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNS | CLONE_NEWCGROUP`, as listed.
+    pub flags: libc::c_int,
+    /// `uid_map` and `gid_map` of a new user namespace (`None`: no user namespace).
+    pub user_maps: Option<(String, String)>,
+    /// IPC-namespaced sysctls (`kernel.shm*`, `kernel.msg*`, `kernel.sem`,
+    /// `fs.mqueue.*`): written by the main in its new IPC namespace.
+    pub ipc_sysctls: Vec<(CString, Vec<u8>)>,
+}
+
+/// `/proc/<pid>/ns/` names and `setns` types, user first (joining it grants the
+/// rights to join the others).
+const NS_FILES: [(&str, libc::c_int); 5] = [
+    ("user", libc::CLONE_NEWUSER),
+    ("uts", libc::CLONE_NEWUTS),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("mnt", libc::CLONE_NEWNS),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+];
+
+/// Whether a sysctl belongs to the IPC namespace.
+pub fn is_ipc_sysctl(key: &str) -> bool {
+    let k = key.replace('/', ".");
+    k.starts_with("kernel.shm")
+        || k.starts_with("kernel.msg")
+        || k == "kernel.sem"
+        || k.starts_with("fs.mqueue.")
+}
+
+impl Namespaces {
+    pub fn from_spec(spec: &oci_spec::runtime::Spec) -> Result<Namespaces, String> {
+        use oci_spec::runtime::LinuxNamespaceType as T;
+        let Some(linux) = spec.linux().as_ref() else {
+            return Ok(Namespaces::default());
+        };
+        let mut ns = Namespaces::default();
+        for n in linux.namespaces().iter().flatten() {
+            if n.path().is_some() {
+                continue;
+            }
+            ns.flags |= match n.typ() {
+                T::Uts => libc::CLONE_NEWUTS,
+                T::Ipc => libc::CLONE_NEWIPC,
+                T::Mount => libc::CLONE_NEWNS,
+                T::Cgroup => libc::CLONE_NEWCGROUP,
+                T::User => {
+                    let map = |m: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
+                        m.filter(|m| !m.is_empty()).map(|m| {
+                            m.iter()
+                                .map(|e| {
+                                    format!("{} {} {}\n", e.container_id(), e.host_id(), e.size())
+                                })
+                                .collect::<String>()
+                        })
+                    };
+                    match (
+                        map(linux.uid_mappings().as_ref()),
+                        map(linux.gid_mappings().as_ref()),
+                    ) {
+                        (Some(u), Some(g)) => ns.user_maps = Some((u, g)),
+                        _ => {
+                            return Err(
+                                "user namespaces enabled, but no uid or gid mappings found".into()
+                            )
+                        }
+                    }
+                    0
+                }
+                _ => 0,
+            };
+        }
+        if ns.flags & libc::CLONE_NEWIPC != 0 {
+            for (key, value) in linux.sysctl().iter().flatten() {
+                if is_ipc_sysctl(key) {
+                    let path = crate::guest::sysctl_path(key)?;
+                    ns.ipc_sysctls.push((
+                        CString::new(path).map_err(|_| format!("sysctl {key:?}"))?,
+                        value.clone().into_bytes(),
+                    ));
+                }
+            }
+        }
+        Ok(ns)
+    }
+
+    /// Opens the main's namespaces (those this plan made) for an exec to join.
+    fn open_main(&self, main: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, String> {
+        NS_FILES
+            .iter()
+            .filter(|(_, t)| {
+                if *t == libc::CLONE_NEWUSER {
+                    self.user_maps.is_some()
+                } else {
+                    self.flags & t != 0
+                }
+            })
+            .map(|(name, t)| {
+                let path = format!("/proc/{main}/ns/{name}");
+                File::open(&path)
+                    .map(|f| (OwnedFd::from(f), *t))
+                    .map_err(|e| {
+                        format!(
+                            "joining the container's namespaces: {path}: {}",
+                            errno_text(&e)
+                        )
+                    })
+            })
+            .collect()
+    }
+}
+
+/// The parent's half of a new user namespace: it reads the child's pid, writes
+/// its `uid_map` and `gid_map` (the child, in the new namespace, cannot map
+/// arbitrary ids itself), then lets it go on.
+struct UserNsSync {
+    /// The child's ends: it writes its pid on `ready`, then waits for a byte on `go`.
+    child_ready: OwnedFd,
+    child_go: OwnedFd,
+    /// Ours, which the child closes first.
+    parent_ready: OwnedFd,
+    parent_go: OwnedFd,
+}
+
+impl UserNsSync {
+    fn new() -> Result<UserNsSync, String> {
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| format!("pipe: {}", e.desc().to_lowercase()))
+        };
+        let (parent_ready, child_ready) = pipe()?;
+        let (child_go, parent_go) = pipe()?;
+        Ok(UserNsSync {
+            child_ready,
+            child_go,
+            parent_ready,
+            parent_go,
+        })
+    }
+
+    /// Starts the thread that writes the maps once the child asks.
+    fn serve(
+        parent_ready: OwnedFd,
+        parent_go: OwnedFd,
+        maps: (String, String),
+    ) -> std::thread::JoinHandle<Result<(), String>> {
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut pid = [0u8; 4];
+            File::from(parent_ready)
+                .read_exact(&mut pid)
+                .map_err(|_| "the child ended before its user namespace was mapped".to_string())?;
+            let pid = i32::from_ne_bytes(pid);
+            for (file, map) in [("uid_map", &maps.0), ("gid_map", &maps.1)] {
+                std::fs::write(format!("/proc/{pid}/{file}"), map)
+                    .map_err(|e| format!("writing {file} {map:?}: {}", errno_text(&e)))?;
+            }
+            File::from(parent_go)
+                .write_all(b"1")
+                .map_err(|e| format!("releasing the child: {}", errno_text(&e)))
+        })
+    }
 }
 
 /// Everything the child needs after the fork, precomputed.
@@ -234,6 +404,15 @@ struct ChildSetup {
     oom_path: CString,
     oom_value: Option<Vec<u8>>,
     confinement: Confinement,
+    /// Namespaces the main unshares (`CLONE_NEW*`, user excluded).
+    unshare: libc::c_int,
+    /// A new user namespace: the child's ends of the sync pipes and the parent's,
+    /// which the child closes first.
+    user_ns: Option<[libc::c_int; 4]>,
+    /// An exec: the main's namespaces to join, user first.
+    join: Vec<(OwnedFd, libc::c_int)>,
+    /// cwd again after joining a mount namespace (setns moves to its root).
+    cwd: CString,
 }
 
 #[repr(C)]
@@ -266,8 +445,37 @@ impl ChildSetup {
         // SAFETY: plain syscalls on values prepared before the fork.
         unsafe {
             if let Some(procs) = &self.confinement.cgroup_procs {
-                use std::os::fd::AsRawFd;
                 check(libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_long)?;
+            }
+            // The user namespace first: the others then belong to it (as runc).
+            if let Some([ready, go, parent_ready, parent_go]) = self.user_ns {
+                libc::close(parent_ready);
+                libc::close(parent_go);
+                check(libc::unshare(libc::CLONE_NEWUSER) as libc::c_long)?;
+                let pid = libc::getpid().to_ne_bytes();
+                check(libc::write(ready, pid.as_ptr().cast(), 4) as libc::c_long)?;
+                let mut byte = 0u8;
+                if libc::read(go, (&mut byte as *mut u8).cast(), 1) != 1 {
+                    return Err(io::Error::other("the user namespace was not mapped"));
+                }
+            }
+            for (fd, nstype) in &self.join {
+                check(libc::setns(fd.as_raw_fd(), *nstype) as libc::c_long)?;
+            }
+            if !self.join.is_empty() {
+                check(libc::chdir(self.cwd.as_ptr()) as libc::c_long)?;
+            }
+            if self.unshare != 0 {
+                check(libc::unshare(self.unshare) as libc::c_long)?;
+                if let Some(ns) = &self.confinement.namespaces {
+                    for (path, value) in &ns.ipc_sysctls {
+                        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                        check(fd as libc::c_long)?;
+                        let n = libc::write(fd, value.as_ptr().cast(), value.len());
+                        libc::close(fd);
+                        check(n as libc::c_long)?;
+                    }
+                }
             }
             check(libc::setsid() as libc::c_long)?;
             if self.tty {
@@ -427,11 +635,14 @@ fn bind_console(slave: &OwnedFd) -> Result<(), String> {
     })
 }
 
+/// Spawns `process`. `main`: `None` for the container's main (it makes the
+/// container's namespaces), the main's pid for an exec (it joins them).
 pub fn spawn(
     process: &Process,
     mode: StdioMode,
     reaper: &Reaper,
     confinement: Confinement,
+    main: Option<i32>,
 ) -> Result<Spawned, String> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
@@ -465,7 +676,27 @@ pub fn spawn(
             },
         ));
     }
+    let namespaces = confinement.namespaces.clone().unwrap_or_default();
+    let (unshare, join) = match main {
+        None => (namespaces.flags, Vec::new()),
+        Some(pid) => (0, namespaces.open_main(pid)?),
+    };
+    let user_sync = match (&namespaces.user_maps, main) {
+        (Some(maps), None) => Some((UserNsSync::new()?, maps.clone())),
+        _ => None,
+    };
     let setup = ChildSetup {
+        unshare,
+        user_ns: user_sync.as_ref().map(|(s, _)| {
+            [
+                s.child_ready.as_raw_fd(),
+                s.child_go.as_raw_fd(),
+                s.parent_ready.as_raw_fd(),
+                s.parent_go.as_raw_fd(),
+            ]
+        }),
+        join,
+        cwd: CString::new(cwd.as_os_str().as_encoded_bytes()).map_err(|_| "cwd has a NUL byte")?,
         tty: matches!(mode, StdioMode::Pty { .. }),
         uid: user.uid(),
         gid: user.gid(),
@@ -529,7 +760,37 @@ pub fn spawn(
             master = Some(File::from(pty.master));
         }
     }
-    let mut child = cmd.spawn().map_err(|e| {
+    // The pipes' child ends stay open until the spawn is over; ours go to the thread.
+    let (user_thread, _child_ends) = match user_sync {
+        Some((sync, maps)) => {
+            let UserNsSync {
+                child_ready,
+                child_go,
+                parent_ready,
+                parent_go,
+            } = sync;
+            (
+                Some(UserNsSync::serve(parent_ready, parent_go, maps)),
+                Some((child_ready, child_go)),
+            )
+        }
+        None => (None, None),
+    };
+    let spawned_child = cmd.spawn();
+    drop(_child_ends);
+    if let Some(t) = user_thread {
+        let mapped = t
+            .join()
+            .unwrap_or_else(|_| Err("the user namespace thread panicked".into()));
+        if let (Err(e), Ok(_)) = (&mapped, &spawned_child) {
+            // The child cannot have gone on unmapped; report why it would have failed.
+            log::warn!("{e}");
+        }
+        if spawned_child.is_err() {
+            mapped?;
+        }
+    }
+    let mut child = spawned_child.map_err(|e| {
         let what = match e.raw_os_error() {
             Some(libc::ENOENT) => "no such file or directory".to_string(),
             Some(libc::EACCES) => "permission denied".to_string(),

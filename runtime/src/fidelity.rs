@@ -42,9 +42,14 @@ pub fn unapplied(spec: &Spec) -> Vec<String> {
             ));
         }
     }
-    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) {
+    let user_ns = linux
+        .namespaces()
+        .iter()
+        .flatten()
+        .any(|n| n.typ() == LinuxNamespaceType::User && n.path().is_none());
+    if linux.uid_mappings().as_ref().is_some_and(|m| !m.is_empty()) && !user_ns {
         out.push(
-            "linux.uidMappings/gidMappings: no user namespace in the guest; ids are used as given"
+            "linux.uidMappings/gidMappings without a user namespace in linux.namespaces: not applied"
                 .into(),
         );
     }

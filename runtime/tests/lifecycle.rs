@@ -15,9 +15,19 @@ fn read(p: &std::path::Path) -> String {
 
 /// create → state created → start → wait → state stopped with the code.
 fn run_to_exit(test: &str, args: &[&str]) -> (i32, i32, String, String, serde_json::Value) {
+    run_to_exit_with(test, args, |_| {})
+}
+
+/// [`run_to_exit`] with `edit` applied to the config.
+fn run_to_exit_with(
+    test: &str,
+    args: &[&str],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (i32, i32, String, String, serde_json::Value) {
     become_subreaper();
     let rt = Runtime::new();
     let b = TestBundle::new(args);
+    b.write_config(edit);
     let (out, err) = (b.path().join("out"), b.path().join("err"));
     let pid = rt.create(test, &b, &out, &err);
     assert_eq!(rt.state(test)["status"], "created");
@@ -620,4 +630,35 @@ fn an_oom_kill_is_reported() {
     );
     rt.ok(&["delete", "oom"]);
     assert_cleaned_up(&rt, "oom", &helpers);
+}
+
+/// The namespaces `linux.namespaces` lists without a path are the main's own,
+/// distinct from guest-init's (PID 1 of the VM); network and pid stay the VM's.
+#[test]
+fn the_main_has_its_own_namespaces_in_the_guest() {
+    if !vm_available("the_main_has_its_own_namespaces_in_the_guest") {
+        return;
+    }
+    let script = "for n in uts ipc mnt cgroup net pid; do \
+        if [ \"$(readlink /proc/self/ns/$n)\" = \"$(readlink /proc/1/ns/$n)\" ]; then echo $n=init; else echo $n=own; fi; done";
+    // Reading PID 1's namespace links takes CAP_SYS_PTRACE (init has more caps).
+    let (code, _, out, err, _) = run_to_exit_with("ns-own", &["sh", "-c", script], |c| {
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set]
+                .as_array_mut()
+                .unwrap()
+                .push(serde_json::json!("CAP_SYS_PTRACE"));
+        }
+    });
+    assert_eq!(code, 0, "{err}");
+    for want in [
+        "uts=own",
+        "ipc=own",
+        "mnt=own",
+        "cgroup=own",
+        "net=init",
+        "pid=init",
+    ] {
+        assert!(out.lines().any(|l| l == want), "{want} missing: {out}");
+    }
 }

@@ -23,6 +23,8 @@ pub fn tests() -> Vec<Test> {
         "console/terminal-requires-socket" => console_requires_socket,
         "console/socket-without-terminal" => console_without_terminal,
         "console/exec" => console_exec,
+        "namespaces/exec-joins-main" => exec_joins_main,
+        "namespaces/user-mappings" => user_mappings,
     ]
 }
 
@@ -33,6 +35,96 @@ fn running(ctx: &mut Ctx) -> Result<(String, std::path::PathBuf)> {
     ctx.create(&b, &id, &[])?;
     ctx.start(&id)?;
     Ok((id, b))
+}
+
+/// Prints the caller's namespaces, one per line (busybox readlink takes one path).
+const NS_LINKS: &str = "for n in uts ipc mnt cgroup user; do readlink /proc/self/ns/$n; done";
+
+/// An exec runs in the main's namespaces (uts, ipc, mount, cgroup, user), and
+/// the main's hostname and cgroup root are the container's.
+fn exec_joins_main(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(|c| {
+        let ns = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+        if !ns.iter().any(|n| n["type"] == "cgroup") {
+            ns.push(json!({"type": "cgroup"}));
+        }
+        c["hostname"] = json!("ns-main");
+        c["process"]["args"] = json!([
+            "sh",
+            "-c",
+            format!("({NS_LINKS}) > /ns-main.tmp; mv /ns-main.tmp /ns-main; sleep 100000")
+        ]);
+    })?;
+    let id = ctx.new_id();
+    ctx.create(&b, &id, &[])?;
+    ctx.start(&id)?;
+    let main_file = b.join("rootfs/ns-main");
+    crate::harness::wait_file(&main_file, ctx.cfg.cmd_timeout)?;
+    let main = fs::read_to_string(&main_file)?;
+    let out = ctx.rt(&["exec", &id, "sh", "-c", NS_LINKS])?;
+    ensure!(out.ok(), "exec: {}", out.brief());
+    let exec = out.stdout.clone();
+    ensure!(main == exec, "main's namespaces:\n{main}exec's:\n{exec}");
+    let out = ctx.rt(&["exec", &id, "sh", "-c", "hostname; cat /proc/self/cgroup"])?;
+    ensure!(
+        out.stdout.starts_with("ns-main\n"),
+        "exec's hostname: {}",
+        out.brief()
+    );
+    ensure!(
+        out.stdout.contains("0::/\n"),
+        "exec's cgroup (a cgroup namespace): {}",
+        out.brief()
+    );
+    Ok(())
+}
+
+/// `linux.uidMappings`/`gidMappings` with a user namespace: the workload's
+/// `/proc/self/uid_map` and `gid_map` are exactly the config's, and it runs as
+/// its uid 0 there.
+fn user_mappings(ctx: &mut Ctx) -> Result<()> {
+    ctx.require_container()?;
+    let r = ctx.checker_report(
+        &[
+            "--probe",
+            "/proc/self/uid_map",
+            "--probe",
+            "/proc/self/gid_map",
+        ],
+        |c| {
+            let ns = c["linux"]["namespaces"].as_array_mut().expect("namespaces");
+            ns.push(json!({"type": "user"}));
+            c["linux"]["uidMappings"] =
+                json!([{"containerID": 0, "hostID": 100000, "size": 65536}]);
+            c["linux"]["gidMappings"] =
+                json!([{"containerID": 0, "hostID": 200000, "size": 65536}]);
+        },
+    )?;
+    let fields = |path: &str| -> Vec<String> {
+        r["probes"][path]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    ensure!(
+        fields("/proc/self/uid_map") == ["0", "100000", "65536"],
+        "uid_map {}",
+        r["probes"]["/proc/self/uid_map"]
+    );
+    ensure!(
+        fields("/proc/self/gid_map") == ["0", "200000", "65536"],
+        "gid_map {}",
+        r["probes"]["/proc/self/gid_map"]
+    );
+    ensure!(
+        r["uid"] == 0 && r["gid"] == 0,
+        "uid {} gid {}, want 0 in the namespace",
+        r["uid"],
+        r["gid"]
+    );
+    Ok(())
 }
 
 fn exec_exit_code(ctx: &mut Ctx) -> Result<()> {
