@@ -18,6 +18,7 @@ pub fn tests() -> Vec<Test> {
         "process/no-new-privileges" => nnp,
         "process/oom-score-adj" => oom,
         "process/exit-code" => exit_code,
+        "process/oom-killed" => oom_killed,
         "config/hostname" => hostname,
         "config/sysctl" => sysctl,
         "config/readonly-root" => readonly_root,
@@ -537,6 +538,21 @@ fn netns_path(ctx: &mut Ctx) -> Result<()> {
     let _ = holder.kill();
     let _ = holder.wait();
     result
+}
+
+/// A main that outgrows a 128 MiB memory limit is killed by the OOM killer:
+/// exit 137 (runc: the cgroup's limit; krun-oci: the VM's RAM, at least 128 MiB).
+fn oom_killed(ctx: &mut Ctx) -> Result<()> {
+    let b = ctx.bundle(|c| {
+        c["process"]["args"] = json!(["tail", "/dev/zero"]);
+        c["linux"]["resources"]["memory"] = json!({"limit": 128u64 << 20});
+    })?;
+    let (exit, _) = ctx.run_to_exit(&b)?;
+    ensure!(
+        exit.code() == 137,
+        "{exit:?}, want 137 (SIGKILL by the OOM killer)"
+    );
+    Ok(())
 }
 
 /// runc's default devices, as `(name, major, minor)`.
