@@ -87,7 +87,7 @@ echo "root:x:0:0:root:/root:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
 
 # ---------- leak checks ----------
-container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp kc rc ko)
+container_ids=(bad1 k1 r1 kt kk ke kty ki ri kp rp kc rc ko khc)
 markers=("$work" "$ns")
 
 leftover_processes() {
@@ -171,8 +171,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [debug]
   level = "debug"
 EOF
+# The host config file the shims (and the krun-oci they run) read: empty = defaults.
+host_config="$work/krun-config.toml"
+: >"$host_config"
 PATH="$SHIM_DIR:$PATH" KRUN_OCI_SHIM_ROOT="$work/shim-state" KRUN_OCI_BINARY="$KRUN_OCI" \
-	containerd --config "$cdir/config.toml" >"$cdir/containerd.log" 2>&1 &
+	KRUN_OCI_CONFIG="$host_config" containerd --config "$cdir/config.toml" >"$cdir/containerd.log" 2>&1 &
 containerd_pid=$!
 ctr() { timeout "$CMD_TIMEOUT" ctr --address "$sock" --namespace "$ns" "$@"; }
 for _ in $(seq 1 300); do
@@ -529,6 +532,29 @@ scenario_shim_oom() {
 	wait $events_pid 2>/dev/null
 }
 
+# The host config file (/etc/krun-oci/config.toml; KRUN_OCI_CONFIG here) holds for
+# containerd-shim-krun-v2 as for the CLI: `vmm = "libkrun"` makes the shim's create use
+# libkrun (on a host without hardware KVM it fails, naming libkrun).
+scenario_shim_host_config() {
+	local out rc
+	echo 'vmm = "libkrun"' >"$host_config"
+	: >"$work/khc.out"
+	ctr run -d --runtime io.containerd.krun.v2 --rootfs "$rootfs" khc sleep 100000 >>"$work/khc.out" 2>&1; rc=$?
+	out=$(cat "$work/khc.out")
+	if [ $rc = 0 ]; then
+		local vmm
+		vmm=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["vmm"])' \
+			"$work/shim-state/$ns/khc/state.json" 2>&1)
+		[ "$vmm" = libkrun ] || fail "host config: vmm=libkrun, yet the shim's VM is '$vmm'"
+		ctr task kill -s SIGKILL khc >/dev/null 2>&1
+		ctr task rm -f khc >/dev/null 2>&1
+	else
+		expect_out "host config" "$out" "libkrun"
+	fi
+	ctr containers rm khc >/dev/null 2>&1
+	: >"$host_config"
+}
+
 scenario_shim_cni() { cni_scenario kc --runtime io.containerd.krun.v2; }
 scenario_runc_shim_cni() { cni_scenario rc --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
@@ -764,7 +790,7 @@ PY
 
 vm_scenarios=(shim_run runc_shim_run shim_kill runc_shim_kill shim_exec runc_shim_exec shim_tty runc_shim_tty
 	shim_image runc_shim_image shim_pause runc_shim_pause podman_run podman_stop podman_exec podman_logs_kill
-	podman_rm_force podman_pause podman_update podman_it podman_network shim_cni runc_shim_cni shim_oom)
+	podman_rm_force podman_pause podman_update podman_it podman_network shim_cni runc_shim_cni shim_oom shim_host_config)
 wanted=()
 for s in "${vm_scenarios[@]}"; do selected "$s" && wanted+=("$s"); done
 

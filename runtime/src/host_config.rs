@@ -52,6 +52,17 @@ pub fn load() -> Result<HostConfig> {
     load_from(&path())
 }
 
+/// The VMM when no `--vmm` flag chooses one: `KRUN_OCI_VMM`, else the file's
+/// `vmm`, else auto. The CLI and the shim both ask here, so containerd and
+/// podman get the same engine on one host.
+pub fn default_vmm() -> Result<VmmChoice> {
+    if let Some(v) = std::env::var("KRUN_OCI_VMM").ok().filter(|v| !v.is_empty()) {
+        return <VmmChoice as clap::ValueEnum>::from_str(&v, true)
+            .map_err(|e| Error::InvalidInput(format!("KRUN_OCI_VMM={v:?}: {e}")));
+    }
+    Ok(load()?.vmm.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,7 +51,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
     // --vmm / KRUN_OCI_VMM, else the host config file, else auto.
     let vmm = match cli.vmm {
         Some(v) => v,
-        None => krun_oci::host_config::load()?.vmm.unwrap_or_default(),
+        None => krun_oci::host_config::default_vmm()?,
     };
     let ctx = commands::Context {
         root,

@@ -10,7 +10,6 @@ use std::time::{Duration, SystemTime};
 use krun_oci::container::Container;
 use krun_oci::lifecycle::{self, CreateOptions};
 use krun_oci::state::{StateStore, Status};
-use krun_oci::vmm::VmmChoice;
 
 use crate::error::{Error, Result};
 use crate::exits::{Exit, Exits};
@@ -71,7 +70,8 @@ impl Instance for KrunInstance {
             bundle: cfg.bundle,
             pid_file: None,
             console_socket: cfg.console_socket,
-            vmm: VmmChoice::Auto,
+            // The host's choice (KRUN_OCI_VMM, /etc/krun-oci/config.toml), as the CLI.
+            vmm: krun_oci::host_config::default_vmm()?,
             exe: cfg.exe,
             stdio: Some(cfg.stdio),
             systemd_cgroup: false,
