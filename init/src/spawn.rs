@@ -235,6 +235,19 @@ pub struct Namespaces {
     /// IPC-namespaced sysctls (`kernel.shm*`, `kernel.msg*`, `kernel.sem`,
     /// `fs.mqueue.*`): written by the main in its new IPC namespace.
     pub ipc_sysctls: Vec<(CString, Vec<u8>)>,
+    /// A pid namespace: the main is its PID 1 (see [`ChildSetup::apply`]).
+    pub pid: bool,
+    /// With pid and mount namespaces: `/proc` mounted again inside them.
+    pub proc_mount: Option<ProcMount>,
+}
+
+/// The config's `/proc` as the main mounts it again in its own pid and mount
+/// namespaces, with the masked and read-only paths below it re-applied.
+#[derive(Debug)]
+pub struct ProcMount {
+    pub flags: libc::c_ulong,
+    pub masked: Vec<CString>,
+    pub readonly: Vec<CString>,
 }
 
 /// `/proc/<pid>/ns/` names and `setns` types, user first (joining it grants the
@@ -272,6 +285,10 @@ impl Namespaces {
                 T::Ipc => libc::CLONE_NEWIPC,
                 T::Mount => libc::CLONE_NEWNS,
                 T::Cgroup => libc::CLONE_NEWCGROUP,
+                T::Pid => {
+                    ns.pid = true;
+                    0
+                }
                 T::User => {
                     let map = |m: Option<&Vec<oci_spec::runtime::LinuxIdMapping>>| {
                         m.filter(|m| !m.is_empty()).map(|m| {
@@ -298,6 +315,27 @@ impl Namespaces {
                 _ => 0,
             };
         }
+        if ns.pid && ns.flags & libc::CLONE_NEWNS != 0 {
+            let proc = spec.mounts().iter().flatten().rfind(|m| {
+                m.destination() == Path::new("/proc") && m.typ().as_deref() == Some("proc")
+            });
+            if let Some(m) = proc {
+                let o = crate::mounts::parse_options(m.options().as_deref().unwrap_or_default());
+                let under_proc = |paths: Option<&Vec<String>>| -> Vec<CString> {
+                    paths
+                        .into_iter()
+                        .flatten()
+                        .filter(|p| p.starts_with("/proc/"))
+                        .filter_map(|p| CString::new(p.as_str()).ok())
+                        .collect()
+                };
+                ns.proc_mount = Some(ProcMount {
+                    flags: o.flags.bits() as libc::c_ulong,
+                    masked: under_proc(linux.masked_paths().as_ref()),
+                    readonly: under_proc(linux.readonly_paths().as_ref()),
+                });
+            }
+        }
         if ns.flags & libc::CLONE_NEWIPC != 0 {
             for (key, value) in linux.sysctl().iter().flatten() {
                 if is_ipc_sysctl(key) {
@@ -313,20 +351,23 @@ impl Namespaces {
     }
 
     /// Opens the main's namespaces (those this plan made) for an exec to join.
+    /// The main's pid is its relay's (see [`relay`]): `pid_for_children` is the
+    /// namespace the main is PID 1 of.
     fn open_main(&self, main: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, String> {
+        let pid = self.pid.then_some(("pid_for_children", libc::CLONE_NEWPID));
         NS_FILES
             .iter()
-            .filter(|(_, t)| {
-                if *t == libc::CLONE_NEWUSER {
-                    self.user_maps.is_some()
-                } else {
-                    self.flags & t != 0
-                }
+            .copied()
+            .chain(pid)
+            .filter(|(_, t)| match *t {
+                libc::CLONE_NEWUSER => self.user_maps.is_some(),
+                libc::CLONE_NEWPID => self.pid,
+                t => self.flags & t != 0,
             })
             .map(|(name, t)| {
                 let path = format!("/proc/{main}/ns/{name}");
                 File::open(&path)
-                    .map(|f| (OwnedFd::from(f), *t))
+                    .map(|f| (OwnedFd::from(f), t))
                     .map_err(|e| {
                         format!(
                             "joining the container's namespaces: {path}: {}",
@@ -413,6 +454,9 @@ struct ChildSetup {
     join: Vec<(OwnedFd, libc::c_int)>,
     /// cwd again after joining a mount namespace (setns moves to its root).
     cwd: CString,
+    /// The main makes a pid namespace (an exec joins the main's through `join`):
+    /// the child forks once more and relays for the grandchild, PID 1 there.
+    pid_ns: bool,
 }
 
 #[repr(C)]
@@ -440,12 +484,27 @@ fn check(ret: libc::c_long) -> io::Result<()> {
 }
 
 impl ChildSetup {
+    /// Moves the caller into the container cgroup (async-signal-safe).
+    fn join_cgroup(&self) -> io::Result<()> {
+        if let Some(procs) = &self.confinement.cgroup_procs {
+            // SAFETY: a write of one byte from a static buffer to an fd we hold.
+            check(
+                unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } as libc::c_long,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Runs in the child between fork and exec: raw syscalls only, no allocation.
     fn apply(&self) -> io::Result<()> {
         // SAFETY: plain syscalls on values prepared before the fork.
         unsafe {
-            if let Some(procs) = &self.confinement.cgroup_procs {
-                check(libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) as libc::c_long)?;
+            // With a pid namespace this process stays behind as a relay (below): it
+            // must not count in the container's cgroup (pids.max), so the grandchild
+            // joins it, and makes the cgroup namespace after that.
+            let forks = self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID);
+            if !forks {
+                self.join_cgroup()?;
             }
             // The user namespace first: the others then belong to it (as runc).
             if let Some([ready, go, parent_ready, parent_go]) = self.user_ns {
@@ -459,14 +518,28 @@ impl ChildSetup {
                     return Err(io::Error::other("the user namespace was not mapped"));
                 }
             }
+            let mut joined_pid_ns = false;
+            // Joined after the cgroup (a process inside a cgroup namespace cannot
+            // move in from outside its root).
+            let mut cgroup_ns = None;
             for (fd, nstype) in &self.join {
+                if forks && *nstype == libc::CLONE_NEWCGROUP {
+                    cgroup_ns = Some(fd.as_raw_fd());
+                    continue;
+                }
                 check(libc::setns(fd.as_raw_fd(), *nstype) as libc::c_long)?;
+                joined_pid_ns |= *nstype == libc::CLONE_NEWPID;
             }
             if !self.join.is_empty() {
                 check(libc::chdir(self.cwd.as_ptr()) as libc::c_long)?;
             }
-            if self.unshare != 0 {
-                check(libc::unshare(self.unshare) as libc::c_long)?;
+            let unshare = if forks {
+                self.unshare & !libc::CLONE_NEWCGROUP
+            } else {
+                self.unshare
+            };
+            if unshare != 0 {
+                check(libc::unshare(unshare) as libc::c_long)?;
                 if let Some(ns) = &self.confinement.namespaces {
                     for (path, value) in &ns.ipc_sysctls {
                         let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -474,6 +547,45 @@ impl ChildSetup {
                         let n = libc::write(fd, value.as_ptr().cast(), value.len());
                         libc::close(fd);
                         check(n as libc::c_long)?;
+                    }
+                }
+            }
+            // A pid namespace applies to children: fork once more. This process
+            // stays behind as the relay (it is the pid guest-init knows); the
+            // grandchild, PID 1 of the new namespace (or a member of the main's),
+            // goes on to exec.
+            if forks {
+                debug_assert!(self.pid_ns || joined_pid_ns);
+                if self.pid_ns {
+                    check(libc::unshare(libc::CLONE_NEWPID) as libc::c_long)?;
+                }
+                // Blocked before the fork: the grandchild's exit must wait for the relay.
+                libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                let mut before: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::sigprocmask(libc::SIG_SETMASK, &all, &mut before);
+                let child = libc::fork();
+                if child > 0 {
+                    relay(child, &all);
+                }
+                libc::sigprocmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+                check(child as libc::c_long)?;
+                self.join_cgroup()?;
+                if self.unshare & libc::CLONE_NEWCGROUP != 0 {
+                    check(libc::unshare(libc::CLONE_NEWCGROUP) as libc::c_long)?;
+                }
+                if let Some(fd) = cgroup_ns {
+                    check(libc::setns(fd, libc::CLONE_NEWCGROUP) as libc::c_long)?;
+                }
+                if self.pid_ns {
+                    if let Some(p) = self
+                        .confinement
+                        .namespaces
+                        .as_ref()
+                        .and_then(|n| n.proc_mount.as_ref())
+                    {
+                        remount_proc(p)?;
                     }
                 }
             }
@@ -568,6 +680,17 @@ impl ChildSetup {
                     }
                 }
             }
+            if self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID) {
+                // The relay gone (SIGKILL), the workload goes too. Set after the
+                // uid change, which clears it.
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+            }
             if self.no_new_privs {
                 check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
                 if let Some(s) = &self.confinement.seccomp {
@@ -577,6 +700,105 @@ impl ChildSetup {
         }
         Ok(())
     }
+}
+
+/// The relay between guest-init and a process in a pid namespace (the
+/// grandchild): every signal it gets goes to `child`, and it ends as `child`
+/// ended (the same code, or killed by the same signal). Runs in the forked
+/// child before exec: async-signal-safe calls only, never returns.
+/// Called with every signal blocked (`all`).
+fn relay(child: libc::pid_t, all: &libc::sigset_t) -> ! {
+    // SAFETY: plain syscalls on local values; this process never returns to Rust code.
+    unsafe {
+        // No fd of ours may keep a pipe open: stdio is the grandchild's, and std's
+        // exec-status pipe must close when the grandchild execs.
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        loop {
+            let sig = libc::sigwaitinfo(all, std::ptr::null_mut());
+            if sig == libc::SIGCHLD {
+                let mut status = 0;
+                if libc::waitpid(child, &mut status, libc::WNOHANG) == child {
+                    if libc::WIFSIGNALED(status) {
+                        let s = libc::WTERMSIG(status);
+                        libc::signal(s, libc::SIG_DFL);
+                        let mut one: libc::sigset_t = std::mem::zeroed();
+                        libc::sigaddset(&mut one, s);
+                        libc::sigprocmask(libc::SIG_UNBLOCK, &one, std::ptr::null_mut());
+                        libc::kill(libc::getpid(), s);
+                        libc::_exit(128 + s);
+                    }
+                    libc::_exit(libc::WEXITSTATUS(status));
+                }
+            } else if sig > 0 {
+                libc::kill(child, sig);
+            }
+        }
+    }
+}
+
+/// In the main's own pid and mount namespaces: `/proc` again (the one guest-init
+/// mounted shows the VM's pids), and the config's masked and read-only paths
+/// under it. Async-signal-safe calls only.
+fn remount_proc(p: &ProcMount) -> io::Result<()> {
+    // SAFETY: syscalls on NUL-terminated strings prepared before the fork.
+    unsafe {
+        let proc = c"/proc".as_ptr();
+        libc::umount2(proc, libc::MNT_DETACH);
+        check(libc::mount(
+            c"proc".as_ptr(),
+            proc,
+            c"proc".as_ptr(),
+            p.flags,
+            std::ptr::null(),
+        ) as libc::c_long)?;
+        for path in &p.masked {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::stat(path.as_ptr(), &mut st) != 0 {
+                continue;
+            }
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                );
+            } else {
+                libc::mount(
+                    c"/dev/null".as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                );
+            }
+        }
+        for path in &p.readonly {
+            if libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) == 0
+            {
+                libc::mount(
+                    std::ptr::null(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn last_cap() -> u32 {
@@ -686,6 +908,7 @@ pub fn spawn(
         _ => None,
     };
     let setup = ChildSetup {
+        pid_ns: main.is_none() && namespaces.pid,
         unshare,
         user_ns: user_sync.as_ref().map(|(s, _)| {
             [

@@ -142,7 +142,14 @@ fn exit_code_137_when_killed_in_guest() {
     if !vm_available("exit_code_137_when_killed_in_guest") {
         return;
     }
-    let (code, state_code, ..) = run_to_exit("k137", &["sh", "-c", "kill -9 $$"]);
+    // Without a pid namespace of its own (there, the main is PID 1, which its own
+    // namespace cannot kill, as with runc).
+    let (code, state_code, ..) = run_to_exit_with("k137", &["sh", "-c", "kill -9 $$"], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "pid");
+    });
     assert_eq!((code, state_code), (137, 137));
 }
 
@@ -633,7 +640,9 @@ fn an_oom_kill_is_reported() {
 }
 
 /// The namespaces `linux.namespaces` lists without a path are the main's own,
-/// distinct from guest-init's (PID 1 of the VM); network and pid stay the VM's.
+/// distinct from guest-init's (PID 1 of the VM); network stays the VM's. The pid
+/// namespace is left out here so that `/proc/1` is guest-init (with it the main
+/// is PID 1 itself: conformance `mounts/proc`).
 #[test]
 fn the_main_has_its_own_namespaces_in_the_guest() {
     if !vm_available("the_main_has_its_own_namespaces_in_the_guest") {
@@ -643,6 +652,10 @@ fn the_main_has_its_own_namespaces_in_the_guest() {
         if [ \"$(readlink /proc/self/ns/$n)\" = \"$(readlink /proc/1/ns/$n)\" ]; then echo $n=init; else echo $n=own; fi; done";
     // Reading PID 1's namespace links takes CAP_SYS_PTRACE (init has more caps).
     let (code, _, out, err, _) = run_to_exit_with("ns-own", &["sh", "-c", script], |c| {
+        c["linux"]["namespaces"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|n| n["type"] != "pid");
         for set in ["bounding", "effective", "permitted"] {
             c["process"]["capabilities"][set]
                 .as_array_mut()
