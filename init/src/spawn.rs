@@ -354,7 +354,18 @@ impl Namespaces {
     /// The main's pid is its relay's (see [`relay`]): `pid_for_children` is the
     /// namespace the main is PID 1 of.
     fn open_main(&self, main: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, String> {
-        let pid = self.pid.then_some(("pid_for_children", libc::CLONE_NEWPID));
+        // With a pid namespace `main` is the relay: the namespaces made after its
+        // fork (cgroup) are the workload's, its only child.
+        let main = if self.pid {
+            crate::procfs::list()
+                .into_iter()
+                .find(|p| p.ppid == main)
+                .map(|p| p.pid)
+                .ok_or("the container's main process is gone")?
+        } else {
+            main
+        };
+        let pid = self.pid.then_some(("pid", libc::CLONE_NEWPID));
         NS_FILES
             .iter()
             .copied()
@@ -742,8 +753,9 @@ fn relay(child: libc::pid_t, all: &libc::sigset_t) -> ! {
 fn remount_proc(p: &ProcMount) -> io::Result<()> {
     // SAFETY: syscalls on NUL-terminated strings prepared before the fork.
     unsafe {
+        // On top of the one mounted at Setup (kept: the mount table stays in the
+        // config's order, this one last), which shows the VM's pids.
         let proc = c"/proc".as_ptr();
-        libc::umount2(proc, libc::MNT_DETACH);
         check(libc::mount(
             c"proc".as_ptr(),
             proc,

@@ -678,16 +678,19 @@ fn mount_order(ctx: &mut Ctx) -> Result<()> {
     let table: Vec<&Value> = r["mounts"].as_array().into_iter().flatten().collect();
     let mut last = 0;
     for (dest, typ, options) in &wanted {
-        // The last mount at a destination is the one the workload sees.
-        let Some(i) = table.iter().rposition(|m| m["mountpoint"] == dest.as_str()) else {
+        // Order by the first mount at each destination (when it was made); the
+        // last one there is what the workload sees (a runtime may stack one, as
+        // krun-oci stacks the pid namespace's /proc over the config's).
+        let at = |m: &&Value| m["mountpoint"] == dest.as_str();
+        let (Some(first), Some(i)) = (table.iter().position(at), table.iter().rposition(at)) else {
             anyhow::bail!("{dest} is not mounted: {}", r["mounts"]);
         };
         ensure!(
-            i >= last,
+            first >= last,
             "{dest} is mounted before an earlier config entry: {}",
             r["mounts"]
         );
-        last = i;
+        last = first;
         let m = table[i];
         if dest == "/sys/fs/cgroup" {
             continue;
