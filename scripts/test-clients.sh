@@ -294,20 +294,25 @@ kill_scenario() {
 scenario_shim_kill() { kill_scenario --runtime io.containerd.krun.v2; }
 scenario_runc_shim_kill() { kill_scenario --runtime io.containerd.runc.v2 --runc-binary "$KRUN_OCI"; }
 
-exec_scenario() {
-	local runtime_flags=("$@") out rc events_pid
-	: >"$work/events.out"
-	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >>"$work/events.out" 2>&1 &
+# `ctr events` into FILE in the background (its pid in $events_pid), returning once
+# the subscription is up: an event published now comes through.
+subscribe_events() {
+	local file=$1 n=0
+	: >"$file"
+	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >>"$file" 2>&1 &
 	events_pid=$!
-	# The subscription is up once an event published now comes through.
 	ctr namespaces create "$ns" >/dev/null 2>&1
-	local n=0
-	until grep -q "/namespaces/update" "$work/events.out"; do
+	until grep -q "/namespaces/update" "$file"; do
 		n=$((n + 1))
 		[ $n -ge 600 ] && { fail "ctr events never subscribed"; break; }
 		ctr namespaces label "$ns" krun-test-sync="$n" >/dev/null 2>&1
 		sleep 0.1
 	done
+}
+
+exec_scenario() {
+	local runtime_flags=("$@") out rc events_pid
+	subscribe_events "$work/events.out"
 	ctr run -d "${runtime_flags[@]}" --rootfs "$rootfs" ke sh -c 'while :; do sleep 1; done' >/dev/null 2>&1 ||
 		{ fail "ctr run -d failed"; return; }
 	wait_task_running ke || return
@@ -510,16 +515,7 @@ cni_scenario() {
 # cgroup of the VM, which never sees the guest's OOM kill).
 scenario_shim_oom() {
 	local out rc events_pid n=0
-	: >"$work/oom-events.out"
-	timeout "$CMD_TIMEOUT" ctr --address "$sock" events >>"$work/oom-events.out" 2>&1 &
-	events_pid=$!
-	ctr namespaces create "$ns" >/dev/null 2>&1
-	until grep -q "/namespaces/update" "$work/oom-events.out"; do
-		n=$((n + 1))
-		[ $n -ge 600 ] && { fail "ctr events never subscribed"; break; }
-		ctr namespaces label "$ns" krun-test-oom="$n" >/dev/null 2>&1
-		sleep 0.1
-	done
+	subscribe_events "$work/oom-events.out"
 	out=$(ctr run --rm --runtime io.containerd.krun.v2 --memory-limit 134217728 --rootfs "$rootfs" ko tail /dev/zero 2>&1); rc=$?
 	expect_rc "OOM kill" $rc 137
 	n=0

@@ -495,6 +495,12 @@ fn check(ret: libc::c_long) -> io::Result<()> {
 }
 
 impl ChildSetup {
+    /// Whether the workload runs in a pid namespace of the container's (made, or
+    /// joined by an exec): the child then forks once more and relays.
+    fn in_pid_ns(&self) -> bool {
+        self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID)
+    }
+
     /// Moves the caller into the container cgroup (async-signal-safe).
     fn join_cgroup(&self) -> io::Result<()> {
         if let Some(procs) = &self.confinement.cgroup_procs {
@@ -513,7 +519,7 @@ impl ChildSetup {
             // With a pid namespace this process stays behind as a relay (below): it
             // must not count in the container's cgroup (pids.max), so the grandchild
             // joins it, and makes the cgroup namespace after that.
-            let forks = self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID);
+            let forks = self.in_pid_ns();
             if !forks {
                 self.join_cgroup()?;
             }
@@ -529,7 +535,6 @@ impl ChildSetup {
                     return Err(io::Error::other("the user namespace was not mapped"));
                 }
             }
-            let mut joined_pid_ns = false;
             // Joined after the cgroup (a process inside a cgroup namespace cannot
             // move in from outside its root).
             let mut cgroup_ns = None;
@@ -539,7 +544,6 @@ impl ChildSetup {
                     continue;
                 }
                 check(libc::setns(fd.as_raw_fd(), *nstype) as libc::c_long)?;
-                joined_pid_ns |= *nstype == libc::CLONE_NEWPID;
             }
             if !self.join.is_empty() {
                 check(libc::chdir(self.cwd.as_ptr()) as libc::c_long)?;
@@ -566,7 +570,6 @@ impl ChildSetup {
             // grandchild, PID 1 of the new namespace (or a member of the main's),
             // goes on to exec.
             if forks {
-                debug_assert!(self.pid_ns || joined_pid_ns);
                 if self.pid_ns {
                     check(libc::unshare(libc::CLONE_NEWPID) as libc::c_long)?;
                 }
@@ -691,7 +694,7 @@ impl ChildSetup {
                     }
                 }
             }
-            if self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID) {
+            if self.in_pid_ns() {
                 // The relay gone (SIGKILL), the workload goes too. Set after the
                 // uid change, which clears it.
                 libc::prctl(

@@ -504,23 +504,10 @@ fn pids_limit(ctx: &mut Ctx) -> Result<()> {
 /// VM monitor, and with it the VMM) lives in that namespace.
 fn netns_path(ctx: &mut Ctx) -> Result<()> {
     ctx.require_container()?;
-    let mut holder = std::process::Command::new("unshare")
-        .args(["--net", "sleep", "600"])
-        .spawn()
-        .context("unshare --net")?;
-    let ns_path = format!("/proc/{}/ns/net", holder.id());
+    let holder = NetnsHolder::new()?;
+    let ns_path = holder.path.clone();
+    let want = fs::read_link(&ns_path)?;
     let result = (|| {
-        // unshare execs sleep once the namespace exists.
-        let want = (0..500)
-            .find_map(|_| {
-                let l = fs::read_link(&ns_path).ok()?;
-                if l != fs::read_link("/proc/self/ns/net").ok()? {
-                    return Some(l);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-                None
-            })
-            .ok_or_else(|| anyhow::anyhow!("no new network namespace at {ns_path}"))?;
         let p = ns_path.clone();
         let bundle = ctx.bundle(|c| {
             super::sleeper(c);
@@ -535,9 +522,47 @@ fn netns_path(ctx: &mut Ctx) -> Result<()> {
         ensure!(got == want, "container pid is in {got:?}, want {want:?}");
         Ok(())
     })();
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     result
+}
+
+/// A new network namespace held by `unshare --net sleep` (killed on drop), and its
+/// `/proc/<pid>/ns/net` path once the namespace exists.
+struct NetnsHolder {
+    child: std::process::Child,
+    path: String,
+}
+
+impl NetnsHolder {
+    fn new() -> Result<NetnsHolder> {
+        let child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "600"])
+            .spawn()
+            .context("unshare --net")?;
+        let holder = NetnsHolder {
+            path: format!("/proc/{}/ns/net", child.id()),
+            child,
+        };
+        // unshare execs sleep once the namespace exists.
+        let own = fs::read_link("/proc/self/ns/net")?;
+        (0..500)
+            .find(|_| {
+                let new = fs::read_link(&holder.path).is_ok_and(|l| l != own);
+                if !new {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                new
+            })
+            .ok_or_else(|| anyhow::anyhow!("no new network namespace at {}", holder.path))?;
+        Ok(holder)
+    }
+}
+
+impl Drop for NetnsHolder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A main that outgrows a 128 MiB memory limit is killed by the OOM killer:
@@ -731,22 +756,9 @@ fn loopback_up(ctx: &mut Ctx) -> Result<()> {
 /// addresses and MTU 1400): the workload sees it as it is there, with its MAC.
 fn netns_interface(ctx: &mut Ctx) -> Result<()> {
     ctx.require_container()?;
-    let mut holder = std::process::Command::new("unshare")
-        .args(["--net", "sleep", "600"])
-        .spawn()
-        .context("unshare --net")?;
-    let ns_path = format!("/proc/{}/ns/net", holder.id());
+    let holder = NetnsHolder::new()?;
+    let ns_path = holder.path.clone();
     let result = (|| {
-        let own = fs::read_link("/proc/self/ns/net")?;
-        (0..500)
-            .find(|_| {
-                let new = fs::read_link(&ns_path).is_ok_and(|l| l != own);
-                if !new {
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                new
-            })
-            .ok_or_else(|| anyhow::anyhow!("no new network namespace at {ns_path}"))?;
         let in_ns = |args: &[&str]| -> Result<String> {
             let out = std::process::Command::new("nsenter")
                 .arg(format!("--net={ns_path}"))
@@ -801,8 +813,7 @@ fn netns_interface(ctx: &mut Ctx) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
     result
 }
 
