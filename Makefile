@@ -53,6 +53,10 @@ test: build kernel-test
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
 		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --preflight \
 		--expected-failures conformance/expected-differences.txt
+	# The same suite with a warm pool of 2 serving every create (docs/pool.md).
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
+		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --pool 2 \
+		--expected-failures conformance/expected-differences.txt
 	$(MAKE) test-clients
 
 ## test-clients: podman and containerd (both shims) driving krun-oci; exit 77 = skipped (reason printed).

@@ -144,10 +144,14 @@ def descendants(pid):
     return out
 
 
-def memory_kb(pid):
-    """{comm: (pss_kb, rss_kb)} for pid and its descendants."""
+def memory_kb(pid, extra=()):
+    """{comm: (pss_kb, rss_kb)} for pid and its descendants (and extra pids' trees: a
+    pooled VM's member and helpers are not the monitor's children)."""
     res = {}
-    for p in descendants(pid):
+    pids = set(descendants(pid))
+    for e in extra:
+        pids.update(descendants(e))
+    for p in sorted(pids):
         try:
             comm = open(f"/proc/{p}/comm").read().strip()
             pss = rss = 0
@@ -158,7 +162,7 @@ def memory_kb(pid):
                     rss = int(line.split()[1])
         except OSError:
             continue
-        name = "monitor" if p == pid else comm
+        name = "monitor" if p == pid else ("pool-member" if comm == "krun-oci" else comm)
         a, b = res.get(name, (0, 0))
         res[name] = (a + pss, b + rss)
     return res
@@ -250,7 +254,8 @@ def one_lifecycle(rt, cid, measure_vm=False):
         if measure_vm:
             time.sleep(IDLE_S)
             mon = int(open(pid_file).read().strip())
-            mem = memory_kb(mon)
+            st = json.load(open(os.path.join(rt.root, cid, "state.json")))
+            mem = memory_kb(mon, st.get("helper_pids", []))
             r["pss_kb"] = sum(v[0] for v in mem.values())
             r["rss_kb"] = sum(v[1] for v in mem.values())
             r["pss_by_process"] = {k: v[0] for k, v in mem.items()}
@@ -260,6 +265,117 @@ def one_lifecycle(rt, cid, measure_vm=False):
         if os.path.exists(pid_file):
             os.unlink(pid_file)
     return r
+
+
+class PoolDaemon:
+    """`krun-oci pool serve` on a root, for the pool figures."""
+
+    def __init__(self, krun, root, idle, env):
+        self.krun, self.root, self.idle, self.env = krun, root, idle, env
+        os.makedirs(root, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [krun, "--root", root, "--log", root + ".pool.log", "pool", "serve",
+             "--min-idle", str(idle), "--max-idle", str(idle)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env)
+
+    def status(self):
+        p = subprocess.run([self.krun, "--root", self.root, "pool", "status", "--format", "json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=self.env)
+        return json.loads(p.stdout) if p.returncode == 0 else None
+
+    def wait_full(self, timeout=120):
+        t0 = now()
+        while now() - t0 < timeout:
+            s = self.status()
+            if s and s["idle"] >= self.idle:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def idle_pss_kb(self):
+        """PSS of each idle member's process tree (member, QEMU and helpers)."""
+        s = self.status() or {"members": []}
+        return [sum(v[0] for v in memory_kb(m["pid"]).values())
+                for m in s["members"] if m["state"] == "idle"]
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def pool_figures(krun, kr, runs, burst, podman_runs):
+    """create on a pool hit, start/exec on a pooled VM, creates arriving faster than the
+    pool refills, memory per idle pooled VM, and podman run end to end."""
+    env = dict(os.environ, KRUN_OCI_KERNEL_SOURCE="own")
+    out = {"hit": [], "burst": [], "burst_hits": 0, "idle_pss": [], "podman": {}}
+    pool = PoolDaemon(krun, kr.root, 2, env)
+    try:
+        if not pool.wait_full():
+            raise RuntimeError("the pool did not fill")
+        time.sleep(IDLE_S)
+        out["idle_pss"] = pool.idle_pss_kb()
+        rt = Runtime("krun-oci (pool hit)", krun, kr.root, kr.bundle, env)
+        for i in range(runs):
+            pool.wait_full()
+            out["hit"].append(one_lifecycle(rt, f"bench-pool-{i}", measure_vm=True))
+        pool.wait_full()
+        hits0 = pool.status()["hits"]
+        for i in range(burst):
+            cid = f"bench-burst-{i}"
+            t0 = now()
+            subprocess.run(rt.cli("create", "--bundle", rt.bundle, cid), env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120, check=True)
+            out["burst"].append(now() - t0)
+            run(rt.cli("delete", "--force", cid), env=env, check=False)
+        out["burst_hits"] = pool.status()["hits"] - hits0
+        if podman_runs > 0 and shutil.which("podman"):
+            out["podman"] = podman_figures(krun, kr, pool, podman_runs, env)
+    finally:
+        pool.close()
+    return out
+
+
+def podman_figures(krun, kr, pool, runs, env):
+    """`podman run --rm ... true`, end to end: runc, krun-oci with the pool, krun-oci cold."""
+    work = os.path.dirname(kr.root)
+    wrappers = {}
+    for name, line in [
+        ("runc", f"exec /usr/sbin/runc \"$@\""),
+        ("krun-oci (pool)", f"KRUN_OCI_INIT={os.environ.get('KRUN_OCI_INIT', '')} "
+                            f"exec {krun} --root {kr.root} \"$@\""),
+        ("krun-oci (cold)", f"KRUN_OCI_INIT={os.environ.get('KRUN_OCI_INIT', '')} "
+                            f"exec {krun} --root {kr.root}-cold \"$@\""),
+    ]:
+        d = os.path.join(work, "podman-bin", name.replace(" ", "_").replace("(", "").replace(")", ""))
+        os.makedirs(d, exist_ok=True)
+        # podman goes by the runtime's basename: krun-oci's wrapper is named krun-oci.
+        w = os.path.join(d, "runc" if name == "runc" else "krun-oci")
+        with open(w, "w") as f:
+            f.write(f"#!/bin/sh\n{line}\n")
+        os.chmod(w, 0o755)
+        wrappers[name] = w
+    base = ["podman", "--root", os.path.join(work, "podman-root"), "--runroot",
+            os.path.join(work, "podman-run"), "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file"]
+    res = {}
+    for name, w in wrappers.items():
+        times = []
+        for _ in range(runs):
+            if name == "krun-oci (pool)":
+                pool.wait_full()
+            t0 = now()
+            p = subprocess.run(base + ["run", "--rm", "--runtime", w, "--network", "none",
+                                       "--ulimit", "nofile=1024:1024", "--ulimit",
+                                       "nproc=1024:1024", "--rootfs", kr.rootfs, "true"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=env, timeout=180)
+            if p.returncode != 0:
+                raise RuntimeError(f"podman run with {name}: {p.stderr.decode().strip()}")
+            times.append(now() - t0)
+        res[name] = times
+    return res
 
 
 NET_SCRIPT = (
@@ -414,6 +530,12 @@ def main():
                     help="MiB sent over HTTP each way between the container and the far "
                          "side of a veth (0: skip)")
     ap.add_argument("--net-runs", type=int, default=int(os.environ.get("BENCH_NET_RUNS", "3")))
+    ap.add_argument("--pool-runs", type=int, default=int(os.environ.get("BENCH_POOL_RUNS", "7")),
+                    help="lifecycles on a pool hit (0: skip the pool figures)")
+    ap.add_argument("--pool-burst", type=int, default=20,
+                    help="creates sent back to back against a pool of 2")
+    ap.add_argument("--podman-runs", type=int, default=5,
+                    help="podman run --rm ... true per runtime (0: skip)")
     a = ap.parse_args()
     # SIGTERM/SIGHUP (e.g. make interrupted) still run the cleanup below.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -472,11 +594,18 @@ def main():
                 net.close()
             print("  network runs done", file=sys.stderr, flush=True)
 
+        pool = None
+        if a.pool_runs > 0:
+            pool = pool_figures(krun, kr, a.pool_runs, a.pool_burst, a.podman_runs)
+            results["krun-oci (pool hit)"] = pool["hit"]
+            print("  pool runs done", file=sys.stderr, flush=True)
+
         def col(label, key):
             return [r.get(key, float("nan")) for r in results[label]]
 
         sections = [
-            ("create (cold VM boot to `created`)", "create", fmt_s),
+            ("create (cold VM boot to `created`; the pool row: a pooled VM claimed)",
+             "create", fmt_s),
             ("start: invoke `start` -> main's first write seen (inotify)", "start_main", fmt_s),
             ("start: invoke `start` -> `start` returned", "start_returned", fmt_s),
             ("start: invoke `start` -> main's first stdout line on create's stdout",
@@ -494,6 +623,19 @@ def main():
                 if key in ("ready", "pss_kb", "rss_kb") and label == "runc":
                     continue
                 print(f"  {label:40s} {f(col(label, key))}")
+        if pool:
+            b = sorted(pool["burst"])
+            pct = lambda q: b[min(len(b) - 1, int(round(q * (len(b) - 1))))]
+            print(f"\n## create, {len(b)} creates back to back against a pool of 2 "
+                  f"({pool['burst_hits']} hits)")
+            print(f"  {'krun-oci (pool)':40s} p50 {pct(0.5) * 1000:.0f} ms, p95 "
+                  f"{pct(0.95) * 1000:.0f} ms (min {b[0] * 1000:.0f}, max {b[-1] * 1000:.0f})")
+            print("\n## host memory per idle pooled VM, PSS (member+qemu+virtiofsd x2+vhost-device-vsock)")
+            print(f"  {'krun-oci (pool, idle)':40s} {fmt_mb(pool['idle_pss'])}")
+            if pool["podman"]:
+                print("\n## podman run --rm --network none --rootfs R true, end to end")
+                for label, v in pool["podman"].items():
+                    print(f"  {label:40s} {fmt_s(v)}")
         if density:
             print(f"\n## host memory per idle VM, PSS, {a.density} idle VMs up at once "
                   "(shared pages split between them; 3 runs)")

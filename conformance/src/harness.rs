@@ -36,6 +36,20 @@ pub struct Config {
     /// Set when the preflight container could not run: tests that need a bundle fail at once
     /// with this reason instead of each waiting out its timeouts.
     pub preflight_error: Option<String>,
+    /// One `--root` for every test (`run --pool`: the pool serves one root).
+    pub shared_root: Option<PathBuf>,
+}
+
+/// The pool daemon's pid (`run --pool`): not an orphan to kill between tests.
+pub static POOL_DAEMON: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Makes container IDs unique across tests that share one root.
+static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Config {
+    /// The `--root` of a test whose directory is `dir`.
+    pub fn state_root(&self, dir: &Path) -> PathBuf {
+        self.shared_root.clone().unwrap_or_else(|| dir.join("root"))
+    }
 }
 
 /// What a test created, so cleanup can undo it even after a failure or a timeout.
@@ -124,7 +138,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(cfg: Arc<Config>, dir: PathBuf, track: Arc<Mutex<Tracked>>) -> Result<Ctx> {
-        let root = dir.join("root");
+        let root = cfg.state_root(&dir);
         fs::create_dir_all(&root)?;
         Ok(Ctx {
             cfg,
@@ -148,7 +162,7 @@ impl Ctx {
 
     /// A fresh container ID, tracked for cleanup.
     pub fn new_id(&mut self) -> String {
-        let n = self.next();
+        let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let id = format!("conf{}-{n}", std::process::id());
         self.track.lock().unwrap().ids.push(id.clone());
         id
@@ -559,11 +573,19 @@ pub fn reap_zombies() {
     }
 }
 
+/// Our children but the pool daemon (`run --pool`): what a test left behind.
+pub fn orphans() -> Vec<i32> {
+    let daemon = POOL_DAEMON.load(std::sync::atomic::Ordering::Relaxed);
+    children_of(std::process::id() as i32)
+        .into_iter()
+        .filter(|&k| k != daemon)
+        .collect()
+}
+
 /// SIGKILL and reap every child of this process (orphans reparented to the subreaper), bounded.
 pub fn kill_orphans() {
-    let me = std::process::id() as i32;
     for _ in 0..50 {
-        let kids = children_of(me);
+        let kids = orphans();
         for k in &kids {
             let _ = kill(Pid::from_raw(*k), Signal::SIGKILL);
         }

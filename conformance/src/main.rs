@@ -8,6 +8,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 mod harness;
+mod pool;
 mod report;
 mod suite;
 
@@ -69,6 +70,10 @@ enum Cmd {
         /// once with its reason (keeps a run against a runtime that cannot boot short).
         #[arg(long)]
         preflight: bool,
+        /// Run krun-oci's warm pool with this many idle VMs for the whole suite
+        /// (all tests then share one --root, the pool's).
+        #[arg(long)]
+        pool: Option<u32>,
     },
     /// Side-by-side Markdown table from two JSON result files.
     Compare {
@@ -161,7 +166,7 @@ fn cleanup_on_signal(cfg: Arc<Config>, current: Current) -> Result<()> {
         if let Some(sig) = signals.forever().next() {
             eprintln!("# interrupted (signal {sig}): cleaning up");
             if let Some((dir, track)) = current.lock().unwrap().take() {
-                harness::cleanup(&cfg, &dir.join("root"), &dir, &track);
+                harness::cleanup(&cfg, &cfg.state_root(&dir), &dir, &track);
                 let _ = std::fs::remove_dir_all(&dir);
             }
             harness::kill_orphans();
@@ -220,7 +225,7 @@ fn run_one(
         (Outcome::Pass, Err(e)) => Outcome::Fail(format!("--log: {e:#}")),
         (o, _) => o,
     };
-    let notes = harness::cleanup(cfg, &tmp.path().join("root"), tmp.path(), &track);
+    let notes = harness::cleanup(cfg, &cfg.state_root(tmp.path()), tmp.path(), &track);
     for n in notes {
         eprintln!("# cleanup {}: {n}", t.name);
     }
@@ -243,6 +248,7 @@ fn run(
     timeout: u64,
     test_timeout: u64,
     preflight: bool,
+    pool: Option<u32>,
 ) -> Result<i32> {
     let runtime = std::fs::canonicalize(&runtime)
         .with_context(|| format!("runtime {}", runtime.display()))?;
@@ -269,6 +275,15 @@ fn run(
         checker,
         cmd_timeout: Duration::from_secs(timeout),
         preflight_error: None,
+        shared_root: None,
+    };
+    let pool = match pool {
+        Some(n) => {
+            let p = pool::PoolRun::start(&cfg.runtime, n)?;
+            cfg.shared_root = Some(p.root());
+            Some(p)
+        }
+        None => None,
     };
     cleanup_on_signal(Arc::new(cfg.clone()), current.clone())?;
     if preflight {
@@ -298,6 +313,9 @@ fn run(
     }
     let mut results = Vec::new();
     for (i, t) in tests.iter().enumerate() {
+        if let Some(p) = &pool {
+            p.wait_full();
+        }
         let r = run_one(&cfg, t, Duration::from_secs(test_timeout), &current);
         if format == Format::Tap {
             let e = exp
@@ -307,6 +325,10 @@ fn run(
             out.flush()?;
         }
         results.push(r);
+    }
+    if let Some(p) = pool {
+        let (hits, misses) = p.stop();
+        eprintln!("# pool: {hits} creates on a pooled VM, {misses} misses (cold boots)");
     }
     harness::kill_orphans();
     let mut json = report::to_json(&name, &results, exp.as_deref());
@@ -395,6 +417,7 @@ fn main() {
             timeout,
             test_timeout,
             preflight,
+            pool,
         } => run(
             runtime,
             runtime_name,
@@ -406,6 +429,7 @@ fn main() {
             timeout,
             test_timeout,
             preflight,
+            pool,
         ),
         Cmd::Compare {
             oracle,

@@ -157,6 +157,12 @@ pub fn root_tag(cmdline: &str) -> String {
         .to_string()
 }
 
+/// Whether the root comes later (`krun_oci.root=deferred`: a pooled VM, booted
+/// before its container exists).
+pub fn root_is_deferred(cmdline: &str) -> bool {
+    cmdline_words(cmdline).any(|w| w == "krun_oci.root=deferred")
+}
+
 /// Whether power-off must be a reboot (`krun_oci.halt=reboot`: the acpi=off
 /// microvm model, where QEMU runs with -no-reboot).
 pub fn halt_is_reboot(cmdline: &str) -> bool {
@@ -246,18 +252,49 @@ pub fn container_mounts(root: &str, sandbox: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// VM: mounts the virtio-fs root at /newroot, fills it and moves it over `/`
-/// (initramfs cannot be pivoted away from), then chroots into it.
+/// VM: mounts the virtio-fs root at /newroot and switches into it.
 pub fn switch_to_virtiofs_root(tag: &str) -> io::Result<()> {
     const NEWROOT: &str = "/newroot";
     mount_fs(tag, NEWROOT, "virtiofs", MsFlags::empty(), None)?;
-    container_mounts(NEWROOT, false)?;
-    std::env::set_current_dir(NEWROOT)?;
+    enter_new_root(NEWROOT)
+}
+
+/// Fills `newroot` and moves it over `/` (initramfs cannot be pivoted away
+/// from), then chroots into it.
+fn enter_new_root(newroot: &str) -> io::Result<()> {
+    container_mounts(newroot, false)?;
+    std::env::set_current_dir(newroot)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(|e| err("moving the root", e.desc()))?;
     nix::unistd::chroot(".").map_err(|e| err("chroot", e.desc()))?;
     std::env::set_current_dir("/")?;
     Ok(())
+}
+
+/// A deferred root: mounts the share `tag` at /share, binds its `entry` (where
+/// the host attached the container's root) at /newroot, and switches into it
+/// as [`switch_to_virtiofs_root`] does. The share itself stays behind, hidden
+/// under the new root.
+pub fn switch_to_share_entry(tag: &str, entry: &str) -> io::Result<()> {
+    const SHARE: &str = "/share";
+    const NEWROOT: &str = "/newroot";
+    if entry.is_empty() || entry.contains('/') || entry == "." || entry == ".." {
+        return Err(err(
+            "deferred root entry",
+            format!("{entry:?} is not a name"),
+        ));
+    }
+    fs::create_dir_all(NEWROOT).map_err(|e| err(NEWROOT, e))?;
+    mount_fs(tag, SHARE, "virtiofs", MsFlags::empty(), None)?;
+    mount(
+        Some(format!("{SHARE}/{entry}").as_str()),
+        NEWROOT,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| err("binding the deferred root", e.desc()))?;
+    enter_new_root(NEWROOT)
 }
 
 /// Host-sandbox harness: in our private mount namespace, bind `rootfs` onto

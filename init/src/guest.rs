@@ -49,8 +49,13 @@ enum StdinChunk {
 pub struct Guest {
     pub reaper: Reaper,
     pub halt: Halt,
-    /// Directory handle of the container root (for `/.a3s_exit_code`).
-    pub root: OwnedFd,
+    /// Directory handle of the container root (for `/.a3s_exit_code`); unset
+    /// until `Setup` on a VM booted with a deferred root (a pooled VM).
+    root: std::sync::OnceLock<OwnedFd>,
+    /// The `rootfs` share's tag when the root is deferred.
+    deferred_root_tag: Option<String>,
+    /// Held by a pooled VM's warm-up (warm.rs); setup waits for it.
+    warm: Mutex<()>,
     /// A detached, writable clone of the root mount, taken before a read-only
     /// root is remounted: the exit code can still be written, and the container
     /// cannot see or reach it.
@@ -69,12 +74,20 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub fn new(halt: Halt, root: OwnedFd) -> Arc<Self> {
+    /// `root`: the container root already switched into; `Err(tag)`: deferred,
+    /// the root is the share `tag`'s entry that `Setup` names.
+    pub fn new(halt: Halt, root: Result<OwnedFd, String>) -> Arc<Self> {
         let (tx, rx) = mpsc::sync_channel(64);
+        let (root, deferred_root_tag) = match root {
+            Ok(fd) => (std::sync::OnceLock::from(fd), None),
+            Err(tag) => (std::sync::OnceLock::new(), Some(tag)),
+        };
         Arc::new(Self {
             reaper: Reaper::default(),
             halt,
             root,
+            deferred_root_tag,
+            warm: Mutex::new(()),
             root_rw: std::sync::OnceLock::new(),
             main_pid: AtomicI32::new(MAIN_NONE),
             main_pty: Mutex::new(None),
@@ -130,6 +143,51 @@ impl Guest {
                 }
             })?;
         Ok(())
+    }
+
+    /// A pooled VM, idle: walk the guest kernel paths its setup and spawn will
+    /// take (warm.rs). Returns at once; setup waits for it.
+    pub fn start_warm_up(self: &Arc<Self>) {
+        let Some(tag) = self.deferred_root_tag.clone() else {
+            return;
+        };
+        let g = self.clone();
+        let (locked_tx, locked_rx) = mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name("warm-up".into())
+            .spawn(move || {
+                let _held = lock(&g.warm);
+                let _ = locked_tx.send(());
+                crate::warm::warm_up(&g.reaper, &tag);
+            });
+        if spawned.is_ok() {
+            // The lock is taken before any request can be served.
+            let _ = locked_rx.recv();
+        }
+    }
+
+    /// A pooled VM's root: the host has attached the container's root at
+    /// `entry` of the rootfs share; switch into it, as a cold boot does at boot.
+    fn switch_to_deferred_root(&self, entry: Option<&str>) -> Result<(), String> {
+        match (&self.deferred_root_tag, entry) {
+            (None, None) => Ok(()),
+            (None, Some(_)) => {
+                Err("this VM booted into its root; no deferred root to attach".into())
+            }
+            (Some(_), None) => Err("this VM's root is deferred and setup named none".into()),
+            (Some(_), Some(_)) if self.root.get().is_some() => {
+                Err("the deferred root is already attached".into())
+            }
+            (Some(tag), Some(entry)) => {
+                let _warmed = lock(&self.warm);
+                crate::boot::switch_to_share_entry(tag, entry)
+                    .map_err(|e| format!("switching to the container's root: {e}"))?;
+                let root =
+                    File::open("/").map_err(|e| format!("opening the container's root: {e}"))?;
+                let _ = self.root.set(OwnedFd::from(root));
+                Ok(())
+            }
+        }
     }
 
     /// `root.readonly`: keep a detached writable clone of the root mount for the
@@ -231,17 +289,26 @@ impl Guest {
                 spec,
                 seccomp,
                 network,
+                deferred_root,
             } => seccomp
                 .as_ref()
                 .map(spawn::Seccomp::decode)
                 .transpose()
                 .and_then(|filter| {
+                    // Each step's time in the log, as boot's are (docs/guest-init.md).
+                    let mut t = crate::boot::Timings::new(std::time::Instant::now());
+                    self.switch_to_deferred_root(deferred_root.as_deref())?;
+                    t.mark("setup: root");
                     crate::network::apply(&network)?;
+                    t.mark("setup: network");
                     // Before the config's mounts, which may make /sys/fs/cgroup read-only.
                     let cgroup_procs = crate::resources::apply(&spec)?;
+                    t.mark("setup: resources");
                     apply_setup(&spec)?;
+                    t.mark("setup: mounts and the rest of the config");
                     self.apply_readonly_root(&spec)?;
                     let namespaces = spawn::Namespaces::from_spec(&spec)?;
+                    t.mark("setup: namespaces");
                     let _ = self.confinement.set(spawn::Confinement {
                         seccomp: filter.map(Arc::new),
                         cgroup_procs: cgroup_procs.map(Arc::new),
@@ -535,8 +602,13 @@ impl Guest {
         self.main_pid.store(MAIN_EXITED, Ordering::SeqCst);
         self.finishing.store(true, Ordering::SeqCst);
         log::info!("main process exited with {code}");
-        if let Err(e) = write_exit_code(self.root_rw.get().unwrap_or(&self.root), code) {
-            log::error!("writing /.a3s_exit_code: {e}");
+        match self.root_rw.get().or(self.root.get()) {
+            Some(root) => {
+                if let Err(e) = write_exit_code(root, code) {
+                    log::error!("writing /.a3s_exit_code: {e}");
+                }
+            }
+            None => log::error!("no container root for /.a3s_exit_code"),
         }
         terminate_all();
         for p in pumps {

@@ -18,6 +18,7 @@ mod reaper;
 mod resources;
 mod spawn;
 mod transport;
+mod warm;
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -46,6 +47,10 @@ enum Mode {
 }
 
 fn main() {
+    if std::env::var_os(warm::WARM_ENV).is_some() {
+        // The warm-up's spawn (warm.rs): it only had to get here.
+        std::process::exit(0);
+    }
     let start = Instant::now();
     logger::init();
     // A panicking service thread dies alone; the panic is logged, PID 1 lives on.
@@ -80,7 +85,7 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
         // SAFETY: prctl with integer arguments.
         unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     }
-    let (transport, listeners, halt) = match mode {
+    let (transport, listeners, halt, root) = match mode {
         Mode::Vm => {
             boot::early_mounts()?;
             boot::ensure_std_fds();
@@ -92,14 +97,21 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
             let transport = Transport::Vsock;
             let listeners = bind_all(&transport)?;
             t.mark("listeners");
-            boot::switch_to_virtiofs_root(&boot::root_tag(&cmdline))?;
-            t.mark("root");
+            // A pooled VM boots before its container: the root comes with Setup.
+            let tag = boot::root_tag(&cmdline);
+            let root = if boot::root_is_deferred(&cmdline) {
+                Err(tag)
+            } else {
+                boot::switch_to_virtiofs_root(&tag)?;
+                t.mark("root");
+                Ok(())
+            };
             let halt = if boot::halt_is_reboot(&cmdline) {
                 Halt::Reboot
             } else {
                 Halt::PowerOff
             };
-            (transport, listeners, halt)
+            (transport, listeners, halt, root)
         }
         Mode::Sandbox { dir, rootfs } => {
             let transport = Transport::unix(dir)?;
@@ -107,10 +119,13 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
             t.mark("listeners");
             boot::switch_to_sandbox_root(&rootfs)?;
             t.mark("root");
-            (transport, listeners, Halt::Exit)
+            (transport, listeners, Halt::Exit, Ok(()))
         }
     };
-    let root = OwnedFd::from(std::fs::File::open("/")?);
+    let root = match root {
+        Ok(()) => Ok(OwnedFd::from(std::fs::File::open("/")?)),
+        Err(tag) => Err(tag),
+    };
     let guest = Guest::new(halt, root);
     {
         let g = guest.clone();
@@ -139,6 +154,7 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
     )
     .map_err(|e| io::Error::other(format!("sending ready: {e}")))?;
     guest.attach_events(events)?;
+    guest.start_warm_up();
 
     for l in listeners {
         let g = guest.clone();

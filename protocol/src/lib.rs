@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use oci_spec::runtime::Process;
 
 /// Bumped on every incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest accepted frame body (kind byte + payload).
 pub const MAX_FRAME_LEN: u32 = 1024 * 1024 + 1;
@@ -210,6 +210,12 @@ pub enum Message {
         /// only). Guest-init brings `lo` up in every case.
         #[serde(default)]
         network: Vec<net::NetInterface>,
+        /// A VM booted before its container (a pooled VM, booted with
+        /// `krun_oci.root=deferred`) has no root yet: the container's root is
+        /// this entry of the `rootfs` share, switched into before the rest of
+        /// the setup. `None` on a VM that booted into its root.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deferred_root: Option<String>,
     },
     /// Host -> guest on the control port, at start and before `SpawnMain`: links
     /// that appeared in the container's network namespace after create, attached

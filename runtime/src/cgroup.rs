@@ -74,6 +74,18 @@ impl HostCgroup {
         }
     }
 
+    /// Moves more processes (a pooled VM's) into the cgroup (one manager:
+    /// opening one costs more than moving a pid).
+    pub fn add(&self, pids: &[i32]) -> Result<()> {
+        let manager = self.manager()?;
+        for &pid in pids {
+            manager
+                .add_task(Pid::from_raw(pid))
+                .map_err(|e| err(&format!("moving pid {pid} into {}", self.path.display()), e))?;
+        }
+        Ok(())
+    }
+
     /// Applies cpu and block I/O limits (`enter`, and `update` later).
     pub fn apply(&self, resources: &LinuxResources) -> Result<()> {
         self.manager()?

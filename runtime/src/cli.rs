@@ -83,6 +83,9 @@ pub enum Command {
     Logs(LogsArgs),
     /// Diagnose what this host can run and which VMM would be used.
     Check,
+    /// The warm pool of pre-booted VMs that `create` claims.
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Internal: the per-container VM monitor (started by `create`).
     #[command(hide = true)]
     Monitor(MonitorArgs),
@@ -92,6 +95,58 @@ pub enum Command {
     /// Internal: the libkrun VMM of one container (started by its monitor).
     #[command(hide = true)]
     LibkrunVmm(LibkrunVmmArgs),
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum PoolCommand {
+    /// Keep idle VMs ready for this --root's creates (runs until SIGTERM).
+    Serve(PoolServeArgs),
+    /// Show the pool's idle, booting and claimed VMs and its hit/miss counts.
+    Status(PoolStatusArgs),
+    /// Internal: one pooled VM (started by `pool serve`).
+    #[command(hide = true)]
+    Member(PoolMemberArgs),
+}
+
+/// Flags over `[pool]` in the host config file.
+#[derive(Args, Debug, Clone, Default)]
+pub struct PoolServeArgs {
+    /// Idle VMs kept ready.
+    #[arg(long)]
+    pub min_idle: Option<u32>,
+    /// Idle VMs kept while creates miss.
+    #[arg(long)]
+    pub max_idle: Option<u32>,
+    /// Seconds an idle VM lives before it is replaced.
+    #[arg(long)]
+    pub ttl: Option<u64>,
+    /// vCPUs of each VM (containers of another size boot cold).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// RAM of each VM in MiB (containers of another size boot cold).
+    #[arg(long)]
+    pub ram_mib: Option<u32>,
+    /// Guest RAM all idle and booting VMs may take together, MiB (0: no limit).
+    #[arg(long)]
+    pub memory_budget_mib: Option<u64>,
+    /// Seconds between health checks of each idle VM.
+    #[arg(long)]
+    pub health_interval: Option<u64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PoolStatusArgs {
+    #[arg(short = 'f', long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PoolMemberArgs {
+    #[arg(long)]
+    pub vcpus: u32,
+    #[arg(long)]
+    pub ram_mib: u32,
+    pub name: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use krun_oci::cli::{
     CreateArgs, DeleteArgs, EventsArgs, ExecArgs, ExecRelayArgs, KillArgs, ListArgs, LogsArgs,
-    OutputFormat, PsArgs, RunArgs, SpecArgs, UpdateArgs,
+    OutputFormat, PoolCommand, PsArgs, RunArgs, SpecArgs, UpdateArgs,
 };
 use krun_oci::container::Container;
 use krun_oci::exec;
@@ -463,6 +463,57 @@ pub fn check(ctx: &Context) -> Result<i32> {
     let report = krun_oci::check::report(ctx.vmm, &krun_oci::monitor::image_options(ctx.vmm)?);
     print!("{report}");
     Ok(if report.can_run() { 0 } else { 1 })
+}
+
+pub fn pool(ctx: &Context, command: PoolCommand) -> Result<i32> {
+    match command {
+        PoolCommand::Serve(a) => {
+            let mut s = krun_oci::host_config::load()?.pool.unwrap_or_default();
+            let set = |v: Option<u32>, into: &mut u32| {
+                if let Some(v) = v {
+                    *into = v
+                }
+            };
+            set(a.min_idle, &mut s.min_idle);
+            set(a.max_idle, &mut s.max_idle);
+            set(a.vcpus, &mut s.vcpus);
+            set(a.ram_mib, &mut s.ram_mib);
+            s.ttl_secs = a.ttl.unwrap_or(s.ttl_secs);
+            s.memory_budget_mib = a.memory_budget_mib.unwrap_or(s.memory_budget_mib);
+            s.health_secs = a.health_interval.unwrap_or(s.health_secs);
+            krun_oci::pool::daemon::serve(&ctx.root, s, &std::env::current_exe()?)?;
+            Ok(0)
+        }
+        PoolCommand::Status(a) => {
+            let st = krun_oci::pool::status(&ctx.root)?;
+            let mut out = std::io::stdout().lock();
+            match a.format {
+                OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?,
+                OutputFormat::Table => {
+                    writeln!(
+                        out,
+                        "pid {}  idle {}  booting {}  claimed {}  hits {}  misses {}  boot failures {}",
+                        st.pid, st.idle, st.booting, st.claimed, st.hits, st.misses, st.boot_failures
+                    )?;
+                    if let Some(shape) = &st.shape {
+                        writeln!(out, "shape: {} vCPU, {} MiB", shape.vcpus, shape.ram_mib)?;
+                    }
+                    writeln!(out, "{:<24} {:<8} {:<10} AGE(s)", "NAME", "PID", "STATE")?;
+                    for m in &st.members {
+                        writeln!(
+                            out,
+                            "{:<24} {:<8} {:<10} {}",
+                            m.name, m.pid, m.state, m.age_secs
+                        )?;
+                    }
+                }
+            }
+            Ok(0)
+        }
+        PoolCommand::Member(a) => Ok(krun_oci::pool::member::run(
+            &ctx.root, &a.name, a.vcpus, a.ram_mib,
+        )?),
+    }
 }
 
 pub fn monitor(ctx: &Context, id: &str) -> Result<i32> {

@@ -37,6 +37,8 @@ pub enum Error {
     Vm(String),
     #[error("network: {0}")]
     Network(String),
+    #[error("pool: {0}")]
+    Pool(String),
     #[error(transparent)]
     Protocol(#[from] krun_oci_protocol::ProtocolError),
     #[error(transparent)]

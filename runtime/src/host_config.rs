@@ -4,6 +4,10 @@
 //!
 //! ```toml
 //! vmm = "qemu"   # auto | libkrun | qemu; --vmm and KRUN_OCI_VMM win over it
+//!
+//! [pool]          # krun-oci pool serve (its flags win)
+//! min_idle = 2
+//! ram_mib = 512
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -22,6 +26,8 @@ pub const DEFAULT_PATH: &str = "/etc/krun-oci/config.toml";
 pub struct HostConfig {
     /// The VMM when neither `--vmm` nor `KRUN_OCI_VMM` chooses one.
     pub vmm: Option<VmmChoice>,
+    /// `krun-oci pool serve`'s settings (its flags win).
+    pub pool: Option<crate::pool::PoolSettings>,
 }
 
 /// The file in use: `KRUN_OCI_CONFIG` if set, else [`DEFAULT_PATH`].

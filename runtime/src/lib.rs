@@ -20,6 +20,7 @@ pub mod logs;
 pub mod monitor;
 pub mod mounts;
 pub mod network;
+pub mod pool;
 pub mod process_info;
 pub mod seccomp;
 pub mod signal;

@@ -94,6 +94,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             vmm: String::new(),
             link: None,
             helper_pids: Vec::new(),
+            pool_dirs: Vec::new(),
             log_path: None,
             cgroup: Some(crate::cgroup::HostCgroup::for_spec(
                 &bundle.spec,
@@ -140,11 +141,13 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
                 link,
                 helper_pids,
                 vmm,
+                pool_dirs,
                 ..
             } => {
                 record.link = Some(link);
                 record.helper_pids = helper_pids;
                 record.vmm = vmm;
+                record.pool_dirs = pool_dirs;
             }
             SyncReport::Failed { error } => {
                 reap_quietly(pid);
@@ -688,6 +691,19 @@ fn destroy(c: &Container) {
     if let Some(cg) = &c.record.cgroup {
         if let Err(e) = cg.remove() {
             log::warn!("{e}");
+        }
+    }
+    // A pooled VM's member removes its directories as it exits; a killed one cannot.
+    for d in &c.record.pool_dirs {
+        if d.starts_with(
+            c.dir
+                .path
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(crate::pool::POOL_DIR),
+        ) || d.starts_with(crate::state::run_base())
+        {
+            crate::mounts::remove_dir_on_one_mount(d);
         }
     }
     // The monitor undoes its taps and redirects as it exits; one that was killed

@@ -76,6 +76,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Spec(a) => commands::spec(a).map(|_| 0),
         Command::Logs(a) => commands::logs(&ctx, a).map(|_| 0),
         Command::Check => commands::check(&ctx),
+        Command::Pool(p) => commands::pool(&ctx, p),
         Command::Monitor(a) => commands::monitor(&ctx, &a.id),
         Command::ExecRelay(a) => commands::exec_relay(&ctx, a),
         Command::LibkrunVmm(a) => Ok(krun_oci::vmm::libkrun::vmm_main(&a.config)?),

@@ -68,6 +68,8 @@ pub enum SyncReport {
         helper_pids: Vec<i32>,
         vmm: String,
         timings: Vec<proto::BootTiming>,
+        #[serde(default)]
+        pool_dirs: Vec<PathBuf>,
     },
     Failed {
         error: String,
@@ -95,6 +97,7 @@ impl ContainerDir {
 
 /// Entry point of `krun-oci monitor ID`. Returns the process exit status.
 pub fn run(dir: &ContainerDir) -> Result<i32> {
+    let t0 = Instant::now();
     let sync = take_sync_pipe();
     let cfg = dir.monitor_config()?;
     let spec: Spec = serde_json::from_slice(
@@ -104,7 +107,7 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
         Some(cg) => cg.enter(std::process::id() as i32, &spec),
         None => Ok(()),
     });
-    let booted = match entered.and_then(|()| boot(dir, &cfg, &spec)) {
+    let booted = match entered.and_then(|()| boot(dir, &cfg, &spec, t0)) {
         Ok(b) => b,
         Err(e) => {
             log::error!("boot failed: {e}");
@@ -125,6 +128,7 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
             helper_pids: booted.vm.pids(),
             vmm: booted.vmm_name.to_string(),
             timings: booted.timings.clone(),
+            pool_dirs: booted.pool_dirs.clone(),
         },
     );
     let code = supervise(dir, &cfg, booted);
@@ -197,7 +201,7 @@ pub fn detached_with_sync_pipe(cmd: &mut std::process::Command) -> Result<(Owned
 }
 
 /// Takes the sync pipe's write end from the environment.
-fn take_sync_pipe() -> Option<File> {
+pub(crate) fn take_sync_pipe() -> Option<File> {
     let fd: i32 = std::env::var(SYNC_FD_ENV).ok()?.parse().ok()?;
     std::env::remove_var(SYNC_FD_ENV);
     // SAFETY: create passed this fd to us for exactly this purpose; nothing else owns it.
@@ -224,14 +228,18 @@ struct Booted {
     events: UnixStream,
     timings: Vec<proto::BootTiming>,
     pty: Option<crate::console::HostPty>,
+    /// A pooled VM's member directories (removed by delete if the member was killed).
+    pool_dirs: Vec<PathBuf>,
 }
 
-/// Boots the VM and brings the guest to "created": beacon received, setup applied.
-fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> {
+/// Boots the VM (or claims a pooled one) and brings the guest to "created":
+/// beacon received, setup applied.
+fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Result<Booted> {
     let run_dir = dir.create_run_dir()?;
+    let entered_ms = t0.elapsed().as_millis();
     let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
     let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
-    log::info!("vmm: {} ({})", selection.engine, selection.explanation);
+    let image_ms = t0.elapsed().as_millis();
     // Compiled before the VM starts: a bad profile fails create at once.
     let seccomp = spec
         .linux()
@@ -240,59 +248,39 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
         .map(crate::seccomp::compile)
         .transpose()?;
     let mounts = crate::mounts::MountsShare::plan(spec, run_dir.join("mounts"))?;
-    if let Some(m) = &mounts {
-        m.prepare()?;
-    }
-    let network = crate::network::attach(
-        &cfg.network,
-        &dir.network_record(),
-        selection.vmm.opens_taps_by_name(),
-    )?;
-    let vm_spec = VmSpec {
-        id: dir.id.clone(),
-        run_dir: run_dir.clone(),
-        rootfs: cfg.rootfs.clone(),
-        vcpus: cfg.vcpus,
-        ram_mib: cfg.ram_mib,
-        mounts,
-        nics: network.nics,
+    let pooled = match selection.vmm.name() {
+        "qemu" => claim_pooled(dir, cfg, spec, &image, mounts.as_ref()),
+        _ => None,
     };
-    let link = selection.vmm.link(&vm_spec);
-    let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
-    let _ = std::fs::remove_file(&events_path);
-    let listener =
-        UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))?;
-    let launch_start = Instant::now();
-    let mut vm = selection.vmm.launch(&vm_spec)?;
-    let launched = launch_start.elapsed();
+    let launched = match pooled {
+        Some(p) => {
+            log::info!("vmm: qemu, pooled VM {} (pool hit)", p.member);
+            adopt(dir, cfg, p)
+        }
+        None => {
+            log::info!("vmm: {} ({})", selection.engine, selection.explanation);
+            launch_cold(dir, cfg, &run_dir, selection.vmm.as_ref(), mounts, &image)
+        }
+    }?;
+    let Launched {
+        mut vm,
+        events,
+        timings,
+        interfaces,
+        deferred_root,
+        pool_dirs,
+    } = launched;
+    let launched_ms = t0.elapsed().as_millis();
+    let link = vm.link();
     let ready = (|| {
-        let mut events = accept_beacon(&listener, vm.as_mut())?;
-        proto::handshake(&mut events)?;
-        let timings = match proto::recv(&mut events)? {
-            Message::Ready { timings, .. } => timings,
-            other => return Err(Error::Guest(format!("expected ready, got {other:?}"))),
-        };
-        // One parseable line for `make bench` (scripts/bench.sh): boot-to-ready as
-        // the host sees it, from launching the VMM (helpers included) to the guest's
-        // Ready, and guest-init's own steps (micros since init started).
-        let steps: Vec<String> = timings
-            .iter()
-            .map(|t| format!("{}={}", t.step, t.micros))
-            .collect();
-        log::info!(
-            "boot-timing: ready_ms={} launch_ms={} kernel={:?} init_us=[{}]",
-            launch_start.elapsed().as_millis(),
-            launched.as_millis(),
-            image.kernel_origin,
-            steps.join(",")
-        );
         let mut control = connect_control(&link)?;
         match request(
             &mut control,
             Message::Setup {
                 spec: Box::new(spec.clone()),
                 seccomp,
-                network: network.interfaces,
+                network: interfaces,
+                deferred_root,
             },
         )? {
             Message::Ack => {}
@@ -305,35 +293,214 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec) -> Result<Booted> 
                 )))
             }
         }
-        let pty = match (&cfg.console_socket, cfg.terminal) {
-            (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
-            _ => None,
-        };
-        Ok((events, timings, pty))
+        match (&cfg.console_socket, cfg.terminal) {
+            (Some(sock), true) => Ok(Some(crate::console::send_pty_to_console_socket(sock)?)),
+            _ => Ok(None),
+        }
     })();
-    let _ = std::fs::remove_file(&events_path);
+    // One parseable line for `make bench`: where the monitor's time went (ms
+    // since it started; `vm` is the cold boot or the pool claim).
+    log::info!(
+        "create-timing: netns_cgroup_ms={entered_ms} image_ms={image_ms} vm_ms={launched_ms} setup_ms={} pooled={}",
+        t0.elapsed().as_millis(),
+        !pool_dirs.is_empty()
+    );
     match ready {
-        Ok((events, timings, pty)) => Ok(Booted {
+        Ok(pty) => Ok(Booted {
             vm,
             vmm_name: selection.vmm.name(),
             events,
             timings,
             pty,
+            pool_dirs,
+        }),
+        Err(e) => Err(with_console(e, vm.as_mut())),
+    }
+}
+
+/// Ends a VM whose guest failed, with the console's tail on the error.
+fn with_console(e: Error, vm: &mut dyn Vm) -> Error {
+    let tail = vm.console_tail(2048);
+    vm.kill();
+    if tail.trim().is_empty() {
+        return e;
+    }
+    // Not "vm: vm: ...": the console goes onto the message itself.
+    let msg = match e {
+        Error::Vm(m) => m,
+        other => other.to_string(),
+    };
+    Error::Vm(format!("{msg}; console: {}", tail.trim()))
+}
+
+/// A VM whose guest is ready for `Setup`.
+struct Launched {
+    vm: Box<dyn Vm>,
+    events: UnixStream,
+    timings: Vec<proto::BootTiming>,
+    interfaces: Vec<proto::net::NetInterface>,
+    deferred_root: Option<String>,
+    pool_dirs: Vec<PathBuf>,
+}
+
+/// Boots the container's own VM.
+fn launch_cold(
+    dir: &ContainerDir,
+    cfg: &MonitorConfig,
+    run_dir: &Path,
+    vmm: &dyn crate::vmm::Vmm,
+    mounts: Option<crate::mounts::MountsShare>,
+    image: &crate::image::GuestImage,
+) -> Result<Launched> {
+    if let Some(m) = &mounts {
+        m.prepare()?;
+    }
+    let network = crate::network::attach(
+        &cfg.network,
+        &dir.network_record(),
+        vmm.opens_taps_by_name(),
+    )?;
+    let vm_spec = VmSpec {
+        id: dir.id.clone(),
+        run_dir: run_dir.to_owned(),
+        rootfs: cfg.rootfs.clone(),
+        vcpus: cfg.vcpus,
+        ram_mib: cfg.ram_mib,
+        mounts,
+        nics: network.nics,
+        deferred_root: false,
+    };
+    let link = vmm.link(&vm_spec);
+    let listener = bind_events(&link)?;
+    let launch_start = Instant::now();
+    let mut vm = vmm.launch(&vm_spec)?;
+    let launched = launch_start.elapsed();
+    let ready = await_ready(&listener, vm.as_mut());
+    let _ = std::fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
+    let (events, timings) = ready.map_err(|e| with_console(e, vm.as_mut()))?;
+    // One parseable line for `make bench` (scripts/bench.sh): boot-to-ready as
+    // the host sees it, from launching the VMM (helpers included) to the guest's
+    // Ready, and guest-init's own steps (micros since init started).
+    let steps: Vec<String> = timings
+        .iter()
+        .map(|t| format!("{}={}", t.step, t.micros))
+        .collect();
+    log::info!(
+        "boot-timing: ready_ms={} launch_ms={} kernel={:?} init_us=[{}]",
+        launch_start.elapsed().as_millis(),
+        launched.as_millis(),
+        image.kernel_origin,
+        steps.join(",")
+    );
+    Ok(Launched {
+        vm,
+        events,
+        timings,
+        interfaces: network.interfaces,
+        deferred_root: None,
+        pool_dirs: Vec::new(),
+    })
+}
+
+/// A pooled VM of the container's shape, claimed with its root, binds and
+/// network namespace; `None` (the cold path) on a miss, another shape, a
+/// container that opted out, or any error before the claim took effect.
+fn claim_pooled(
+    dir: &ContainerDir,
+    cfg: &MonitorConfig,
+    spec: &Spec,
+    image: &crate::image::GuestImage,
+    mounts: Option<&crate::mounts::MountsShare>,
+) -> Option<crate::pool::adopt::Adopted> {
+    let opted_out = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(crate::spec::ANNOTATION_POOL))
+        .is_some_and(|v| v == "false");
+    let root = dir.path.parent()?;
+    if opted_out || !crate::pool::PoolPaths::for_root(root).socket.exists() {
+        return None;
+    }
+    // A pooled VM has one NIC: a namespace with more links boots cold.
+    if let crate::network::Plan::Attach { .. } = cfg.network {
+        match crate::network::candidate_count() {
+            Ok(n) if n <= 1 => {}
+            Ok(n) => {
+                log::info!("pool: not used, the network namespace has {n} links to attach");
+                return None;
+            }
+            Err(e) => {
+                log::warn!("pool: not used: {e}");
+                return None;
+            }
+        }
+    }
+    let shape = crate::pool::Shape {
+        vcpus: cfg.vcpus,
+        ram_mib: cfg.ram_mib,
+        kernel: image.kernel.clone(),
+        initrd: image.initrd.clone(),
+    };
+    let netns = cfg.network != crate::network::Plan::LoopbackOnly;
+    match crate::pool::adopt::claim(root, &shape, &cfg.rootfs, mounts, netns) {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("pool: {e}; booting cold");
+            None
+        }
+    }
+}
+
+/// Makes a claimed pooled VM the container's: its processes join the
+/// container's cgroup, its NIC is wired to the namespace's link.
+fn adopt(
+    dir: &ContainerDir,
+    cfg: &MonitorConfig,
+    mut p: crate::pool::adopt::Adopted,
+) -> Result<Launched> {
+    let wired = (|| {
+        if let Some(cg) = &cfg.cgroup {
+            cg.add(&p.pids)?;
+        }
+        let record = dir.network_record();
+        let Some(spare) = &p.spare else {
+            return Ok(Vec::new());
+        };
+        crate::network::attach_pooled(&cfg.network, &record, spare)
+    })();
+    match wired {
+        Ok(interfaces) => Ok(Launched {
+            vm: p.vm,
+            events: p.events,
+            timings: p.timings,
+            interfaces,
+            deferred_root: Some(crate::pool::member::ROOT_ENTRY.to_string()),
+            pool_dirs: p.dirs,
         }),
         Err(e) => {
-            let tail = vm.console_tail(2048);
-            vm.kill();
-            Err(if tail.trim().is_empty() {
-                e
-            } else {
-                // Not "vm: vm: ...": the console goes onto the message itself.
-                let msg = match e {
-                    Error::Vm(m) => m,
-                    other => other.to_string(),
-                };
-                Error::Vm(format!("{msg}; console: {}", tail.trim()))
-            })
+            p.vm.kill();
+            Err(e)
         }
+    }
+}
+
+/// Binds the host side of the guest's events port (its ready beacon lands there).
+pub(crate) fn bind_events(link: &GuestLink) -> Result<UnixListener> {
+    let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
+    let _ = std::fs::remove_file(&events_path);
+    UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))
+}
+
+/// Waits for the guest's beacon, then the handshake and its `Ready`.
+pub(crate) fn await_ready(
+    listener: &UnixListener,
+    vm: &mut dyn Vm,
+) -> Result<(UnixStream, Vec<proto::BootTiming>)> {
+    let mut events = accept_beacon(listener, vm)?;
+    proto::handshake(&mut events)?;
+    match proto::recv(&mut events)? {
+        Message::Ready { timings, .. } => Ok((events, timings)),
+        other => Err(Error::Guest(format!("expected ready, got {other:?}"))),
     }
 }
 

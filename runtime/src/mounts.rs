@@ -203,6 +203,65 @@ impl BindOps {
 mod tests {
     use super::*;
 
+    /// On a thread of its own mount namespace (nothing reaches the host's).
+    fn in_private_mount_ns(f: impl FnOnce() + Send + 'static) -> bool {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for mount namespaces");
+            return false;
+        }
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .unwrap();
+            f()
+        })
+        .join()
+        .unwrap();
+        true
+    }
+
+    #[test]
+    fn detached_trees_attach_read_only_and_removal_never_enters_a_mount() {
+        in_private_mount_ns(|| {
+            let d = tempfile::tempdir().unwrap();
+            let (src, share) = (d.path().join("src"), d.path().join("share"));
+            fs::create_dir_all(src.join("sub")).unwrap();
+            fs::write(src.join("sub/keep"), "x").unwrap();
+            fs::create_dir_all(share.join("root")).unwrap();
+            fs::create_dir_all(share.join("ro")).unwrap();
+            fs::write(share.join("own"), "y").unwrap();
+            DetachedTree::clone_of(&src, true, false)
+                .unwrap()
+                .attach(&share.join("root"))
+                .unwrap();
+            DetachedTree::clone_of(&src, false, true)
+                .unwrap()
+                .attach(&share.join("ro"))
+                .unwrap();
+            assert_eq!(
+                fs::read_to_string(share.join("root/sub/keep")).unwrap(),
+                "x"
+            );
+            let e = fs::write(share.join("ro/new"), "z").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+            // Both mounts still attached: the removal skips them, and the source keeps its files.
+            assert!(!remove_dir_on_one_mount(&share));
+            assert!(src.join("sub/keep").exists());
+            assert!(!share.join("own").exists());
+            for m in ["root", "ro"] {
+                nix::mount::umount2(&share.join(m), nix::mount::MntFlags::MNT_DETACH).unwrap();
+            }
+            assert!(remove_dir_on_one_mount(&share));
+            assert!(!share.exists() && src.join("sub/keep").exists());
+        });
+    }
+
     fn spec_with(mounts: serde_json::Value) -> Spec {
         crate::testutil::spec_with("mounts", mounts)
     }
@@ -313,4 +372,151 @@ mod tests {
         assert_eq!(fs::read_dir(staging.join("0")).unwrap().count(), 0);
         assert!(!src.join("new").exists());
     }
+}
+
+/// A detached copy of a mount tree (`open_tree(OPEN_TREE_CLONE)`), made in the
+/// caller's mount namespace and attached later in another one with
+/// [`DetachedTree::attach`]: a pooled VM's root and binds reach its pool
+/// member's namespace without relying on mount propagation (POOL.md). The fd
+/// passes between processes over `SCM_RIGHTS`; a tree never attached vanishes
+/// with its last fd.
+#[derive(Debug)]
+pub struct DetachedTree(std::os::fd::OwnedFd);
+
+impl DetachedTree {
+    /// Clones the mount at `source` (with what is mounted below it when
+    /// `recursive`); `readonly` makes every mount of the clone read-only before
+    /// anyone can see it, so a read-only bind is never writable, not even briefly.
+    pub fn clone_of(source: &Path, recursive: bool, readonly: bool) -> Result<DetachedTree> {
+        let path = CString::new(source.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("NUL byte in {}", source.display())))?;
+        let mut flags = libc::OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+        if recursive {
+            flags |= libc::AT_RECURSIVE as libc::c_uint;
+        }
+        // SAFETY: open_tree with a NUL-terminated path; returns a new fd or -1.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error())
+                .ctx(|| format!("cloning the mount at {}", source.display()));
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let tree = DetachedTree(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) });
+        if readonly {
+            tree.set_readonly()
+                .ctx(|| format!("making the clone of {} read-only", source.display()))?;
+        }
+        Ok(tree)
+    }
+
+    /// Takes a tree received from another process.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> DetachedTree {
+        DetachedTree(fd)
+    }
+
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.0)
+    }
+
+    fn set_readonly(&self) -> io::Result<()> {
+        let attr = libc::mount_attr {
+            attr_set: libc::MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: mount_setattr on our fd with a mount_attr of the size passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                c"".as_ptr(),
+                (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+                &attr as *const libc::mount_attr,
+                std::mem::size_of::<libc::mount_attr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Attaches the tree at `target` in the caller's mount namespace.
+    pub fn attach(self, target: &Path) -> Result<()> {
+        let path = CString::new(target.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("NUL byte in {}", target.display())))?;
+        // SAFETY: move_mount from our fd (empty path) to a NUL-terminated target.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error())
+                .ctx(|| format!("attaching a mount at {}", target.display()));
+        }
+        Ok(())
+    }
+}
+
+/// The mount id of `path` (statx `STATX_MNT_ID`), not following a final symlink.
+fn mount_id(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statx fills the zeroed struct we own.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out pointer.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+/// Removes the directory tree at `path` without ever descending into another
+/// mount: a directory under it that is a mount point (a container's root or a
+/// bind still attached) is left alone, so removing a pooled VM's directories
+/// can never reach the container's files. Returns whether all of it went.
+pub fn remove_dir_on_one_mount(path: &Path) -> bool {
+    fn walk(dir: &Path, mnt: u64) -> bool {
+        let Ok(entries) = fs::read_dir(dir) else {
+            return false;
+        };
+        let mut all = true;
+        for e in entries.flatten() {
+            let p = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if mount_id(&p).map_or(true, |m| m != mnt) {
+                log::warn!("not removing {}: another mount", p.display());
+                all = false;
+                continue;
+            }
+            let removed = if is_dir {
+                walk(&p, mnt) && fs::remove_dir(&p).is_ok()
+            } else {
+                fs::remove_file(&p).is_ok()
+            };
+            all &= removed;
+        }
+        all
+    }
+    let Ok(mnt) = mount_id(path) else {
+        return true; // already gone
+    };
+    walk(path, mnt) && fs::remove_dir(path).is_ok()
 }

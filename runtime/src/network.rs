@@ -195,16 +195,38 @@ pub fn attach(plan: &Plan, record: &Path, persistent_taps: bool) -> Result<Attac
         }
     };
     if attached.nics.is_empty() {
-        let why = format!(
-            "network namespace {} has no up interface with addresses that is not already attached",
-            netns.display()
-        );
-        if *required {
-            return Err(Error::Network(why));
-        }
-        log::warn!("{why}: the guest gets loopback only");
+        nothing_attached(netns, *required)?;
     }
     Ok(attached)
+}
+
+/// No link of `netns` was attached: an error when the plan requires one, else a warning.
+fn nothing_attached(netns: &Path, required: bool) -> Result<()> {
+    let why = format!(
+        "network namespace {} has no up interface with addresses that is not already attached",
+        netns.display()
+    );
+    if required {
+        return Err(Error::Network(why));
+    }
+    log::warn!("{why}: the guest gets loopback only");
+    Ok(())
+}
+
+/// A pooled VM's spare tap, just moved into the current network namespace
+/// (the container's): taken over, then for [`Plan::Attach`] the namespace's
+/// link is redirected to it now (what the guest configures is returned); for
+/// [`Plan::Fresh`] that happens at start, as on the cold path.
+pub fn attach_pooled(plan: &Plan, record: &Path, spare: &Claim) -> Result<Vec<NetInterface>> {
+    adopt_spare_tap(record, spare)?;
+    let Plan::Attach { netns, required } = plan else {
+        return Ok(Vec::new());
+    };
+    let interfaces = attach_late(record, std::process::id() as i32)?;
+    if interfaces.is_empty() {
+        nothing_attached(netns, *required)?;
+    }
+    Ok(interfaces)
 }
 
 async fn attach_links(
@@ -294,7 +316,7 @@ async fn redirect_both_ways(handle: &rtnetlink::Handle, link: &Candidate, tap: &
 
 /// The spare NIC of a [`Plan::Fresh`] VM: a tap, up, no redirect yet, and a
 /// locally administered MAC of its own until start gives it the link's.
-fn spare_nic(record: &Path, persistent_taps: bool) -> Result<Attached> {
+pub fn spare_nic(record: &Path, persistent_taps: bool) -> Result<Attached> {
     let tap_name = format!("{TAP_PREFIX}0");
     let mut mac = [0u8; 6];
     std::io::Read::read_exact(
@@ -340,6 +362,67 @@ fn spare_nic(record: &Path, persistent_taps: bool) -> Result<Attached> {
             Err(e)
         }
     }
+}
+
+/// How many links of the current network namespace [`attach`] would take.
+pub fn candidate_count() -> Result<usize> {
+    block_on(async {
+        let handle = connect()?;
+        let (links, addresses, _) = dump(&handle).await?;
+        Ok(links
+            .iter()
+            .filter_map(|l| Candidate::from_link(l, &addresses))
+            .count())
+    })
+}
+
+/// Moves the spare tap `record` lists from the current network namespace into
+/// `netns` (a pooled VM's NIC going to its container's namespace) and returns
+/// its claim, which the container's record takes over; this record forgets it.
+pub fn move_spare_tap(record: &Path, netns: &File) -> Result<Claim> {
+    let claims = read_record(record)?.unwrap_or_default();
+    let spare = claims
+        .iter()
+        .find(|c| c.link.is_none() && c.spare_mac.is_some())
+        .cloned()
+        .ok_or_else(|| Error::Network("this VM has no spare NIC".into()))?;
+    block_on(async {
+        let handle = connect()?;
+        let index = link_index(&handle, &spare.tap).await?;
+        handle
+            .link()
+            .set(
+                rtnetlink::LinkUnspec::new_with_index(index)
+                    .setns_by_fd(netns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!(
+                "moving {} to the container's network namespace",
+                spare.tap
+            )))
+    })?;
+    let rest: Vec<Claim> = claims.into_iter().filter(|c| *c != spare).collect();
+    write_record(record, &rest)?;
+    Ok(spare)
+}
+
+/// Takes over a spare tap moved into the current network namespace (see
+/// [`move_spare_tap`]): recorded, then brought up, for [`attach_late`] to
+/// redirect a link to.
+fn adopt_spare_tap(record: &Path, spare: &Claim) -> Result<()> {
+    write_record(record, std::slice::from_ref(spare))?;
+    block_on(async {
+        let handle = connect()?;
+        let index = link_index(&handle, &spare.tap).await?;
+        handle
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("bringing {} up", spare.tap)))
+    })
 }
 
 /// At start, for a [`Plan::Fresh`] VM: redirects the first link a client added

@@ -21,6 +21,8 @@ pub const ANNOTATION_CPUS: &str = "krun-oci.cpus";
 pub const ANNOTATION_RAM_MIB: &str = "krun-oci.ram_mib";
 /// Annotation overriding where the json-file log is written.
 pub const ANNOTATION_LOG_PATH: &str = "krun-oci.log_path";
+/// `false`: never take a pooled VM, always boot cold.
+pub const ANNOTATION_POOL: &str = "krun-oci.pool";
 /// crun-krun's spellings, accepted so its users can switch.
 pub const ANNOTATION_CRUN_CPUS: &str = "krun.cpus";
 pub const ANNOTATION_CRUN_RAM_MIB: &str = "krun.ram_mib";
@@ -76,6 +78,10 @@ pub fn features() -> Result<Features> {
         (ANNOTATION_CPUS, "number of vCPUs of the container's VM"),
         (ANNOTATION_RAM_MIB, "RAM of the container's VM in MiB"),
         (ANNOTATION_LOG_PATH, "path of the container's json-file log"),
+        (
+            ANNOTATION_POOL,
+            "false: boot the container's own VM even when a warm pool serves the root",
+        ),
         (
             crate::network::ANNOTATION_NETWORK,
             "how the network namespace reaches the VM: auto (its links become NICs when a \

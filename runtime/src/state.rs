@@ -125,6 +125,9 @@ pub struct ContainerRecord {
     /// Host pids of the VMM and its helpers, for cleanup after a monitor crash.
     #[serde(default)]
     pub helper_pids: Vec<i32>,
+    /// A pooled VM's member directories (pool::member).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_dirs: Vec<PathBuf>,
     /// Where the json-file log lives.
     #[serde(default)]
     pub log_path: Option<PathBuf>,
@@ -328,7 +331,7 @@ impl StateStore {
 
 /// Where run dirs live: short, so socket paths stay under 108 bytes.
 /// `/run/krun-oci-vm`, or `$XDG_RUNTIME_DIR/krun-oci-vm` for non-root.
-fn run_base() -> PathBuf {
+pub fn run_base() -> PathBuf {
     if !nix::unistd::geteuid().is_root() {
         if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
             return PathBuf::from(dir).join("krun-oci-vm");

@@ -115,6 +115,7 @@ fn spec(dir: &Path, rootfs: PathBuf) -> VmSpec {
         ram_mib: 256,
         mounts: None,
         nics: Vec::new(),
+        deferred_root: false,
     }
 }
 

@@ -750,12 +750,11 @@ fn create_interrupted(ctx: &mut Ctx) -> Result<()> {
         out.brief()
     );
     crate::harness::no_trace(ctx, &id)?;
-    let me = std::process::id() as i32;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let mut left = Vec::new();
     while std::time::Instant::now() < deadline {
         crate::harness::reap_zombies();
-        left = crate::harness::children_of(me)
+        left = crate::harness::orphans()
             .into_iter()
             .filter(|p| pid_alive(*p))
             .map(|p| {

@@ -27,6 +27,38 @@ pub fn default_cache_dir() -> PathBuf {
     base.join("krun-oci")
 }
 
+/// [`sha256_file`], remembered in `<cache>/hashes/` under the file's identity
+/// (path, device, inode, size, mtime and ctime to the nanosecond: ctime changes
+/// with any write and cannot be set back). Every create hashes the 4-5 MB
+/// guest-init; from the second one on this is a stat and a small read.
+pub fn sha256_file_memo(cache_dir: &Path, path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).ctx(|| format!("stat {}", path.display()))?;
+    let identity = format!(
+        "{}|{}|{}|{}|{}.{}|{}.{}",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    );
+    let memo = cache_dir.join("hashes").join(key(&[&identity]));
+    if let Ok(h) = fs::read_to_string(&memo) {
+        if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(h);
+        }
+    }
+    let h = sha256_file(path)?;
+    // Best effort: a cache that cannot be written only costs the next hash.
+    if fs::create_dir_all(cache_dir.join("hashes")).is_ok() {
+        let _ = crate::state::write_atomic(&memo, h.as_bytes());
+    }
+    Ok(h)
+}
+
 /// Hex SHA-256 of a file's contents.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
@@ -133,6 +165,25 @@ mod tests {
         assert_ne!(k, key(&["kernel-b", "init-1"]));
         assert_ne!(k, key(&["kernel-a", "init-2"]));
         assert_ne!(key(&["ab", "c"]), key(&["a", "bc"]));
+    }
+
+    #[test]
+    fn a_remembered_hash_follows_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (cache, f) = (d.path().join("cache"), d.path().join("init"));
+        fs::write(&f, "one").unwrap();
+        let first = sha256_file_memo(&cache, &f).unwrap();
+        assert_eq!(first, sha256_file(&f).unwrap());
+        assert_eq!(fs::read_dir(cache.join("hashes")).unwrap().count(), 1);
+        assert_eq!(sha256_file_memo(&cache, &f).unwrap(), first);
+        // Same size, rewritten: its ctime moved, so it is hashed again.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        fs::write(&f, "two").unwrap();
+        assert_eq!(
+            sha256_file_memo(&cache, &f).unwrap(),
+            sha256_file(&f).unwrap()
+        );
+        assert_ne!(sha256_file_memo(&cache, &f).unwrap(), first);
     }
 
     #[test]

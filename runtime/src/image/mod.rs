@@ -250,7 +250,7 @@ pub fn ensure(opts: &ImageOptions) -> Result<GuestImage> {
     }
     let (kdir, vmlinux, origin) = resolve_kernel(opts, &cache_dir)?;
 
-    let init_hash = cache::sha256_file(&init)?;
+    let init_hash = cache::sha256_file_memo(&cache_dir, &init)?;
     let mut parts = vec![
         IMAGE_FORMAT.to_owned(),
         kdir.identity.clone(),

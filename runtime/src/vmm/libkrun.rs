@@ -668,6 +668,7 @@ mod tests {
             ram_mib: 256,
             mounts: None,
             nics: Vec::new(),
+            deferred_root: false,
         }
     }
 

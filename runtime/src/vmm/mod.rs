@@ -37,6 +37,10 @@ pub struct VmSpec {
     pub mounts: Option<crate::mounts::MountsShare>,
     /// The VM's NICs, one tap each (empty: loopback only).
     pub nics: Vec<crate::network::Nic>,
+    /// Boot without a root (`krun_oci.root=deferred`): a pooled VM, whose
+    /// `rootfs` is an empty share the container's root is attached to later
+    /// (`Setup.deferred_root`). QEMU only.
+    pub deferred_root: bool,
 }
 
 /// Why a VM stopped.

@@ -214,7 +214,7 @@ impl QemuVmm {
     }
 
     /// The guest kernel command line.
-    pub fn kernel_cmdline(&self) -> String {
+    pub fn kernel_cmdline(&self, spec: &VmSpec) -> String {
         // console on the serial port; panic=-1 + -no-reboot: a dead PID 1 ends QEMU at
         // once; the rest shortens a TCG boot measurably (docs/vmm.md).
         let mut c = String::from(
@@ -227,6 +227,9 @@ impl QemuVmm {
         if !self.image.cmdline_extra.is_empty() {
             c.push(' ');
             c.push_str(&self.image.cmdline_extra);
+        }
+        if spec.deferred_root {
+            c.push_str(" krun_oci.root=deferred");
         }
         // A debugging aid (docs/vmm.md): e.g. `loglevel=7` for the whole boot log.
         if let Ok(extra) = std::env::var("KRUN_OCI_KERNEL_CMDLINE") {
@@ -272,7 +275,7 @@ impl QemuVmm {
             "-initrd",
             &path(&self.image.initrd),
         ]);
-        push(&["-append", &self.kernel_cmdline()]);
+        push(&["-append", &self.kernel_cmdline(spec)]);
         push(&[
             "-chardev",
             &format!("socket,id=fs0,path={}", path(&paths.fs_sock)),
@@ -385,16 +388,20 @@ impl Vmm for QemuVmm {
             .ready_when_listening(&paths.fs_sock),
         ];
         if let Some(mounts) = &spec.mounts {
-            children.push(
-                ChildSpec::new(
-                    "virtiofsd-mounts",
-                    &self.programs.virtiofsd,
-                    self.virtiofsd_args(&paths.fs_mounts_sock, &mounts.staging),
-                    &paths,
-                )
-                .with_binds(mounts.ops()?)
-                .ready_when_listening(&paths.fs_mounts_sock),
-            );
+            let mut child = ChildSpec::new(
+                "virtiofsd-mounts",
+                &self.programs.virtiofsd,
+                self.virtiofsd_args(&paths.fs_mounts_sock, &mounts.staging),
+                &paths,
+            )
+            .ready_when_listening(&paths.fs_mounts_sock);
+            // A pooled VM's share starts empty: its binds are moved into the
+            // pool member's mount namespace at claim (pool::member), where this
+            // virtiofsd must run too.
+            if !mounts.binds.is_empty() {
+                child = child.with_binds(mounts.ops()?);
+            }
+            children.push(child);
         }
         children.push(
             ChildSpec::new(
@@ -809,6 +816,7 @@ mod tests {
             ram_mib: 256,
             mounts: None,
             nics: Vec::new(),
+            deferred_root: false,
         }
     }
 
