@@ -17,7 +17,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc
 	iproute2 curl iptables containernetworking-plugins netavark aardvark-dns
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
-.PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench demo install deps fmt lint clean
+.PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench fuzz demo install deps fmt lint clean
 
 all: build
 
@@ -76,6 +76,19 @@ unit-test:
 bench: init
 	$(MAKE) build PROFILE=release
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) ./scripts/bench.sh $(CURDIR)/target/release/krun-oci
+
+## fuzz: the protocol decoder under libFuzzer for FUZZ_SECONDS (default 60), with a
+## nightly toolchain and cargo-fuzz installed here when missing; see docs/reliability.md.
+## The corpus grows in target/fuzz-corpus/frames (seeded from fuzz/seeds/frames); a
+## crash is saved in fuzz/artifacts/frames/ and fails the target.
+FUZZ_SECONDS ?= 60
+fuzz:
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	command -v cargo-fuzz >/dev/null || $(CARGO) install --locked cargo-fuzz
+	mkdir -p target/fuzz-corpus/frames
+	cd fuzz && $(CARGO) +nightly fuzz run frames ../target/fuzz-corpus/frames seeds/frames -- \
+		-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 25; \
+		exit $${PIPESTATUS[0]}
 
 ## demo: boot a busybox container in a microVM and show its output, state and logs.
 demo: deps build kernel
