@@ -71,7 +71,13 @@ pub struct Guest {
     confinement: std::sync::OnceLock<spawn::Confinement>,
     /// The kernel's OOM-kill count when the main started.
     oom_kills_at_start: std::sync::atomic::AtomicU64,
+    /// The main, being forked and set up after `Setup` (prepare_main), with the
+    /// process it was prepared from; `SpawnMain` releases it.
+    prepared_main: Mutex<Option<(Process, PreparingMain)>>,
 }
+
+/// The background fork and setup of the main (see `Guest::prepare_main`).
+type PreparingMain = JoinHandle<Result<spawn::Prepared, String>>;
 
 impl Guest {
     /// `root`: the container root already switched into; `Err(tag)`: deferred,
@@ -98,6 +104,7 @@ impl Guest {
             finishing: AtomicBool::new(false),
             confinement: std::sync::OnceLock::new(),
             oom_kills_at_start: std::sync::atomic::AtomicU64::new(0),
+            prepared_main: Mutex::new(None),
         })
     }
 
@@ -290,6 +297,7 @@ impl Guest {
                 seccomp,
                 network,
                 deferred_root,
+                prepare_main,
             } => seccomp
                 .as_ref()
                 .map(spawn::Seccomp::decode)
@@ -314,6 +322,9 @@ impl Guest {
                         cgroup_procs: cgroup_procs.map(Arc::new),
                         namespaces: Some(Arc::new(namespaces)),
                     });
+                    if let Some(process) = spec.process().clone().filter(|_| prepare_main) {
+                        self.prepare_main(process);
+                    }
                     Ok(Message::Ack)
                 }),
             Message::ConfigureNetwork { network } => {
@@ -347,6 +358,32 @@ impl Guest {
         self.confinement.get().cloned().unwrap_or_default()
     }
 
+    /// Forks and sets up the main in the background (the host's create goes on
+    /// meanwhile); `SpawnMain` waits for it and releases it.
+    fn prepare_main(self: &Arc<Self>, process: Process) {
+        let g = self.clone();
+        let wanted = process.clone();
+        let job = thread::Builder::new()
+            .name("prepare-main".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let prepared = spawn::prepare(
+                    &process,
+                    main_stdio(&process),
+                    &g.reaper,
+                    g.confinement(),
+                    None,
+                );
+                log::info!("main prepared in {} ms", t0.elapsed().as_millis());
+                prepared
+            });
+        match job {
+            Ok(job) => *lock(&self.prepared_main) = Some((wanted, job)),
+            // Nothing lost: SpawnMain forks it then.
+            Err(e) => log::warn!("preparing the main: {e}"),
+        }
+    }
+
     fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, String> {
         if self
             .main_pid
@@ -355,23 +392,31 @@ impl Guest {
         {
             return Err("the main process was already started".into());
         }
-        let mode = if process.terminal().unwrap_or(false) {
-            let (rows, cols) = process
-                .console_size()
-                .map(|b| (b.height() as u16, b.width() as u16))
-                .filter(|&(r, c)| r > 0 && c > 0)
-                .unwrap_or((24, 80));
-            StdioMode::Pty {
-                rows,
-                cols,
-                console: true,
+        let prepared = lock(&self.prepared_main).take().and_then(|(wanted, job)| {
+            let prepared = job.join().unwrap_or_else(|_| Err("panicked".into()));
+            match prepared {
+                Ok(p) if wanted == *process && p.waiting() => Some(p),
+                // Dropped: it exits unreleased, and the main is forked afresh.
+                Ok(_) => None,
+                Err(e) => {
+                    log::warn!("the prepared main failed ({e}); forking it again");
+                    None
+                }
             }
-        } else {
-            StdioMode::Pipes
-        };
+        });
         self.oom_kills_at_start
             .store(crate::resources::oom_kills(), Ordering::SeqCst);
-        let spawned = match spawn::spawn(process, mode, &self.reaper, self.confinement(), None) {
+        let released = match prepared {
+            Some(p) => p.release(),
+            None => spawn::spawn(
+                process,
+                main_stdio(process),
+                &self.reaper,
+                self.confinement(),
+                None,
+            ),
+        };
+        let spawned = match released {
             Ok(s) => s,
             Err(reason) => {
                 // Nothing ran: a later spawn-main may try again.
@@ -656,6 +701,23 @@ pub fn power_off(halt: Halt, code: i32) -> ! {
                 thread::park();
             }
         }
+    }
+}
+
+/// How the main's stdio is wired: its own pty (bound to `/dev/console`) or pipes.
+fn main_stdio(process: &Process) -> StdioMode {
+    if !process.terminal().unwrap_or(false) {
+        return StdioMode::Pipes;
+    }
+    let (rows, cols) = process
+        .console_size()
+        .map(|b| (b.height() as u16, b.width() as u16))
+        .filter(|&(r, c)| r > 0 && c > 0)
+        .unwrap_or((24, 80));
+    StdioMode::Pty {
+        rows,
+        cols,
+        console: true,
     }
 }
 

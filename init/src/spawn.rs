@@ -3,16 +3,14 @@
 //!
 //! Everything that needs allocation, parsing or the filesystem (PATH lookup,
 //! capability masks, rlimits, the oom_score_adj value) is computed *before* the
-//! fork; the `pre_exec` hook only issues raw, async-signal-safe syscalls.
+//! fork; the child only issues raw, async-signal-safe syscalls (see `run_child`).
 
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 
 use krun_oci_protocol::Process;
@@ -501,6 +499,19 @@ impl ChildSetup {
         self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID)
     }
 
+    /// The fds `apply` uses.
+    fn fds_in_use(&self) -> Vec<libc::c_int> {
+        let mut fds: Vec<libc::c_int> = self.join.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+        fds.extend(self.user_ns.iter().flatten());
+        fds.extend(
+            self.confinement
+                .cgroup_procs
+                .as_ref()
+                .map(|fd| fd.as_raw_fd()),
+        );
+        fds
+    }
+
     /// Moves the caller into the container cgroup (async-signal-safe).
     fn join_cgroup(&self) -> io::Result<()> {
         if let Some(procs) = &self.confinement.cgroup_procs {
@@ -724,8 +735,8 @@ impl ChildSetup {
 fn relay(child: libc::pid_t, all: &libc::sigset_t) -> ! {
     // SAFETY: plain syscalls on local values; this process never returns to Rust code.
     unsafe {
-        // No fd of ours may keep a pipe open: stdio is the grandchild's, and std's
-        // exec-status pipe must close when the grandchild execs.
+        // No fd of ours may keep a pipe open: stdio is the grandchild's, and the
+        // status pipe must close when the grandchild execs.
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         loop {
             let sig = libc::sigwaitinfo(all, std::ptr::null_mut());
@@ -872,8 +883,8 @@ fn bind_console(slave: &OwnedFd) -> Result<(), String> {
     })
 }
 
-/// Spawns `process`. `main`: `None` for the container's main (it makes the
-/// container's namespaces), the main's pid for an exec (it joins them).
+/// Spawns `process` and lets it run. `main`: `None` for the container's main
+/// (it makes the container's namespaces), the main's pid for an exec (it joins them).
 pub fn spawn(
     process: &Process,
     mode: StdioMode,
@@ -881,6 +892,20 @@ pub fn spawn(
     confinement: Confinement,
     main: Option<i32>,
 ) -> Result<Spawned, String> {
+    prepare(process, mode, reaper, confinement, main)?.release()
+}
+
+/// Forks `process` and sets it up (namespaces, cgroup, credentials, seccomp) up
+/// to its exec, where it waits for [`Prepared::release`]. The main is prepared at
+/// create, so that `start` has only the exec left (runc's `runc init` waits the
+/// same way on its exec fifo).
+pub fn prepare(
+    process: &Process,
+    mode: StdioMode,
+    reaper: &Reaper,
+    confinement: Confinement,
+    main: Option<i32>,
+) -> Result<Prepared, String> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
         return Err("process.args must not be empty".into());
@@ -949,25 +974,37 @@ pub fn spawn(
         confinement,
     };
 
-    let mut cmd = Command::new(&program);
-    cmd.arg0(arg0)
-        .args(&args[1..])
-        .env_clear()
-        .envs(env)
-        .current_dir(&cwd);
-    // SAFETY: `apply` only issues async-signal-safe syscalls (see ChildSetup::apply).
-    unsafe {
-        cmd.pre_exec(move || setup.apply());
-    }
+    let shown = program.display().to_string();
+    let exec_failed = move |errno: i32| {
+        let what = match errno {
+            libc::ENOENT => "no such file or directory".to_string(),
+            libc::EACCES => "permission denied".to_string(),
+            e => errno_text(&io::Error::from_raw_os_error(e)),
+        };
+        format!("exec: {shown:?}: {what}")
+    };
+    let image = ExecImage::new(&program, arg0, &args[1..], env, &cwd)?;
 
-    // From here until the pid is registered no child may be reaped: hold the lock.
-    let mut registry = reaper.lock();
-    let mut master = None;
-    match mode {
+    // The child's stdio, each parent-side end kept, each child-side end at fd 3 or
+    // above (so that the child's dup2 onto 0, 1, 2 cannot clobber another).
+    let (ours, master, theirs): ([Option<File>; 3], Option<File>, [OwnedFd; 3]) = match mode {
         StdioMode::Pipes => {
-            cmd.stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
+            let (stdin_r, stdin_w) = pipe()?;
+            let (stdout_r, stdout_w) = pipe()?;
+            let (stderr_r, stderr_w) = pipe()?;
+            (
+                [
+                    Some(File::from(stdin_w)),
+                    Some(File::from(stdout_r)),
+                    Some(File::from(stderr_r)),
+                ],
+                None,
+                [
+                    above_stdio(stdin_r)?,
+                    above_stdio(stdout_w)?,
+                    above_stdio(stderr_w)?,
+                ],
+            )
         }
         StdioMode::Pty {
             rows,
@@ -987,19 +1024,24 @@ pub fn spawn(
             if console {
                 bind_console(&pty.slave)?;
             }
-            let slave = File::from(pty.slave);
-            let dup = |f: &File| {
+            let slave = above_stdio(pty.slave)?;
+            let dup = |f: &OwnedFd| {
                 f.try_clone()
                     .map_err(|e| format!("pty: {}", errno_text(&e)))
             };
-            cmd.stdin(Stdio::from(dup(&slave)?))
-                .stdout(Stdio::from(dup(&slave)?))
-                .stderr(Stdio::from(slave));
-            master = Some(File::from(pty.master));
+            let m = File::from(pty.master);
+            (
+                [m.try_clone().ok(), m.try_clone().ok(), None],
+                Some(m),
+                [dup(&slave)?, dup(&slave)?, slave],
+            )
         }
-    }
-    // The pipes' child ends stay open until the spawn is over; ours go to the thread.
-    let (user_thread, _child_ends) = match user_sync {
+    };
+    // `status`: the child's word on how far it got (see ChildReport); `go`: one
+    // byte releases it into its exec.
+    let (status_r, status_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (user_thread, user_child_ends) = match user_sync {
         Some((sync, maps)) => {
             let UserNsSync {
                 child_ready,
@@ -1014,49 +1056,285 @@ pub fn spawn(
         }
         None => (None, None),
     };
-    let spawned_child = cmd.spawn();
-    drop(_child_ends);
+    let mut keep = setup.fds_in_use();
+    keep.extend([status_w.as_raw_fd(), go_r.as_raw_fd()]);
+    keep.sort_unstable();
+    let child = ChildFds {
+        stdio: [
+            theirs[0].as_raw_fd(),
+            theirs[1].as_raw_fd(),
+            theirs[2].as_raw_fd(),
+        ],
+        status: status_w.as_raw_fd(),
+        go: go_r.as_raw_fd(),
+        keep,
+    };
+
+    // From the fork until the pid is registered no child may be reaped: hold the lock.
+    let mut registry = reaper.lock();
+    // SAFETY: the child only runs `run_child`, which issues async-signal-safe
+    // syscalls on values prepared above and never returns.
+    let pid = match unsafe { libc::fork() } {
+        -1 => return Err(format!("fork: {}", errno_text(&io::Error::last_os_error()))),
+        0 => unsafe { run_child(&setup, &image, &child) },
+        pid => pid,
+    };
+    let exit = registry.register(pid);
+    drop(registry);
+    drop((theirs, status_w, go_r, user_child_ends, image));
+
+    let mut status = File::from(status_r);
+    let report = ChildReport::read(&mut status);
     if let Some(t) = user_thread {
         let mapped = t
             .join()
             .unwrap_or_else(|_| Err("the user namespace thread panicked".into()));
-        if let (Err(e), Ok(_)) = (&mapped, &spawned_child) {
+        if let Err(e) = mapped {
+            if report != ChildReport::Ready {
+                return Err(e);
+            }
             // The child cannot have gone on unmapped; report why it would have failed.
             log::warn!("{e}");
         }
-        if spawned_child.is_err() {
-            mapped?;
+    }
+    match report {
+        ChildReport::Ready => {}
+        ChildReport::SetupFailed(errno) | ChildReport::ExecFailed(errno) => {
+            return Err(exec_failed(errno))
+        }
+        ChildReport::Ended => return Err(exec_failed(libc::ECHILD)),
+    }
+    let [stdin, stdout, stderr] = ours;
+    Ok(Prepared {
+        spawned: Spawned {
+            pid,
+            exit,
+            stdin,
+            stdout,
+            stderr,
+            pty: master,
+        },
+        go: File::from(go_w),
+        status,
+        exec_failed: Box::new(exec_failed),
+    })
+}
+
+/// A child waiting before its exec (see [`prepare`]). Dropped unreleased, it exits.
+pub struct Prepared {
+    spawned: Spawned,
+    go: File,
+    status: File,
+    exec_failed: Box<dyn Fn(i32) -> String + Send>,
+}
+
+impl Prepared {
+    /// Whether the child still waits (it may have been killed meanwhile).
+    pub fn waiting(&self) -> bool {
+        matches!(
+            self.spawned.exit.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty)
+        )
+    }
+
+    /// Releases the child into its exec; returns once the exec has succeeded (or
+    /// with the exec's error, as `exec: "PROGRAM": REASON`).
+    pub fn release(mut self) -> Result<Spawned, String> {
+        use std::io::Write;
+        self.go
+            .write_all(b"1")
+            .map_err(|_| (self.exec_failed)(libc::ECHILD))?;
+        match ChildReport::read(&mut self.status) {
+            // The status pipe closes on a successful exec.
+            ChildReport::Ended => Ok(self.spawned),
+            ChildReport::ExecFailed(errno) | ChildReport::SetupFailed(errno) => {
+                Err((self.exec_failed)(errno))
+            }
+            ChildReport::Ready => Err((self.exec_failed)(libc::EPROTO)),
         }
     }
-    let mut child = spawned_child.map_err(|e| {
-        let what = match e.raw_os_error() {
-            Some(libc::ENOENT) => "no such file or directory".to_string(),
-            Some(libc::EACCES) => "permission denied".to_string(),
-            _ => errno_text(&e),
-        };
-        format!("exec: {:?}: {what}", program.display().to_string())
-    })?;
-    let pid = child.id() as i32;
-    let exit = registry.register(pid);
-    drop(registry);
-    drop(cmd); // closes our copies of the pty slave
+}
 
-    let file = |fd: Option<OwnedFd>| fd.map(File::from);
-    let mut spawned = Spawned {
-        pid,
-        exit,
-        stdin: file(child.stdin.take().map(OwnedFd::from)),
-        stdout: file(child.stdout.take().map(OwnedFd::from)),
-        stderr: file(child.stderr.take().map(OwnedFd::from)),
-        pty: None,
-    };
-    if let Some(m) = master {
-        spawned.stdin = m.try_clone().ok();
-        spawned.stdout = m.try_clone().ok();
-        spawned.pty = Some(m);
+/// What the child reports on its status pipe: a tag byte, then the errno for the failures.
+#[derive(Debug, PartialEq)]
+enum ChildReport {
+    /// Set up; waiting to be released.
+    Ready,
+    SetupFailed(i32),
+    ExecFailed(i32),
+    /// The pipe closed: exec'd (after release) or died (before).
+    Ended,
+}
+
+impl ChildReport {
+    const READY: u8 = b'R';
+    const SETUP_FAILED: u8 = b'S';
+    const EXEC_FAILED: u8 = b'E';
+
+    fn read(status: &mut File) -> ChildReport {
+        use std::io::Read;
+        let mut tag = [0u8; 1];
+        match status.read(&mut tag) {
+            Ok(1) => {}
+            _ => return ChildReport::Ended,
+        }
+        if tag[0] == Self::READY {
+            return ChildReport::Ready;
+        }
+        let mut errno = [0u8; 4];
+        let errno = match status.read_exact(&mut errno) {
+            Ok(()) => i32::from_ne_bytes(errno),
+            Err(_) => libc::EIO,
+        };
+        match tag[0] {
+            Self::SETUP_FAILED => ChildReport::SetupFailed(errno),
+            _ => ChildReport::ExecFailed(errno),
+        }
     }
-    // `child` is dropped without waiting: the reaper owns its status.
-    Ok(spawned)
+}
+
+/// The raw fds the child works with.
+struct ChildFds {
+    stdio: [libc::c_int; 3],
+    status: libc::c_int,
+    go: libc::c_int,
+    /// Every fd above stdio the child still needs (sorted): the others are closed.
+    keep: Vec<libc::c_int>,
+}
+
+/// The exec's arguments as C strings, built before the fork.
+struct ExecImage {
+    program: CString,
+    cwd: CString,
+    // Owners of the strings the pointer arrays point into.
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+impl ExecImage {
+    fn new(
+        program: &Path,
+        arg0: &str,
+        args: &[String],
+        env: Vec<(String, String)>,
+        cwd: &Path,
+    ) -> Result<ExecImage, String> {
+        let c =
+            |s: &[u8], what: &str| CString::new(s).map_err(|_| format!("{what} has a NUL byte"));
+        let mut strings = Vec::new();
+        for a in std::iter::once(arg0).chain(args.iter().map(String::as_str)) {
+            strings.push(c(a.as_bytes(), "process.args")?);
+        }
+        let argc = strings.len();
+        // One entry per name, the last one winning (as std's Command::envs).
+        let env: std::collections::BTreeMap<String, String> = env.into_iter().collect();
+        for (k, v) in env {
+            strings.push(c(format!("{k}={v}").as_bytes(), "process.env")?);
+        }
+        let ptrs = |s: &[CString]| {
+            s.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        Ok(ExecImage {
+            program: c(program.as_os_str().as_encoded_bytes(), "the program path")?,
+            cwd: c(cwd.as_os_str().as_encoded_bytes(), "cwd")?,
+            argv: ptrs(&strings[..argc]),
+            envp: ptrs(&strings[argc..]),
+            _strings: strings,
+        })
+    }
+}
+
+/// The forked child: stdio, cwd, the setup, then waits for release and execs.
+/// Async-signal-safe syscalls only; never returns.
+///
+/// # Safety
+/// Only between fork and exec, in the child.
+unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! {
+    let report = |tag: u8, errno: i32| {
+        let mut msg = [0u8; 5];
+        msg[0] = tag;
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        let len = if tag == ChildReport::READY { 1 } else { 5 };
+        // SAFETY: a write from a local buffer to an fd we hold.
+        unsafe { libc::write(fds.status, msg.as_ptr().cast(), len) };
+    };
+    let errno = || {
+        io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    };
+    // SAFETY: plain syscalls on prepared values, in the child after fork.
+    unsafe {
+        // guest-init blocks SIGCHLD in every thread and Rust ignores SIGPIPE: the
+        // workload starts with neither, as std's Command does.
+        let empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        for (target, &fd) in fds.stdio.iter().enumerate() {
+            if libc::dup2(fd, target as libc::c_int) < 0 {
+                report(ChildReport::SETUP_FAILED, errno());
+                libc::_exit(127);
+            }
+        }
+        if libc::chdir(image.cwd.as_ptr()) < 0 {
+            report(ChildReport::SETUP_FAILED, errno());
+            libc::_exit(127);
+        }
+        // Waiting may last (a prepared main waits until `start`): hold no fd of
+        // guest-init's meanwhile but those the setup and the two pipes need. Before
+        // the setup, which may install a seccomp filter that forbids close_range.
+        let mut from: libc::c_int = 3;
+        for &fd in &fds.keep {
+            if fd > from {
+                libc::syscall(libc::SYS_close_range, from as u32, (fd - 1) as u32, 0u32);
+            }
+            from = from.max(fd + 1);
+        }
+        libc::syscall(libc::SYS_close_range, from as u32, u32::MAX, 0u32);
+        if let Err(e) = setup.apply() {
+            report(
+                ChildReport::SETUP_FAILED,
+                e.raw_os_error().unwrap_or(libc::EIO),
+            );
+            libc::_exit(127);
+        }
+        report(ChildReport::READY, 0);
+        let mut byte = 0u8;
+        if libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1 {
+            // Never released: the prepared process was given up.
+            libc::_exit(127);
+        }
+        libc::close(fds.go);
+        libc::execve(
+            image.program.as_ptr(),
+            image.argv.as_ptr(),
+            image.envp.as_ptr(),
+        );
+        report(ChildReport::EXEC_FAILED, errno());
+        libc::_exit(127);
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("pipe: {}", e.desc().to_lowercase()))
+}
+
+/// `fd` itself, or a duplicate of it at 3 or above (close-on-exec either way).
+fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, String> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map(|n| {
+            // SAFETY: F_DUPFD_CLOEXEC returned a fresh fd that nothing else owns.
+            unsafe { std::os::fd::FromRawFd::from_raw_fd(n) }
+        })
+        .map_err(|e| format!("dup: {}", e.desc().to_lowercase()))
 }
 
 #[cfg(test)]

@@ -216,6 +216,11 @@ pub enum Message {
         /// the setup. `None` on a VM that booted into its root.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         deferred_root: Option<String>,
+        /// Fork the spec's process once set up, and have it wait before its exec
+        /// for `SpawnMain` (which must name the same process): `start` then has
+        /// only the exec left. False when create-time hooks still run after setup.
+        #[serde(default)]
+        prepare_main: bool,
     },
     /// Host -> guest on the control port, at start and before `SpawnMain`: links
     /// that appeared in the container's network namespace after create, attached

@@ -281,6 +281,7 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
                 seccomp,
                 network: interfaces,
                 deferred_root,
+                prepare_main: main_can_be_prepared(spec),
             },
         )? {
             Message::Ack => {}
@@ -316,6 +317,19 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
         }),
         Err(e) => Err(with_console(e, vm.as_mut())),
     }
+}
+
+/// Whether the guest may fork the main right after setup (it then waits for
+/// `start` before its exec): not while create-time hooks, which run after setup
+/// and may still change what the main finds, are configured.
+fn main_can_be_prepared(spec: &Spec) -> bool {
+    #[allow(deprecated)]
+    let none = |h: &oci_spec::runtime::Hooks| {
+        [h.prestart(), h.create_runtime(), h.create_container()]
+            .iter()
+            .all(|hooks| hooks.as_ref().is_none_or(|v| v.is_empty()))
+    };
+    spec.process().is_some() && spec.hooks().as_ref().is_none_or(none)
 }
 
 /// Ends a VM whose guest failed, with the console's tail on the error.
@@ -812,5 +826,36 @@ pub fn read_report(pipe: &mut File, monitor_log: &Path) -> Result<SyncReport> {
                 "the VM monitor exited before the guest was ready: {tail}"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec_with_hooks(hooks: serde_json::Value) -> Spec {
+        let mut v = serde_json::to_value(Spec::default()).unwrap();
+        v["hooks"] = hooks;
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_main_is_prepared_unless_create_time_hooks_follow_setup() {
+        assert!(main_can_be_prepared(&Spec::default()));
+        let hook = serde_json::json!([{ "path": "/bin/true" }]);
+        // Hooks that run after the main is released do not matter.
+        for later in ["startContainer", "poststart", "poststop"] {
+            assert!(main_can_be_prepared(&spec_with_hooks(
+                serde_json::json!({ later: hook })
+            )));
+        }
+        for earlier in ["prestart", "createRuntime", "createContainer"] {
+            assert!(!main_can_be_prepared(&spec_with_hooks(
+                serde_json::json!({ earlier: hook })
+            )));
+        }
+        assert!(main_can_be_prepared(&spec_with_hooks(
+            serde_json::json!({ "createRuntime": [] })
+        )));
     }
 }

@@ -675,3 +675,58 @@ fn the_main_has_its_own_namespaces_in_the_guest() {
         assert!(out.lines().any(|l| l == want), "{want} missing: {out}");
     }
 }
+
+/// Without create-time hooks the guest forks and sets up the main at create,
+/// and it waits before its exec (nothing of it has run) until `start`; with a
+/// createRuntime hook it is forked at `start`. The workload is the same either way.
+#[test]
+fn the_main_is_prepared_at_create_and_runs_only_at_start() {
+    if !vm_available("the_main_is_prepared_at_create_and_runs_only_at_start") {
+        return;
+    }
+    become_subreaper();
+    let rt = Runtime::new();
+    let main = ["sh", "-c", "echo ran > /ran; echo started; exec sleep 1000"];
+    for (id, hooked) in [("prepared", false), ("hooked", true)] {
+        let b = TestBundle::new(&main);
+        if hooked {
+            b.write_config(|c| {
+                c["hooks"] = serde_json::json!({ "createRuntime": [{ "path": "/bin/true" }] });
+            });
+        }
+        let out = b.path().join("o");
+        let pid = rt.create(id, &b, &out, &b.path().join("e"));
+        let cmds = |rt: &Runtime| -> Vec<String> {
+            rt.ok(&["ps", id])
+                .lines()
+                .skip(1)
+                .map(|l| l.to_string())
+                .collect()
+        };
+        // In the guest: init, and for the prepared main the pid namespace's relay
+        // and the waiting child, both still guest-init's image (no exec yet).
+        // (The guest prepares it in the background while create returns.)
+        let want = if hooked { 1 } else { 3 };
+        eventually(
+            "the guest's processes at create",
+            Duration::from_secs(20),
+            || cmds(&rt).len() == want,
+        );
+        let before = cmds(&rt);
+        assert!(before.iter().all(|l| l.ends_with("/init")), "{before:?}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            !b.rootfs().join("ran").exists(),
+            "{id}: the main ran before start"
+        );
+        rt.ok(&["start", id]);
+        eventually("the main to run", Duration::from_secs(60), || {
+            read(&out).contains("started")
+        });
+        assert!(b.rootfs().join("ran").exists());
+        assert!(rt.ok(&["ps", id]).contains("sleep 1000"), "{id}");
+        rt.ok(&["kill", id, "KILL"]);
+        assert_eq!(wait_exit(pid), 137);
+        rt.ok(&["delete", id]);
+    }
+}
