@@ -17,7 +17,7 @@ APT_PACKAGES := qemu-system-x86 busybox-static libcap-ng-dev libseccomp-dev runc
 	iproute2 curl iptables containernetworking-plugins netavark aardvark-dns
 CARGO_HELPERS := virtiofsd vhost-device-vsock
 
-.PHONY: all build init kernel kernel-test test test-clients unit-test conformance bench fuzz demo install deps fmt lint clean
+.PHONY: all build init hostile-init soak kernel kernel-test test test-clients unit-test conformance bench fuzz demo install deps fmt lint clean
 
 all: build
 
@@ -31,12 +31,23 @@ build: init
 ## the init twice in guest RAM (initramfs, and the tmpfs it unpacks to) and QEMU maps the
 ## initramfs; the symbols are 1 MB, and size optimisation takes netlink (rtnetlink,
 ## tokio) from 6.7 MB back to 4.6 MB.
-init:
-	CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
+INIT_BUILD_ENV := CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_RELEASE_OPT_LEVEL=s \
 	CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
-		$(CARGO) build -p krun-oci-init -p krun-oci-conformance --bin krun-oci-init \
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
+init:
+	$(INIT_BUILD_ENV) $(CARGO) build -p krun-oci-init -p krun-oci-conformance --bin krun-oci-init \
 		--bin conformance-checker --target $(TARGET_TRIPLE) --release
+
+## hostile-init: the hostile test guest (init built with --features hostile,
+## init/src/guest/hostile.rs) for runtime/tests/hostile.rs; never installed. Cargo
+## puts both builds at one path, so it is copied out and the real init put back
+## (cached: no rebuild, only the copy).
+HOSTILE_INIT := target/hostile/krun-oci-init
+hostile-init:
+	$(INIT_BUILD_ENV) $(CARGO) build -p krun-oci-init --features hostile --bin krun-oci-init \
+		--target $(TARGET_TRIPLE) --release
+	install -D -m 0755 $(INIT_STATIC) $(HOSTILE_INIT)
+	$(MAKE) init
 
 ## kernel: our own guest kernel from Debian's linux-source-6.12 (cached; see docs/kernel.md).
 kernel:
@@ -47,8 +58,9 @@ kernel-test: kernel
 	kernel/boot-test.sh -n 1
 
 ## test: every test, the end-to-end ones on real microVMs (our kernel, TCG here) included.
-test: build kernel-test
+test: build hostile-init kernel-test
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_INIT_TEST_BIN=$(CURDIR)/$(INIT_STATIC) KRUN_OCI_REQUIRE_VM=1 \
+	KRUN_OCI_HOSTILE_INIT=$(CURDIR)/$(HOSTILE_INIT) \
 		$(CARGO) test --workspace $(CARGO_PROFILE_FLAG) -- --test-threads=2
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
 		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --preflight \
@@ -57,7 +69,19 @@ test: build kernel-test
 	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance run \
 		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --timeout 180 --pool 2 \
 		--expected-failures conformance/expected-differences.txt
+	# A short soak: every workload of `make soak` four times, with the leak check.
+	$(MAKE) soak SOAK_CYCLES=24
 	$(MAKE) test-clients
+
+## soak: SOAK_CYCLES lifecycles (default 1000) of mixed workloads, SOAK_PARALLEL at a
+## time (default 2), each checked; then a leak check against a snapshot taken before.
+## One summary line; exit 1 on any failure or leak (docs/reliability.md).
+SOAK_CYCLES ?= 1000
+SOAK_PARALLEL ?= 2
+soak: build
+	KRUN_OCI_INIT=$(CURDIR)/$(INIT_STATIC) $(CURDIR)/$(BIN_DIR)/conformance soak \
+		--runtime $(CURDIR)/$(BIN_DIR)/krun-oci --cycles $(SOAK_CYCLES) --parallel $(SOAK_PARALLEL) \
+		--timeout 180
 
 ## test-clients: podman and containerd (both shims) driving krun-oci; exit 77 = skipped (reason printed).
 test-clients: build
@@ -116,6 +140,7 @@ fmt:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p krun-oci-init --features hostile -- -D warnings
 
 clean:
 	$(CARGO) clean

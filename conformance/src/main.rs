@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 mod harness;
 mod pool;
 mod report;
+mod soak;
 mod suite;
 
 use harness::{Config, Ctx, Skip, Tracked};
@@ -33,6 +34,24 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Many lifecycles of mixed workloads (exit 7, TERM, KILL, run, a failing exec, a
+    /// tty exec), a few at a time, each checked; then a leak check; one summary line.
+    Soak {
+        /// The runtime binary.
+        #[arg(long)]
+        runtime: PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        cycles: usize,
+        /// Lifecycles at once.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// Seconds any one command or wait may take.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+        /// Serve the creates from krun-oci's warm pool of this many idle VMs.
+        #[arg(long)]
+        pool: Option<u32>,
+    },
     /// Print the test names.
     List {
         #[arg(long)]
@@ -431,6 +450,19 @@ fn main() {
             preflight,
             pool,
         ),
+        Cmd::Soak {
+            runtime,
+            cycles,
+            parallel,
+            timeout,
+            pool,
+        } => soak::soak(soak::SoakArgs {
+            runtime,
+            cycles,
+            parallel,
+            timeout: Duration::from_secs(timeout),
+            pool,
+        }),
         Cmd::Compare {
             oracle,
             subject,

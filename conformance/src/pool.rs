@@ -60,6 +60,10 @@ impl PoolRun {
         Ok(run)
     }
 
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.id() as i32
+    }
+
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("root")
     }

@@ -170,7 +170,12 @@ impl ExecSession {
         let guest_pid = match proto::recv(&mut s)? {
             Message::ExecStarted { pid } => pid,
             Message::Nack { reason } => return Err(Error::InvalidInput(reason)),
-            other => return Err(Error::Guest(format!("unexpected reply to exec: {other:?}"))),
+            other => {
+                return Err(Error::Guest(format!(
+                    "unexpected reply to exec: {}",
+                    crate::guest::brief(&other)
+                )))
+            }
         };
         let reader = s.try_clone().map_err(|e| Error::Guest(e.to_string()))?;
         Ok(Self {

@@ -20,6 +20,24 @@ pub enum GuestLink {
     PortSockets { dir: PathBuf },
 }
 
+/// What the guest said, for an error or a log line: the guest is hostile and a
+/// message can be a megabyte, so at most [`BRIEF_LEN`] characters of it.
+pub fn brief(msg: &impl std::fmt::Debug) -> String {
+    bounded(format!("{msg:?}"))
+}
+
+/// `text` cut to [`BRIEF_LEN`] characters.
+pub fn bounded(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(BRIEF_LEN) {
+        text.truncate(cut);
+        text.push_str("...");
+    }
+    text
+}
+
+/// How much of a guest message [`brief`] keeps.
+pub const BRIEF_LEN: usize = 200;
+
 /// Upper bound for the hybrid handshake's reply line.
 const MAX_HANDSHAKE_LINE: usize = 64;
 
@@ -113,6 +131,19 @@ mod tests {
         assert_eq!(&b, b"x");
         t.join().unwrap();
         assert_eq!(link.host_port_path(1030), dir.path().join("vsock_1030"));
+    }
+
+    #[test]
+    fn what_the_guest_said_is_bounded() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = bounded("é".repeat(10 * BRIEF_LEN));
+        assert_eq!(long.chars().count(), BRIEF_LEN + 3);
+        assert!(long.ends_with("..."));
+        let nack = krun_oci_protocol::Message::Nack {
+            reason: "n".repeat(1 << 20),
+        };
+        assert!(brief(&nack).starts_with("Nack { reason: \"nnn"));
+        assert!(brief(&nack).len() < 2 * BRIEF_LEN);
     }
 
     #[test]

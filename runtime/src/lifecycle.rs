@@ -277,7 +277,8 @@ fn attach_late_network(c: &Container, link: &crate::guest::GuestLink) -> Result<
             "guest network setup failed: {reason}"
         ))),
         other => Err(Error::Guest(format!(
-            "unexpected reply to configure-network: {other:?}"
+            "unexpected reply to configure-network: {}",
+            crate::guest::brief(&other)
         ))),
     }
 }
@@ -325,7 +326,10 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
             c.dir.save(&c.record)?;
             return Err(match other {
                 Ok(Message::Nack { reason }) => Error::Guest(reason),
-                Ok(m) => Error::Guest(format!("unexpected reply to spawn-main: {m:?}")),
+                Ok(m) => Error::Guest(format!(
+                    "unexpected reply to spawn-main: {}",
+                    crate::guest::brief(&m)
+                )),
                 Err(e) => e,
             });
         }
@@ -480,7 +484,10 @@ fn kill_unlocked(
     match reply {
         Ok(Message::Ack) => Ok(()),
         Ok(Message::Nack { reason }) => Err(Error::Guest(reason)),
-        Ok(m) => Err(Error::Guest(format!("unexpected reply to signal: {m:?}"))),
+        Ok(m) => Err(Error::Guest(format!(
+            "unexpected reply to signal: {}",
+            crate::guest::brief(&m)
+        ))),
         // A wedged guest still goes away on SIGKILL: end the VM.
         Err(_) if signal == libc::SIGKILL => {
             let _ = write_atomic(&c.dir.exit_code_file(), b"137");
@@ -564,7 +571,12 @@ pub fn update(store: &StateStore, id: &str, resources: &LinuxResources) -> Resul
         match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, msg))? {
             Message::Ack => {}
             Message::Nack { reason } => return Err(Error::Guest(reason)),
-            m => return Err(Error::Guest(format!("unexpected reply to update: {m:?}"))),
+            m => {
+                return Err(Error::Guest(format!(
+                    "unexpected reply to update: {}",
+                    crate::guest::brief(&m)
+                )))
+            }
         }
     }
     Ok(())
@@ -579,7 +591,10 @@ pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestPr
     match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Ps))? {
         Message::Processes { processes } => Ok(processes),
         Message::Nack { reason } => Err(Error::Guest(reason)),
-        m => Err(Error::Guest(format!("unexpected reply to ps: {m:?}"))),
+        m => Err(Error::Guest(format!(
+            "unexpected reply to ps: {}",
+            crate::guest::brief(&m)
+        ))),
     }
 }
 

@@ -290,7 +290,8 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
             }
             other => {
                 return Err(Error::Guest(format!(
-                    "unexpected reply to setup: {other:?}"
+                    "unexpected reply to setup: {}",
+                    crate::guest::brief(&other)
                 )))
             }
         }
@@ -514,7 +515,10 @@ pub(crate) fn await_ready(
     proto::handshake(&mut events)?;
     match proto::recv(&mut events)? {
         Message::Ready { timings, .. } => Ok((events, timings)),
-        other => Err(Error::Guest(format!("expected ready, got {other:?}"))),
+        other => Err(Error::Guest(format!(
+            "expected ready, got {}",
+            crate::guest::brief(&other)
+        ))),
     }
 }
 
@@ -595,8 +599,19 @@ pub fn connect_control_within(link: &GuestLink, limit: Duration) -> Result<UnixS
 /// One request/response on a control connection.
 pub fn request(s: &mut UnixStream, msg: Message) -> Result<Message> {
     proto::send(s, msg)?;
-    Ok(proto::recv(s)?)
+    Ok(match proto::recv(s)? {
+        // The reason reaches users' terminals and logs: bounded, whatever the guest sent.
+        Message::Nack { reason } if reason.chars().count() > crate::guest::BRIEF_LEN => {
+            Message::Nack {
+                reason: crate::guest::bounded(reason),
+            }
+        }
+        reply => reply,
+    })
 }
+
+/// Unexpected frames on the events stream logged one by one; the rest are counted.
+const MAX_LOGGED_UNEXPECTED: u64 = 5;
 
 /// Why the supervision loop woke up.
 enum Event {
@@ -636,6 +651,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         std::thread::spawn(move || {
             let mut out = File::from(out_fd);
             let mut err = File::from(err_fd);
+            let mut unexpected = 0u64;
             loop {
                 match proto::read_frame(&mut events) {
                     Ok(Frame::Stdout(d)) | Ok(Frame::Stderr(d)) if d.is_empty() => {}
@@ -655,16 +671,37 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                         window.release(bytes as usize)
                     }
                     Ok(Frame::Message(Message::MainExited { code, oom_killed })) => {
-                        let _ = tx.send(Event::MainExited { code, oom_killed });
-                        return;
+                        let event = match code {
+                            0..=255 => Event::MainExited { code, oom_killed },
+                            // No process exits so: the guest lies; its word is void.
+                            _ => {
+                                log::warn!("the guest reported exit code {code}: ignored");
+                                Event::StreamClosed
+                            }
+                        };
+                        let _ = tx.send(event);
+                        break;
                     }
-                    Ok(other) => log::warn!("unexpected frame on the events stream: {other:?}"),
+                    Ok(other) => {
+                        // Logged a few times, then counted: the log stays small
+                        // whatever the guest sends.
+                        unexpected += 1;
+                        if unexpected <= MAX_LOGGED_UNEXPECTED {
+                            log::warn!(
+                                "unexpected frame on the events stream: {}",
+                                crate::guest::brief(&other)
+                            );
+                        }
+                    }
                     Err(e) => {
                         log::info!("events stream ended: {e}");
                         let _ = tx.send(Event::StreamClosed);
-                        return;
+                        break;
                     }
                 }
+            }
+            if unexpected > MAX_LOGGED_UNEXPECTED {
+                log::warn!("{unexpected} unexpected frames on the events stream in all");
             }
         });
     }

@@ -230,13 +230,7 @@ fn a_flood_of_output_stays_bounded() {
     let mut max_rss_kb = 0u64;
     while t0.elapsed() < Duration::from_secs(8) {
         assert_eq!(rt.state("flood")["status"], "running");
-        let rss = fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
-        max_rss_kb = max_rss_kb.max(rss);
+        max_rss_kb = max_rss_kb.max(rss_kb(pid));
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(exit_within(pid, Duration::from_secs(120)), 3);

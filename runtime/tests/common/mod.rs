@@ -140,18 +140,32 @@ impl TestBundle {
 /// krun-oci with its own `--root`.
 pub struct Runtime {
     pub root: tempfile::TempDir,
+    /// The guest init its VMs boot, when not `KRUN_OCI_INIT`'s.
+    pub init: Option<PathBuf>,
 }
 
 impl Runtime {
     pub fn new() -> Self {
         Runtime {
             root: tempfile::tempdir().unwrap(),
+            init: None,
+        }
+    }
+
+    /// A runtime whose VMs boot `init` (e.g. the hostile test guest).
+    pub fn with_init(init: PathBuf) -> Self {
+        Runtime {
+            init: Some(init),
+            ..Runtime::new()
         }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(KRUN_OCI);
         c.arg("--root").arg(self.root.path()).args(args);
+        if let Some(init) = &self.init {
+            c.env("KRUN_OCI_INIT", init);
+        }
         c
     }
 
@@ -265,4 +279,14 @@ pub fn assert_cleaned_up(rt: &Runtime, id: &str, pids: &[i32]) {
             || !alive(p),
         );
     }
+}
+
+/// The resident memory of `pid`, in kB (0 once it is gone).
+pub fn rss_kb(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
