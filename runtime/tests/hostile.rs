@@ -125,6 +125,27 @@ fn an_impossible_exit_code_is_not_believed() {
     frames_case("an_impossible_exit_code_is_not_believed", "lying-exit");
 }
 
+/// Guest-init (PID 1) dies from inside while the main runs; the guest kernel
+/// panics. Signals cannot do this (the kernel drops them for PID 1), an exit can.
+/// The host sees the VM gone without a report: 255, never 0.
+#[test]
+fn guest_init_dying_is_a_lost_vm() {
+    let Some(init) = hostile_init("guest_init_dying_is_a_lost_vm") else {
+        return;
+    };
+    become_subreaper();
+    let rt = Runtime::with_init(init);
+    let b = hostile_bundle(&["init-dies", "sleep", "1000"]);
+    let (pid, helpers) = start(&rt, "init-dies", &b);
+    ended_cleanly(
+        &rt,
+        "init-dies",
+        pid,
+        &helpers,
+        krun_oci::container::LOST_EXIT_CODE,
+    );
+}
+
 /// Output frames and 256 KiB unexpected messages as fast as the link takes
 /// them: `state` answers, the monitor's memory and both logs stay bounded, and
 /// a KILL still ends it as 137.

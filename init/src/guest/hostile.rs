@@ -10,6 +10,7 @@
 //!   stream closed.
 //! - `malformed`: a Message frame that is not JSON, then one of an unknown kind.
 //! - `lying-exit`: `MainExited` with a code no process can have, then power-off.
+//! - `init-dies CMD...`: runs CMD as the real main, then guest-init exits.
 //! - `flood CMD...`: runs CMD as the real main and, until it exits, floods the
 //!   host with output frames (no newlines) and unexpected 256 KiB messages.
 //! - `plant-symlinks TARGET_FILE TARGET_DIR [BIND...]`: replaces `/.a3s_exit_code` with a
@@ -40,12 +41,21 @@ pub fn requested(process: &Process) -> Option<Vec<String>> {
 pub fn attack(g: &Arc<Guest>, process: &Process, args: Vec<String>) -> Result<Message, String> {
     let mode = args.first().cloned().unwrap_or_default();
     log::warn!("hostile guest: {mode}");
-    if mode == "flood" {
+    if mode == "flood" || mode == "init-dies" {
         let mut real = process.clone();
         real.set_args(Some(args[1..].to_vec()));
         let reply = g.spawn_main(&real)?;
         let g = g.clone();
-        thread::spawn(move || flood(&g));
+        thread::spawn(move || {
+            if mode == "flood" {
+                flood(&g)
+            } else {
+                // PID 1 ends while the main runs: the guest kernel panics
+                // ("Attempted to kill init") and the VM is gone.
+                thread::sleep(Duration::from_millis(500));
+                std::process::exit(3)
+            }
+        });
         return Ok(reply);
     }
     let raw = lock(&g.events)
