@@ -598,22 +598,45 @@ pub fn kill_orphans() {
 }
 
 pub fn children_of(ppid: i32) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|p| p.ppid == ppid)
+        .map(|p| p.pid)
+        .collect()
+}
+
+/// One line of `/proc/PID/stat`, the fields we use.
+pub struct ProcStat {
+    pub pid: i32,
+    pub comm: String,
+    /// `R`, `S`, `Z`, ...
+    pub state: char,
+    pub ppid: i32,
+}
+
+/// Every process now.
+pub fn processes() -> Vec<ProcStat> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) {
-            if let Some((_, rest)) = stat.rsplit_once(')') {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                if f.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(ppid) {
-                    out.push(pid);
-                }
-            }
-        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // comm may hold spaces and parentheses: it ends at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let mut rest = stat[close + 1..].split_whitespace();
+        let state = rest.next().and_then(|f| f.chars().next()).unwrap_or('?');
+        let ppid = rest.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+        out.push(ProcStat {
+            pid,
+            comm: stat[open + 1..close].to_string(),
+            state,
+            ppid,
+        });
     }
     out
 }

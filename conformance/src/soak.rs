@@ -338,14 +338,15 @@ const WATCHED: [&str; 4] = [
 
 impl Snapshot {
     fn take(daemon: Option<i32>) -> Snapshot {
-        let pool_side = daemon.map(descendants).unwrap_or_default();
+        let all = harness::processes();
+        let pool_side = daemon.map(|d| descendants(d, &all)).unwrap_or_default();
         let mut processes = BTreeSet::new();
         let mut zombies = 0;
-        for (pid, comm, state) in all_processes() {
-            if state == 'Z' {
+        for p in all {
+            if p.state == 'Z' {
                 zombies += 1;
-            } else if WATCHED.contains(&comm.as_str()) && !pool_side.contains(&pid) {
-                processes.insert((pid, comm));
+            } else if WATCHED.contains(&p.comm.as_str()) && !pool_side.contains(&p.pid) {
+                processes.insert((p.pid, p.comm));
             }
         }
         let count = |p: &str| fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
@@ -439,34 +440,14 @@ fn leaked_cgroups() -> Vec<String> {
     found
 }
 
-/// (pid, comm, state) of every process.
-fn all_processes() -> Vec<(i32, String, char)> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = stat[open + 1..close].to_string();
-        let state = stat[close + 1..].trim_start().chars().next().unwrap_or('?');
-        out.push((pid, comm, state));
-    }
-    out
-}
-
-/// `pid` and every process below it.
-fn descendants(pid: i32) -> BTreeSet<i32> {
+/// `pid` and every process below it, in `all`.
+fn descendants(pid: i32, all: &[harness::ProcStat]) -> BTreeSet<i32> {
     let mut set = BTreeSet::from([pid]);
     let mut frontier = vec![pid];
     while let Some(p) = frontier.pop() {
-        for child in harness::children_of(p) {
-            if set.insert(child) {
-                frontier.push(child);
+        for child in all.iter().filter(|c| c.ppid == p) {
+            if set.insert(child.pid) {
+                frontier.push(child.pid);
             }
         }
     }

@@ -14,6 +14,12 @@ pub const EXIT_CODE_FILE: &str = ".a3s_exit_code";
 /// Code recorded when the VM or guest died without reporting one (never 0).
 pub const LOST_EXIT_CODE: i32 = 255;
 
+/// An exit code the guest reported, if a process can have it (0..=255:
+/// `WEXITSTATUS` or 128+signal). Any other is a lie, worth nothing.
+pub fn reported_exit_code(code: i32) -> Option<i32> {
+    (0..=255).contains(&code).then_some(code)
+}
+
 /// runc's `state` JSON, plus `exitCode` once stopped.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -144,10 +150,7 @@ pub fn read_guest_exit_code(rootfs: &std::path::Path) -> Option<i32> {
     }
     let mut buf = String::new();
     f.take(16).read_to_string(&mut buf).ok()?;
-    buf.trim()
-        .parse::<i32>()
-        .ok()
-        .filter(|c| (0..=255).contains(c))
+    buf.trim().parse::<i32>().ok().and_then(reported_exit_code)
 }
 
 #[cfg(test)]

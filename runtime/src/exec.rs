@@ -167,7 +167,7 @@ impl ExecSession {
                 size,
             }),
         )?;
-        let guest_pid = match proto::recv(&mut s)? {
+        let guest_pid = match crate::guest::bounded_reply(proto::recv(&mut s)?) {
             Message::ExecStarted { pid } => pid,
             Message::Nack { reason } => return Err(Error::InvalidInput(reason)),
             other => {
@@ -204,7 +204,10 @@ impl ExecSession {
                     let _ = err.write_all(&d);
                 }
                 Ok(Frame::Message(Message::StdinAck { bytes })) => window.release(bytes as usize),
-                Ok(Frame::Message(Message::ExecExited { code })) => return code & 0xff,
+                Ok(Frame::Message(Message::ExecExited { code })) => {
+                    return crate::container::reported_exit_code(code)
+                        .unwrap_or(crate::container::LOST_EXIT_CODE)
+                }
                 Ok(_) => {}
                 Err(e) => {
                     log::warn!("exec session {} lost: {e}", self.id);

@@ -35,6 +35,17 @@ pub fn bounded(mut text: String) -> String {
     text
 }
 
+/// A reply read from the guest, with a `Nack`'s reason (shown to users and
+/// logged as is) cut by [`bounded`].
+pub fn bounded_reply(reply: krun_oci_protocol::Message) -> krun_oci_protocol::Message {
+    match reply {
+        krun_oci_protocol::Message::Nack { reason } => krun_oci_protocol::Message::Nack {
+            reason: bounded(reason),
+        },
+        other => other,
+    }
+}
+
 /// How much of a guest message [`brief`] keeps.
 pub const BRIEF_LEN: usize = 200;
 

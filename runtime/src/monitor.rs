@@ -599,15 +599,7 @@ pub fn connect_control_within(link: &GuestLink, limit: Duration) -> Result<UnixS
 /// One request/response on a control connection.
 pub fn request(s: &mut UnixStream, msg: Message) -> Result<Message> {
     proto::send(s, msg)?;
-    Ok(match proto::recv(s)? {
-        // The reason reaches users' terminals and logs: bounded, whatever the guest sent.
-        Message::Nack { reason } if reason.chars().count() > crate::guest::BRIEF_LEN => {
-            Message::Nack {
-                reason: crate::guest::bounded(reason),
-            }
-        }
-        reply => reply,
-    })
+    Ok(crate::guest::bounded_reply(proto::recv(s)?))
 }
 
 /// Unexpected frames on the events stream logged one by one; the rest are counted.
@@ -671,10 +663,9 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                         window.release(bytes as usize)
                     }
                     Ok(Frame::Message(Message::MainExited { code, oom_killed })) => {
-                        let event = match code {
-                            0..=255 => Event::MainExited { code, oom_killed },
-                            // No process exits so: the guest lies; its word is void.
-                            _ => {
+                        let event = match crate::container::reported_exit_code(code) {
+                            Some(code) => Event::MainExited { code, oom_killed },
+                            None => {
                                 log::warn!("the guest reported exit code {code}: ignored");
                                 Event::StreamClosed
                             }
