@@ -135,8 +135,9 @@ fn errno(what: &str) -> String {
 /// controllers, and a child cgroup can be made there.
 fn cgroup_v2() -> Result<String, String> {
     const CGROUP2_SUPER_MAGIC: libc::c_long = 0x6367_7270;
-    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    // SAFETY: statfs is plain data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs fills the struct; the path is NUL-terminated.
     if unsafe { libc::statfs(c"/sys/fs/cgroup".as_ptr(), &mut st) } != 0 {
         return Err(errno("statfs /sys/fs/cgroup"));
     }
@@ -431,6 +432,7 @@ fn main() {
     // SAFETY: the buffer holds 256 entries and we pass that length.
     let n = unsafe { libc::getgroups(256, groups.as_mut_ptr()) };
     groups.truncate(n.max(0) as usize);
+    // SAFETY: utsname is plain data; all-zero is a valid value.
     let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname fills the struct; nodename is NUL-terminated.
     let hostname = unsafe {

@@ -7,7 +7,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::Instant;
 
-use krun_oci_protocol::BootTiming;
+use krun_oci_protocol::{contract, BootTiming};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 pub struct Timings {
@@ -152,21 +152,21 @@ fn cmdline_words(cmdline: &str) -> impl Iterator<Item = &str> {
 /// The virtio-fs tag of the root: `krun_oci.root_tag=` on the command line, else `rootfs`.
 pub fn root_tag(cmdline: &str) -> String {
     cmdline_words(cmdline)
-        .find_map(|w| w.strip_prefix("krun_oci.root_tag="))
-        .unwrap_or("rootfs")
+        .find_map(|w| w.strip_prefix(contract::CMDLINE_ROOT_TAG))
+        .unwrap_or(contract::ROOT_TAG)
         .to_string()
 }
 
 /// Whether the root comes later (`krun_oci.root=deferred`: a pooled VM, booted
 /// before its container exists).
 pub fn root_is_deferred(cmdline: &str) -> bool {
-    cmdline_words(cmdline).any(|w| w == "krun_oci.root=deferred")
+    cmdline_words(cmdline).any(|w| w == contract::CMDLINE_ROOT_DEFERRED)
 }
 
 /// Whether power-off must be a reboot (`krun_oci.halt=reboot`: the acpi=off
 /// microvm model, where QEMU runs with -no-reboot).
 pub fn halt_is_reboot(cmdline: &str) -> bool {
-    cmdline_words(cmdline).any(|w| w == "krun_oci.halt=reboot")
+    cmdline_words(cmdline).any(|w| w == contract::CMDLINE_HALT_REBOOT)
 }
 
 /// Mounts what a container expects inside `root` (not yet switched into).

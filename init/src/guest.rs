@@ -41,7 +41,7 @@ const MAIN_EXITED: i32 = -2;
 const GRACE: Duration = Duration::from_secs(2);
 
 /// The main's exit code in the container root, a fallback for the host.
-const EXIT_CODE_FILE: &str = ".a3s_exit_code";
+use krun_oci_protocol::contract::EXIT_CODE_FILE;
 
 #[cfg(feature = "hostile")]
 mod hostile;
@@ -83,7 +83,7 @@ pub struct Guest {
 }
 
 /// The background fork and setup of the main (see `Guest::prepare_main`).
-type PreparingMain = JoinHandle<Result<spawn::Prepared, String>>;
+type PreparingMain = JoinHandle<Result<spawn::Prepared, spawn::SpawnError>>;
 
 impl Guest {
     /// `root`: the container root already switched into; `Err(tag)`: deferred,
@@ -264,27 +264,18 @@ impl Guest {
                     return;
                 }
                 Ok(Frame::Message(m)) => self.handle_control(m),
-                Ok(other) => Message::Nack {
-                    reason: format!(
-                        "unexpected frame on the control port: {:?}",
-                        kind_of(&other)
-                    ),
-                },
+                Ok(other) => nack(format!(
+                    "unexpected frame on the control port: {:?}",
+                    kind_of(&other)
+                )),
                 // The frame was consumed whole: answer and keep going.
                 Err(e @ (ProtocolError::Malformed(_) | ProtocolError::UnknownKind(_))) => {
-                    Message::Nack {
-                        reason: e.to_string(),
-                    }
+                    nack(e.to_string())
                 }
                 Err(ProtocolError::Closed) => return,
                 // Framing is lost (bad length, truncated): answer if possible, then drop.
                 Err(e) => {
-                    let _ = proto::send(
-                        &mut conn,
-                        Message::Nack {
-                            reason: e.to_string(),
-                        },
-                    );
+                    let _ = proto::send(&mut conn, nack(e.to_string()));
                     log::warn!("control: dropping connection: {e}");
                     return;
                 }
@@ -316,7 +307,11 @@ impl Guest {
                     crate::network::apply(&network)?;
                     t.mark("setup: network");
                     // Before the config's mounts, which may make /sys/fs/cgroup read-only.
-                    let cgroup_procs = crate::resources::apply(&spec)?;
+                    // The host-sandbox harness shares the host's cgroups: none of its own.
+                    let cgroup_procs = match self.halt {
+                        Halt::Exit => None,
+                        _ => crate::resources::apply(&spec)?,
+                    };
                     t.mark("setup: resources");
                     apply_setup(&spec)?;
                     t.mark("setup: mounts and the rest of the config");
@@ -336,7 +331,11 @@ impl Guest {
             Message::ConfigureNetwork { network } => {
                 crate::network::apply(&network).map(|()| Message::Ack)
             }
-            Message::SpawnMain { process } => self.spawn_main(&process),
+            Message::SpawnMain { process } => {
+                return self
+                    .spawn_main(&process)
+                    .unwrap_or_else(spawn::SpawnError::into_nack)
+            }
             Message::Signal { target, signal } => {
                 self.signal(&target, signal).map(|()| Message::Ack)
             }
@@ -357,7 +356,7 @@ impl Guest {
                 name_of(&other)
             )),
         };
-        result.unwrap_or_else(|reason| Message::Nack { reason })
+        result.unwrap_or_else(nack)
     }
 
     fn confinement(&self) -> spawn::Confinement {
@@ -390,10 +389,10 @@ impl Guest {
         }
     }
 
-    fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, String> {
+    fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, spawn::SpawnError> {
         #[cfg(feature = "hostile")]
         if let Some(args) = hostile::requested(process) {
-            return hostile::attack(self, process, args);
+            return hostile::attack(self, process, args).map_err(Into::into);
         }
         if self
             .main_pid
@@ -572,7 +571,7 @@ impl Guest {
             Ok(s) => s,
             Err(reason) => {
                 forget(self);
-                let _ = proto::send(&mut conn, nack(reason));
+                let _ = proto::send(&mut conn, reason.into_nack());
                 return;
             }
         };
@@ -818,7 +817,7 @@ fn hello(conn: &mut UnixStream) -> proto::Result<()> {
 }
 
 fn nack(reason: String) -> Message {
-    Message::Nack { reason }
+    Message::nack(reason)
 }
 
 fn kind_of(f: &Frame) -> &'static str {

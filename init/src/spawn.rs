@@ -13,12 +13,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 
-use krun_oci_protocol::Process;
+use krun_oci_protocol::{Process, RefusalKind};
 
 use crate::reaper::Reaper;
 
 /// PATH used when the process environment has none (the same default as runc).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use krun_oci_protocol::contract::DEFAULT_PATH;
 
 /// How the child's stdio is wired.
 #[derive(Debug, Clone, Copy)]
@@ -52,21 +52,24 @@ pub fn resolve_executable(
     cwd: &Path,
     arg0: &str,
     path_env: Option<&str>,
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, SpawnError> {
     let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
     if arg0.is_empty() {
-        return Err("exec: \"\": executable file not found in $PATH".into());
+        return Err(SpawnError::not_found(
+            "exec: \"\": executable file not found in $PATH".into(),
+        ));
     }
     if arg0.contains('/') {
         let candidate = cwd.join(arg0);
         return match std::fs::metadata(inside(&candidate)) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SpawnError::not_found(format!(
                 "exec: \"{arg0}\": stat {arg0}: no such file or directory"
-            )),
-            Err(e) => Err(format!("exec: \"{arg0}\": {}", errno_text(&e))),
-            Ok(m) if m.is_dir() || m.permissions().mode() & 0o111 == 0 => {
-                Err(format!("exec: \"{arg0}\": permission denied"))
-            }
+            ))),
+            Err(e) => Err(format!("exec: \"{arg0}\": {}", errno_text(&e)).into()),
+            Ok(m) if m.is_dir() || m.permissions().mode() & 0o111 == 0 => Err(SpawnError {
+                reason: format!("exec: \"{arg0}\": permission denied"),
+                kind: Some(RefusalKind::PermissionDenied),
+            }),
             Ok(_) => Ok(candidate),
         };
     }
@@ -79,9 +82,52 @@ pub fn resolve_executable(
             }
         }
     }
-    Err(format!(
+    Err(SpawnError::not_found(format!(
         "exec: \"{arg0}\": executable file not found in $PATH"
-    ))
+    )))
+}
+
+/// Why a process could not be spawned: the text shown to the user and, where the
+/// program itself is the problem, the kind the host turns into exec's 127/126.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnError {
+    pub reason: String,
+    pub kind: Option<RefusalKind>,
+}
+
+impl SpawnError {
+    fn not_found(reason: String) -> Self {
+        SpawnError {
+            reason,
+            kind: Some(RefusalKind::ExecutableNotFound),
+        }
+    }
+
+    /// The `Nack` that answers the request.
+    pub fn into_nack(self) -> krun_oci_protocol::Message {
+        krun_oci_protocol::Message::Nack {
+            reason: self.reason,
+            kind: self.kind,
+        }
+    }
+}
+
+impl From<String> for SpawnError {
+    fn from(reason: String) -> Self {
+        SpawnError { reason, kind: None }
+    }
+}
+
+impl From<&str> for SpawnError {
+    fn from(reason: &str) -> Self {
+        reason.to_string().into()
+    }
+}
+
+impl std::fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
 }
 
 /// strerror-like text in lower case ("no such file or directory").
@@ -515,8 +561,8 @@ impl ChildSetup {
     /// Moves the caller into the container cgroup (async-signal-safe).
     fn join_cgroup(&self) -> io::Result<()> {
         if let Some(procs) = &self.confinement.cgroup_procs {
-            // SAFETY: a write of one byte from a static buffer to an fd we hold.
             check(
+                // SAFETY: a write of one byte from a static buffer to an fd we hold.
                 unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } as libc::c_long,
             )?;
         }
@@ -891,7 +937,7 @@ pub fn spawn(
     reaper: &Reaper,
     confinement: Confinement,
     main: Option<i32>,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, SpawnError> {
     prepare(process, mode, reaper, confinement, main)?.release()
 }
 
@@ -905,7 +951,7 @@ pub fn prepare(
     reaper: &Reaper,
     confinement: Confinement,
     main: Option<i32>,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, SpawnError> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
         return Err("process.args must not be empty".into());
@@ -913,12 +959,12 @@ pub fn prepare(
     let (env, path_env) = split_env(process.env().as_deref().unwrap_or(&[]));
     let cwd = process.cwd().clone();
     if !cwd.is_absolute() {
-        return Err(format!("cwd {cwd:?} must be an absolute path"));
+        return Err(format!("cwd {cwd:?} must be an absolute path").into());
     }
     match std::fs::metadata(&cwd) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("chdir to cwd ({cwd:?}) failed: not a directory")),
-        Err(e) => return Err(format!("chdir to cwd ({cwd:?}) failed: {}", errno_text(&e))),
+        Ok(_) => return Err(format!("chdir to cwd ({cwd:?}) failed: not a directory").into()),
+        Err(e) => return Err(format!("chdir to cwd ({cwd:?}) failed: {}", errno_text(&e)).into()),
     }
     let program = resolve_executable(Path::new("/"), &cwd, arg0, path_env.as_deref())?;
 
@@ -975,13 +1021,24 @@ pub fn prepare(
     };
 
     let shown = program.display().to_string();
-    let exec_failed = move |errno: i32| {
-        let what = match errno {
-            libc::ENOENT => "no such file or directory".to_string(),
-            libc::EACCES => "permission denied".to_string(),
-            e => errno_text(&io::Error::from_raw_os_error(e)),
+    // `at_exec`: execve itself failed (not the setup before it), so ENOENT and
+    // EACCES are about the program.
+    let exec_failed = move |errno: i32, at_exec: bool| {
+        let (what, kind) = match errno {
+            libc::ENOENT => (
+                "no such file or directory".to_string(),
+                Some(RefusalKind::ExecutableNotFound),
+            ),
+            libc::EACCES => (
+                "permission denied".to_string(),
+                Some(RefusalKind::PermissionDenied),
+            ),
+            e => (errno_text(&io::Error::from_raw_os_error(e)), None),
         };
-        format!("exec: {shown:?}: {what}")
+        SpawnError {
+            reason: format!("exec: {shown:?}: {what}"),
+            kind: kind.filter(|_| at_exec),
+        }
     };
     let image = ExecImage::new(&program, arg0, &args[1..], env, &cwd)?;
 
@@ -1075,7 +1132,8 @@ pub fn prepare(
     // SAFETY: the child only runs `run_child`, which issues async-signal-safe
     // syscalls on values prepared above and never returns.
     let pid = match unsafe { libc::fork() } {
-        -1 => return Err(format!("fork: {}", errno_text(&io::Error::last_os_error()))),
+        -1 => return Err(format!("fork: {}", errno_text(&io::Error::last_os_error())).into()),
+        // SAFETY: in the child; see the fork above.
         0 => unsafe { run_child(&setup, &image, &child) },
         pid => pid,
     };
@@ -1091,7 +1149,7 @@ pub fn prepare(
             .unwrap_or_else(|_| Err("the user namespace thread panicked".into()));
         if let Err(e) = mapped {
             if report != ChildReport::Ready {
-                return Err(e);
+                return Err(e.into());
             }
             // The child cannot have gone on unmapped; report why it would have failed.
             log::warn!("{e}");
@@ -1099,10 +1157,9 @@ pub fn prepare(
     }
     match report {
         ChildReport::Ready => {}
-        ChildReport::SetupFailed(errno) | ChildReport::ExecFailed(errno) => {
-            return Err(exec_failed(errno))
-        }
-        ChildReport::Ended => return Err(exec_failed(libc::ECHILD)),
+        ChildReport::SetupFailed(errno) => return Err(exec_failed(errno, false)),
+        ChildReport::ExecFailed(errno) => return Err(exec_failed(errno, true)),
+        ChildReport::Ended => return Err(exec_failed(libc::ECHILD, false)),
     }
     let [stdin, stdout, stderr] = ours;
     Ok(Prepared {
@@ -1125,7 +1182,7 @@ pub struct Prepared {
     spawned: Spawned,
     go: File,
     status: File,
-    exec_failed: Box<dyn Fn(i32) -> String + Send>,
+    exec_failed: Box<dyn Fn(i32, bool) -> SpawnError + Send>,
 }
 
 impl Prepared {
@@ -1139,18 +1196,17 @@ impl Prepared {
 
     /// Releases the child into its exec; returns once the exec has succeeded (or
     /// with the exec's error, as `exec: "PROGRAM": REASON`).
-    pub fn release(mut self) -> Result<Spawned, String> {
+    pub fn release(mut self) -> Result<Spawned, SpawnError> {
         use std::io::Write;
         self.go
             .write_all(b"1")
-            .map_err(|_| (self.exec_failed)(libc::ECHILD))?;
+            .map_err(|_| (self.exec_failed)(libc::ECHILD, false))?;
         match ChildReport::read(&mut self.status) {
             // The status pipe closes on a successful exec.
             ChildReport::Ended => Ok(self.spawned),
-            ChildReport::ExecFailed(errno) | ChildReport::SetupFailed(errno) => {
-                Err((self.exec_failed)(errno))
-            }
-            ChildReport::Ready => Err((self.exec_failed)(libc::EPROTO)),
+            ChildReport::ExecFailed(errno) => Err((self.exec_failed)(errno, true)),
+            ChildReport::SetupFailed(errno) => Err((self.exec_failed)(errno, false)),
+            ChildReport::Ready => Err((self.exec_failed)(libc::EPROTO, false)),
         }
     }
 }
@@ -1375,17 +1431,27 @@ mod tests {
             Path::new("/bin/link")
         );
         let e = resolve_executable(r, cwd, "missing", p).unwrap_err();
-        assert!(e.contains("executable file not found in $PATH"), "{e}");
+        assert!(
+            e.reason.contains("executable file not found in $PATH"),
+            "{e}"
+        );
+        assert_eq!(e.kind, Some(RefusalKind::ExecutableNotFound));
         // Not executable: skipped on PATH, like Go's LookPath.
         let e = resolve_executable(r, cwd, "plain", p).unwrap_err();
-        assert!(e.contains("executable file not found in $PATH"), "{e}");
+        assert!(
+            e.reason.contains("executable file not found in $PATH"),
+            "{e}"
+        );
         // The default PATH applies when the env has none.
         assert_eq!(
             resolve_executable(r, cwd, "tool", None).unwrap(),
             Path::new("/bin/tool")
         );
         let e = resolve_executable(r, cwd, "", p).unwrap_err();
-        assert!(e.contains("executable file not found in $PATH"), "{e}");
+        assert!(
+            e.reason.contains("executable file not found in $PATH"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1402,11 +1468,13 @@ mod tests {
             Path::new("/work/./local")
         );
         let e = resolve_executable(r, cwd, "/nope", None).unwrap_err();
-        assert!(e.contains("no such file or directory"), "{e}");
+        assert!(e.reason.contains("no such file or directory"), "{e}");
+        assert_eq!(e.kind, Some(RefusalKind::ExecutableNotFound));
         let e = resolve_executable(r, cwd, "/usr/bin/plain", None).unwrap_err();
-        assert!(e.contains("permission denied"), "{e}");
+        assert!(e.reason.contains("permission denied"), "{e}");
+        assert_eq!(e.kind, Some(RefusalKind::PermissionDenied));
         let e = resolve_executable(r, cwd, "/bin", None).unwrap_err();
-        assert!(e.contains("permission denied"), "{e}");
+        assert!(e.reason.contains("permission denied"), "{e}");
         // An empty PATH entry means the working directory.
         assert_eq!(
             resolve_executable(r, cwd, "local", Some(":/bin")).unwrap(),

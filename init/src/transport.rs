@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
+use krun_oci_protocol::contract;
 use nix::sys::socket::{
     accept4, bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
 };
@@ -64,7 +65,7 @@ impl Transport {
             Transport::Unix { dir, .. } => {
                 // Bound and listening under a temporary name, then renamed: once
                 // the socket file exists, a connect queues (never ECONNREFUSED).
-                let path = dir.join(format!("guest-{port}.sock"));
+                let path = dir.join(contract::guest_port_socket(port));
                 let tmp = dir.join(format!(".guest-{port}.sock.tmp"));
                 let _ = std::fs::remove_file(&tmp);
                 let l = UnixListener::bind(&tmp)?;
@@ -92,8 +93,9 @@ impl Transport {
                 Ok(UnixStream::from(fd))
             }
             Transport::Unix { dir_fd, .. } => UnixStream::connect(format!(
-                "/proc/self/fd/{}/host-{port}.sock",
-                dir_fd.as_raw_fd()
+                "/proc/self/fd/{}/{}",
+                dir_fd.as_raw_fd(),
+                contract::host_port_socket(port)
             )),
         }
     }

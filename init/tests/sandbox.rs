@@ -14,8 +14,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use krun_oci_protocol::{
-    self as proto, ExecRequest, Frame, Message, Process, SignalTarget, CONTROL_PORT, EXEC_PORT,
-    HOST_EVENTS_PORT, PTY_PORT,
+    self as proto, contract, ExecRequest, Frame, Message, Process, RefusalKind, SignalTarget,
+    CONTROL_PORT, EXEC_PORT, HOST_EVENTS_PORT, PTY_PORT,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -55,8 +55,11 @@ impl Sandbox {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("rootfs");
         build_rootfs(&rootfs);
-        let listener =
-            UnixListener::bind(dir.path().join(format!("host-{HOST_EVENTS_PORT}.sock"))).unwrap();
+        let listener = UnixListener::bind(
+            dir.path()
+                .join(contract::host_port_socket(HOST_EVENTS_PORT)),
+        )
+        .unwrap();
         listener.set_nonblocking(true).unwrap();
         let log = std::fs::File::create(dir.path().join("init.log")).unwrap();
         let child = Command::new("unshare")
@@ -128,7 +131,8 @@ impl Sandbox {
     }
 
     fn connect(&self, port: u32) -> UnixStream {
-        let s = UnixStream::connect(self.dir.path().join(format!("guest-{port}.sock"))).unwrap();
+        let s =
+            UnixStream::connect(self.dir.path().join(contract::guest_port_socket(port))).unwrap();
         s.set_read_timeout(Some(DEADLINE)).unwrap();
         s
     }
@@ -168,7 +172,7 @@ impl Sandbox {
     }
 
     fn exit_code_file(&self) -> String {
-        std::fs::read_to_string(self.rootfs().join(".a3s_exit_code")).unwrap()
+        std::fs::read_to_string(self.rootfs().join(contract::EXIT_CODE_FILE)).unwrap()
     }
 
     /// After MainExited init powers off (exits in the harness) by itself.
@@ -227,7 +231,7 @@ fn exec(
     proto::send(&mut c, Message::Exec(req)).unwrap();
     match proto::recv(&mut c).unwrap() {
         Message::ExecStarted { pid } => assert!(pid > 1),
-        Message::Nack { reason } => return Err(reason),
+        Message::Nack { reason, .. } => return Err(reason),
         other => panic!("exec: {other:?}"),
     }
     let mut w = c.try_clone().unwrap();
@@ -287,7 +291,7 @@ fn spawn_main_runs_once_and_reports_zero() {
         .count();
     let refused = replies
         .iter()
-        .filter(|m| matches!(m, Message::Nack { reason } if reason.contains("already")))
+        .filter(|m| matches!(m, Message::Nack { reason, .. } if reason.contains("already")))
         .count();
     assert_eq!((started, refused), (1, 1), "{replies:?}");
     // A third one, after the fact, is refused too.
@@ -435,7 +439,10 @@ fn fifty_concurrent_execs_get_their_own_codes() {
 #[test]
 fn connect_before_serving_is_accepted() {
     let mut sb = Sandbox::launch();
-    let sock = sb.dir.path().join(format!("guest-{CONTROL_PORT}.sock"));
+    let sock = sb
+        .dir
+        .path()
+        .join(contract::guest_port_socket(CONTROL_PORT));
     let end = Instant::now() + DEADLINE;
     while !sock.exists() {
         assert!(Instant::now() < end, "listener never bound: {}", sb.log());
@@ -469,7 +476,7 @@ fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
 
 fn expect_nack(s: &mut UnixStream) -> String {
     match proto::recv(s) {
-        Ok(Message::Nack { reason }) => reason,
+        Ok(Message::Nack { reason, .. }) => reason,
         other => panic!("expected Nack, got {other:?}"),
     }
 }
@@ -545,23 +552,33 @@ fn malformed_frames_are_rejected_and_init_keeps_serving() {
 #[test]
 fn spawn_errors_are_worded_for_clients_and_allow_a_retry() {
     let mut sb = Sandbox::start();
-    let reason = |m| match m {
-        Message::Nack { reason } => reason,
+    // The reason in runc's words, the kind for the host's 127/126.
+    let refusal = |m| match m {
+        Message::Nack { reason, kind } => (reason, kind),
         other => panic!("expected Nack, got {other:?}"),
     };
-    let r = reason(sb.request(Message::SpawnMain {
+    let (r, kind) = refusal(sb.request(Message::SpawnMain {
         process: process(&["no-such-cmd"]),
     }));
     assert!(r.contains("executable file not found in $PATH"), "{r}");
-    let r = reason(sb.request(Message::SpawnMain {
+    assert_eq!(kind, Some(RefusalKind::ExecutableNotFound));
+    let (r, kind) = refusal(sb.request(Message::SpawnMain {
         process: process(&["/bin/nope"]),
     }));
     assert!(r.contains("no such file or directory"), "{r}");
+    assert_eq!(kind, Some(RefusalKind::ExecutableNotFound));
     std::fs::write(sb.rootfs().join("tmp/data"), "x").unwrap();
-    let r = reason(sb.request(Message::SpawnMain {
+    let (r, kind) = refusal(sb.request(Message::SpawnMain {
         process: process(&["/tmp/data"]),
     }));
     assert!(r.contains("permission denied"), "{r}");
+    assert_eq!(kind, Some(RefusalKind::PermissionDenied));
+    // A bad cwd is not about the program.
+    let mut bad_cwd = process(&["true"]);
+    bad_cwd.set_cwd("/no-such-dir".into());
+    let (r, kind) = refusal(sb.request(Message::SpawnMain { process: bad_cwd }));
+    assert!(r.contains("chdir to cwd"), "{r}");
+    assert_eq!(kind, None);
     let e = exec(
         &sb,
         EXEC_PORT,

@@ -14,6 +14,7 @@
 //! stdio kinds carry raw bytes. The first frame on every connection, in each
 //! direction, is [`Message::Hello`] with [`PROTOCOL_VERSION`].
 
+pub mod contract;
 pub mod mounts;
 pub mod net;
 
@@ -284,10 +285,33 @@ pub enum Message {
     Shutdown,
     /// Generic success reply.
     Ack,
-    /// Generic failure reply; `reason` is shown to the user.
+    /// Generic failure reply; `reason` is shown to the user, `kind` (where
+    /// set) is what the host acts on (exec's 127/126).
     Nack {
         reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<RefusalKind>,
     },
+}
+
+/// Why guest-init refused a request, where the host needs more than the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// The program to run does not exist (ENOENT at lookup or exec).
+    ExecutableNotFound,
+    /// The program cannot be run (EACCES, a directory, no exec bit).
+    PermissionDenied,
+}
+
+impl Message {
+    /// A `Nack` the host only shows.
+    pub fn nack(reason: impl Into<String>) -> Message {
+        Message::Nack {
+            reason: reason.into(),
+            kind: None,
+        }
+    }
 }
 
 /// One decoded frame.

@@ -58,20 +58,7 @@ impl Bundle {
             .process()
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("config.json has no process".into()))?;
-        let args = process.args().as_deref().unwrap_or_default();
-        let arg0 = args
-            .first()
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| Error::InvalidInput("process.args must not be empty".into()))?;
-        let path_var = process
-            .env()
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .rev()
-            .find_map(|e| e.strip_prefix("PATH="))
-            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        resolve_executable(&self.rootfs, arg0, path_var, process.cwd()).map(|_| ())
+        resolve_process_executable(&self.rootfs, process).map(|_| ())
     }
 }
 
@@ -145,6 +132,30 @@ pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
     Ok(rootfs.join(resolved.iter().collect::<PathBuf>()))
 }
 
+/// The host path of `process`'s program in `rootfs`, looked up in the
+/// process's PATH (runc's default without one), as guest-init will.
+pub fn resolve_process_executable(
+    rootfs: &Path,
+    process: &oci_spec::runtime::Process,
+) -> Result<PathBuf> {
+    let arg0 = process
+        .args()
+        .as_deref()
+        .unwrap_or_default()
+        .first()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| Error::InvalidInput("process.args must not be empty".into()))?;
+    let path_var = process
+        .env()
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .rev()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(krun_oci_protocol::contract::DEFAULT_PATH);
+    resolve_executable(rootfs, arg0, path_var, process.cwd())
+}
+
 /// Finds `arg0` the way the guest will exec it, with the error wording
 /// podman maps to exit codes 127 (not found) and 126 (permission denied).
 pub fn resolve_executable(
@@ -153,17 +164,21 @@ pub fn resolve_executable(
     path_var: &str,
     cwd: &Path,
 ) -> Result<PathBuf> {
+    let not_found = |detail: String| Error::ExecutableNotFound {
+        arg0: arg0.to_string(),
+        detail,
+    };
     let check = |p: &Path, shown: &str| -> Result<PathBuf> {
         let m = fs::metadata(p).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::InvalidInput(format!(
-                "exec: {arg0:?}: stat {shown}: no such file or directory"
-            )),
+            std::io::ErrorKind::NotFound => {
+                not_found(format!("stat {shown}: no such file or directory"))
+            }
             _ => Error::InvalidInput(format!("exec: {arg0:?}: stat {shown}: {e}")),
         })?;
         if m.is_dir() || m.permissions().mode() & 0o111 == 0 {
-            return Err(Error::InvalidInput(format!(
-                "exec: {arg0:?}: permission denied"
-            )));
+            return Err(Error::PermissionDenied {
+                arg0: arg0.to_string(),
+            });
         }
         Ok(p.to_path_buf())
     };
@@ -173,11 +188,8 @@ pub fn resolve_executable(
         } else {
             format!("{}/{arg0}", cwd.display())
         };
-        let host = resolve_in_root(rootfs, &in_container).map_err(|_| {
-            Error::InvalidInput(format!(
-                "exec: {arg0:?}: stat {in_container}: no such file or directory"
-            ))
-        })?;
+        let host = resolve_in_root(rootfs, &in_container)
+            .map_err(|_| not_found(format!("stat {in_container}: no such file or directory")))?;
         return check(&host, &in_container);
     }
     for dir in path_var.split(':').filter(|d| !d.is_empty()) {
@@ -190,9 +202,7 @@ pub fn resolve_executable(
             }
         }
     }
-    Err(Error::InvalidInput(format!(
-        "exec: {arg0:?}: executable file not found in $PATH"
-    )))
+    Err(not_found("executable file not found in $PATH".into()))
 }
 
 #[cfg(test)]
@@ -232,26 +242,30 @@ mod tests {
     }
 
     #[test]
-    fn errors_use_runc_wording() {
+    fn errors_use_runc_wording_and_kinds() {
+        use crate::error::ErrorKind;
         let d = rootfs();
         let r = d.path();
-        let e = resolve_executable(r, "nope", "/bin", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("executable file not found in $PATH"), "{e}");
-        let e = resolve_executable(r, "/bin/nope", "/bin", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("no such file or directory"), "{e}");
-        let e = resolve_executable(r, "/bin/noexec", "/bin", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("permission denied"), "{e}");
+        let fails = |arg0: &str| resolve_executable(r, arg0, "/bin", Path::new("/")).unwrap_err();
+        let e = fails("nope");
+        assert_eq!(
+            e.to_string(),
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+        assert_eq!(e.kind(), ErrorKind::ExecutableNotFound);
+        let e = fails("/bin/nope");
+        assert_eq!(
+            e.to_string(),
+            "exec: \"/bin/nope\": stat /bin/nope: no such file or directory"
+        );
+        assert_eq!(e.kind(), ErrorKind::ExecutableNotFound);
+        let e = fails("/bin/noexec");
+        assert_eq!(e.to_string(), "exec: \"/bin/noexec\": permission denied");
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
         // /bin/evil -> /etc/passwd resolves inside the rootfs, where it does not exist.
-        let e = resolve_executable(r, "/bin/evil", "/bin", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("no such file or directory"), "{e}");
+        let e = fails("/bin/evil");
+        assert!(e.to_string().contains("no such file or directory"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::ExecutableNotFound);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use krun_oci::cli::{
     OutputFormat, PoolCommand, PsArgs, RunArgs, SpecArgs, UpdateArgs,
 };
 use krun_oci::container::Container;
+use krun_oci::error::ErrorKind;
 use krun_oci::exec;
 use krun_oci::lifecycle::{self, CreateOptions};
 use krun_oci::state::StateStore;
@@ -110,253 +111,74 @@ pub fn run(ctx: &Context, args: RunArgs) -> Result<i32> {
 pub fn exec(ctx: &Context, args: ExecArgs) -> Result<i32> {
     warn_preserve_fds(args.preserve_fds);
     let store = ctx.store()?;
-    let c = Container::load(&store, &args.id)?;
-    let base = lifecycle::load_snapshot(&c)?
-        .process()
-        .clone()
-        .unwrap_or_default();
-    let process = match &args.process {
+    let source = match &args.process {
         Some(f) => {
             let data = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-            exec::process_from_file(
-                &base,
+            exec::ProcessSource::Given(Box::new(
                 serde_json::from_slice(&data)
                     .with_context(|| format!("parsing {}", f.display()))?,
-            )
+            ))
         }
-        None => exec::process_from_overrides(
-            &base,
-            &exec::ExecOverrides {
-                args: args.command.clone(),
-                cwd: args.cwd.clone(),
-                env: args.env.clone(),
-                user: args.user.as_deref().map(exec::parse_user).transpose()?,
-                additional_gids: args.additional_gids.clone(),
-                tty: args.tty,
-                no_new_privs: args.no_new_privs,
-            },
-        )?,
+        None => exec::ProcessSource::Overrides(exec::ExecOverrides {
+            args: args.command.clone(),
+            cwd: args.cwd.clone(),
+            env: args.env.clone(),
+            user: args.user.as_deref().map(exec::parse_user).transpose()?,
+            additional_gids: args.additional_gids.clone(),
+            tty: args.tty,
+            no_new_privs: args.no_new_privs,
+        }),
     };
-    let tty = process.terminal().unwrap_or(false);
-    match (tty, &args.console_socket, args.detach) {
-        (false, Some(_), _) => {
-            anyhow::bail!("cannot use console socket if runc will not detach or allocate tty")
-        }
-        (true, None, true) => {
-            anyhow::bail!("cannot allocate tty if runc will detach without setting console socket")
-        }
-        _ => {}
-    }
-    let link = match exec::prepare(&c, &process) {
-        Ok(l) => l,
-        Err(e) => return exec_failure(e),
-    };
-    if args.detach {
-        let pid = spawn_exec_relay(ctx, &c, &process, args.console_socket.as_deref())?;
-        if let Some(p) = &args.pid_file {
-            lifecycle::write_pid_file(p, pid)?;
-        }
-        return Ok(0);
-    }
-    // Without --detach the process to wait on is this one: it relays the session
-    // and exits with the guest process's status.
-    if let Some(p) = &args.pid_file {
-        lifecycle::write_pid_file(p, std::process::id() as i32)?;
-    }
-    match run_session(&link, process, tty, args.console_socket.as_deref(), None) {
-        Ok(code) => Ok(code),
-        Err(e) => exec_failure(e),
-    }
-}
-
-/// Prints a failed exec's error and picks the status podman maps it by.
-fn exec_failure(e: Error) -> Result<i32> {
-    let msg = e.to_string();
-    let code =
-        if msg.contains("executable file not found") || msg.contains("no such file or directory") {
-            127
-        } else if msg.contains("permission denied") {
-            126
-        } else {
-            return Err(e.into());
+    let process = exec::process_for(&Container::load(&store, &args.id)?, source)?;
+    let console = args.console_socket.as_deref();
+    exec::check_terminal(
+        process.terminal().unwrap_or(false),
+        console.is_some(),
+        args.detach,
+    )?;
+    let result = if args.detach {
+        let how = exec::DetachedExec {
+            exe: &std::env::current_exe().context("locating the krun-oci binary")?,
+            stdio: None,
+            console_socket: console,
         };
-    log::error!("{msg}");
-    eprintln!("krun-oci: {msg}");
+        exec::spawn_detached(&store, &args.id, &process, how).and_then(|pid| {
+            if let Some(p) = &args.pid_file {
+                lifecycle::write_pid_file(p, pid)?;
+            }
+            Ok(0)
+        })
+    } else {
+        // Without --detach the process to wait on is this one: it relays the
+        // session and exits with the guest process's status.
+        if let Some(p) = &args.pid_file {
+            lifecycle::write_pid_file(p, std::process::id() as i32)?;
+        }
+        exec::run_attached(&store, &args.id, process, console)
+    };
+    result.or_else(exec_failure)
+}
+
+/// A failed exec's status: podman maps 127 and 126; the rest exit 1.
+fn exec_failure(e: Error) -> Result<i32> {
+    let code = match e.kind() {
+        ErrorKind::ExecutableNotFound => 127,
+        ErrorKind::PermissionDenied => 126,
+        _ => return Err(e.into()),
+    };
+    log::error!("{e}");
+    eprintln!("krun-oci: {e}");
     Ok(code)
-}
-
-/// Starts an exec session and relays it with our stdio (or a console-socket pty).
-/// `started` is told the guest pid once the process runs.
-fn run_session(
-    link: &krun_oci::guest::GuestLink,
-    process: krun_oci_protocol::Process,
-    tty: bool,
-    console_socket: Option<&std::path::Path>,
-    started: Option<&mut dyn FnMut(std::result::Result<i32, String>)>,
-) -> std::result::Result<i32, Error> {
-    use std::os::fd::AsFd;
-    let dup = |fd: i32| {
-        // SAFETY: fds 0/1/2 stay open for the life of the process; we duplicate them.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-            .try_clone_to_owned()
-            .map_err(|e| Error::Io {
-                context: "dup".into(),
-                source: e,
-            })
-    };
-    if console_socket.is_some() {
-        // A session of our own, so the pty becomes our controlling terminal and the
-        // client's resizes arrive as SIGWINCH. Fails harmlessly where we already
-        // lead a session (the detached relay) or a process group.
-        let _ = nix::unistd::setsid();
-    }
-    let pty = console_socket
-        .map(krun_oci::console::send_pty_to_console_socket)
-        .transpose();
-    let pty = match pty {
-        Ok(p) => p,
-        Err(e) => {
-            if let Some(cb) = started {
-                cb(Err(e.to_string()));
-            }
-            return Err(e);
-        }
-    };
-    let stdin_is_tty = nix::unistd::isatty(std::io::stdin().as_fd()).unwrap_or(false);
-    let (input, out, err, tty_fd) = match &pty {
-        Some(p) => {
-            let f = || {
-                p.slave.try_clone().map_err(|e| Error::Io {
-                    context: "dup pty".into(),
-                    source: e,
-                })
-            };
-            (f()?, f()?, f()?, Some(f()?))
-        }
-        None => (
-            dup(0)?,
-            dup(1)?,
-            dup(2)?,
-            if tty && stdin_is_tty {
-                Some(dup(0)?)
-            } else {
-                None
-            },
-        ),
-    };
-    let size = tty_fd.as_ref().and_then(krun_oci::console::window_size);
-    let session = match exec::ExecSession::start(link, process, tty, size) {
-        Ok(s) => s,
-        Err(e) => {
-            if let Some(cb) = started {
-                cb(Err(e.to_string()));
-            }
-            return Err(e);
-        }
-    };
-    if let Some(cb) = started {
-        cb(Ok(session.guest_pid));
-    }
-    let _raw = match (&pty, &tty_fd) {
-        (None, Some(fd)) => exec::RawMode::enable(fd),
-        _ => None,
-    };
-    Ok(session.relay(input, out, err, tty_fd))
-}
-
-/// `exec --detach`: a relay child (own session) runs the exec; its pid is returned.
-fn spawn_exec_relay(
-    ctx: &Context,
-    c: &Container,
-    process: &krun_oci_protocol::Process,
-    console_socket: Option<&std::path::Path>,
-) -> Result<i32> {
-    use std::io::Read;
-    let json = c.dir.path.join(format!("exec-{}.json", std::process::id()));
-    krun_oci::state::write_atomic(&json, &serde_json::to_vec(process)?)?;
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("--root")
-        .arg(&ctx.root)
-        .arg("exec-relay")
-        .arg("--process-json")
-        .arg(&json);
-    if let Some(s) = console_socket {
-        cmd.arg("--console-socket").arg(s);
-    }
-    cmd.arg(c.id());
-    if console_socket.is_some() {
-        // The pty is the exec's stdio; keep none of the caller's pipes open.
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-    }
-    let (read_end, write_end) = krun_oci::monitor::detached_with_sync_pipe(&mut cmd)?;
-    let child = cmd.spawn().context("starting the exec relay")?;
-    drop(write_end);
-    let mut report = String::new();
-    std::fs::File::from(read_end)
-        .take(64 * 1024)
-        .read_to_string(&mut report)?;
-    let pid = child.id() as i32;
-    // The relay outlives us (its parent becomes the caller's subreaper).
-    std::mem::forget(child);
-    let _ = std::fs::remove_file(&json);
-    match report.trim().strip_prefix("started ") {
-        Some(_) => Ok(pid),
-        None => {
-            let msg = report
-                .trim()
-                .strip_prefix("error ")
-                .unwrap_or("the exec relay exited")
-                .to_string();
-            Err(anyhow::anyhow!(msg))
-        }
-    }
 }
 
 /// The detached exec's relay process.
 pub fn exec_relay(ctx: &Context, args: ExecRelayArgs) -> Result<i32> {
-    use std::io::Write;
-    use std::os::fd::FromRawFd;
-    let mut sync: Option<std::fs::File> = std::env::var(krun_oci::monitor::SYNC_FD_ENV)
-        .ok()
-        .and_then(|v| v.parse::<i32>().ok())
-        // SAFETY: the parent passed this fd for exactly this report.
-        .map(|fd| unsafe { std::fs::File::from_raw_fd(fd) });
-    std::env::remove_var(krun_oci::monitor::SYNC_FD_ENV);
-    let result = (|| -> Result<(krun_oci::guest::GuestLink, krun_oci_protocol::Process)> {
-        let c = Container::load(&ctx.store()?, &args.id)?;
-        let process: krun_oci_protocol::Process =
-            serde_json::from_slice(&std::fs::read(&args.process_json)?)?;
-        let _ = std::fs::remove_file(&args.process_json);
-        Ok((exec::prepare(&c, &process)?, process))
-    })();
-    let (link, process) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            if let Some(mut f) = sync.take() {
-                let _ = writeln!(f, "error {e:#}");
-            }
-            return Ok(1);
-        }
-    };
-    let tty = process.terminal().unwrap_or(false);
-    let mut report = |r: std::result::Result<i32, String>| {
-        if let Some(mut f) = sync.take() {
-            let _ = match r {
-                Ok(pid) => writeln!(f, "started {pid}"),
-                Err(e) => writeln!(f, "error {e}"),
-            };
-        }
-    };
-    Ok(run_session(
-        &link,
-        process,
-        tty,
+    Ok(exec::relay_main(
+        &ctx.store()?,
+        &args.id,
+        &args.process_json,
         args.console_socket.as_deref(),
-        Some(&mut report),
-    )
-    .unwrap_or(krun_oci::container::LOST_EXIT_CODE))
+    ))
 }
 
 pub fn list(ctx: &Context, args: ListArgs) -> Result<()> {

@@ -95,6 +95,7 @@ mod tests {
         assert_eq!(fds.len(), 1);
         // Bytes written to the master come out of the slave.
         nix::unistd::write(
+            // SAFETY: fds[0] was just received and stays open for this call.
             unsafe { std::os::fd::BorrowedFd::borrow_raw(fds[0]) },
             b"hi",
         )

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::process_info;
+use crate::error::{IoContext, Result};
 use crate::state::{ContainerDir, ContainerRecord, StateStore, Status};
+use crate::supervise;
 
 /// Name of the exit-code file guest-init writes at the root of the container's rootfs.
-pub const EXIT_CODE_FILE: &str = ".a3s_exit_code";
+pub use krun_oci_protocol::contract::EXIT_CODE_FILE;
 /// Code recorded when the VM or guest died without reporting one (never 0).
 pub const LOST_EXIT_CODE: i32 = 255;
 
@@ -46,6 +46,13 @@ pub struct Container {
 }
 
 impl Container {
+    /// The config.json that create copied into the state dir.
+    pub fn config_snapshot(&self) -> Result<oci_spec::runtime::Spec> {
+        let data =
+            std::fs::read(self.dir.config_file()).ctx(|| "reading config snapshot".into())?;
+        Ok(serde_json::from_slice(&data)?)
+    }
+
     pub fn load(store: &StateStore, id: &str) -> Result<Self> {
         let dir = store.get(id)?;
         let record = dir.load()?;
@@ -58,7 +65,7 @@ impl Container {
 
     /// Is the VM monitor (the container pid) still alive?
     pub fn monitor_alive(&self) -> bool {
-        self.record.pid > 0 && process_info::is_alive(self.record.pid, self.record.pid_start_time)
+        self.record.pid > 0 && supervise::is_alive(self.record.pid, self.record.pid_start_time)
     }
 
     /// The status, derived from live facts rather than a cached field: a recorded

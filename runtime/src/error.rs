@@ -1,7 +1,11 @@
 //! The runtime library's error type. Messages reuse runc's wording where
-//! clients (podman, containerd, runtime-tools) match on substrings.
+//! clients (podman, containerd, runtime-tools) match on substrings; callers
+//! decide what to do from [`Error::kind`], never from the text (the CLI's exit
+//! status, the shim's ttrpc code).
 
 use std::io;
+
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -25,6 +29,37 @@ pub enum Error {
     StartStopped,
     #[error("cannot start an already running container")]
     AlreadyRunning,
+    /// The process's program is not in the container (`detail`: runc's words,
+    /// "executable file not found in $PATH" or "stat X: no such file or directory").
+    #[error("exec: {arg0:?}: {detail}")]
+    ExecutableNotFound { arg0: String, detail: String },
+    /// The program exists but cannot be run (a directory, no exec bit).
+    #[error("exec: {arg0:?}: permission denied")]
+    PermissionDenied { arg0: String },
+    /// The VM did not come up, or its guest failed before the container was created.
+    #[error("{reason}{}", console_suffix(.console_tail))]
+    BootFailed {
+        reason: String,
+        console_tail: String,
+    },
+    /// An OCI hook exited non-zero or timed out.
+    #[error("error running {hook} hook {path}: {reason}")]
+    HookFailed {
+        hook: String,
+        path: String,
+        reason: String,
+    },
+    /// guest-init answered a request with a refusal.
+    #[error("{context}: {reason}")]
+    GuestRefused {
+        context: &'static str,
+        reason: String,
+        kind: Option<krun_oci_protocol::RefusalKind>,
+    },
+    /// An error one of our helper processes (the VM monitor, the exec relay)
+    /// reported across its sync pipe: the kind survives the crossing.
+    #[error("{message}")]
+    Reported { kind: ErrorKind, message: String },
     #[error("{0}")]
     InvalidInput(String),
     #[error("{0} is not implemented yet")]
@@ -49,7 +84,111 @@ pub enum Error {
     Sys(#[from] nix::Error),
 }
 
+fn console_suffix(tail: &str) -> String {
+    match tail.trim() {
+        "" => String::new(),
+        t => format!("; console: {t}"),
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// What kind of failure an [`Error`] is: what the CLI's exit status and the
+/// shim's ttrpc code are chosen by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The container (or process) does not exist.
+    NotFound,
+    AlreadyExists,
+    /// The container is not in a state that allows the operation.
+    WrongState,
+    /// The caller's input (flags, config, id) is wrong.
+    InvalidArgument,
+    ExecutableNotFound,
+    PermissionDenied,
+    Unimplemented,
+    BootFailed,
+    HookFailed,
+    GuestRefused,
+    /// Anything else: the host or the guest failed.
+    Internal,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        use krun_oci_protocol::RefusalKind;
+        match self {
+            Error::NotExist => ErrorKind::NotFound,
+            Error::Exists => ErrorKind::AlreadyExists,
+            Error::NotRunning
+            | Error::Paused
+            | Error::NotPaused
+            | Error::StillRunning
+            | Error::NotStopped { .. }
+            | Error::StartStopped
+            | Error::AlreadyRunning => ErrorKind::WrongState,
+            Error::InvalidId(_) | Error::InvalidInput(_) | Error::Spec(_) | Error::Json(_) => {
+                ErrorKind::InvalidArgument
+            }
+            Error::ExecutableNotFound { .. } => ErrorKind::ExecutableNotFound,
+            Error::PermissionDenied { .. } => ErrorKind::PermissionDenied,
+            Error::NotImplemented(_) => ErrorKind::Unimplemented,
+            Error::BootFailed { .. } => ErrorKind::BootFailed,
+            Error::HookFailed { .. } => ErrorKind::HookFailed,
+            Error::GuestRefused { kind, .. } => match kind {
+                Some(RefusalKind::ExecutableNotFound) => ErrorKind::ExecutableNotFound,
+                Some(RefusalKind::PermissionDenied) => ErrorKind::PermissionDenied,
+                None => ErrorKind::GuestRefused,
+            },
+            Error::Reported { kind, .. } => *kind,
+            Error::Io { .. }
+            | Error::Guest(_)
+            | Error::Vm(_)
+            | Error::Network(_)
+            | Error::Pool(_)
+            | Error::Protocol(_)
+            | Error::Sys(_) => ErrorKind::Internal,
+        }
+    }
+
+    /// A guest-init `Nack` as an error (its reason already bounded by the reader).
+    pub fn refused(
+        context: &'static str,
+        reason: String,
+        kind: Option<krun_oci_protocol::RefusalKind>,
+    ) -> Error {
+        Error::GuestRefused {
+            context,
+            reason,
+            kind,
+        }
+    }
+
+    /// What a helper process sends its parent in place of this error.
+    pub fn report(&self) -> ErrorReport {
+        ErrorReport {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// An error as it crosses a pipe between our processes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl From<ErrorReport> for Error {
+    fn from(r: ErrorReport) -> Self {
+        Error::Reported {
+            kind: r.kind,
+            message: r.message,
+        }
+    }
+}
 
 /// Attaches what was being done to an io::Error.
 pub trait IoContext<T> {
@@ -70,5 +209,58 @@ pub fn errno_text(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(n) => nix::errno::Errno::from_raw(n).desc().to_lowercase(),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_come_from_variants_and_survive_a_report() {
+        let missing = Error::ExecutableNotFound {
+            arg0: "nope".into(),
+            detail: "executable file not found in $PATH".into(),
+        };
+        assert_eq!(
+            missing.to_string(),
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+        assert_eq!(missing.kind(), ErrorKind::ExecutableNotFound);
+        let crossed = Error::from(missing.report());
+        assert_eq!(crossed.kind(), ErrorKind::ExecutableNotFound);
+        assert_eq!(crossed.to_string(), missing.to_string());
+        let json = serde_json::to_string(&missing.report()).unwrap();
+        assert!(json.contains("\"executable_not_found\""), "{json}");
+
+        let refused = Error::refused(
+            "exec",
+            "exec: \"/x\": permission denied".into(),
+            Some(krun_oci_protocol::RefusalKind::PermissionDenied),
+        );
+        assert_eq!(refused.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(
+            Error::refused("ps", "no".into(), None).kind(),
+            ErrorKind::GuestRefused
+        );
+        // A message that merely reads like a kind does not make one.
+        assert_eq!(
+            Error::Guest("executable file not found".into()).kind(),
+            ErrorKind::Internal
+        );
+    }
+
+    #[test]
+    fn a_boot_failure_shows_the_console_only_when_there_is_one() {
+        let e = |tail: &str| Error::BootFailed {
+            reason: "the guest was not ready within 30s".into(),
+            console_tail: tail.into(),
+        };
+        assert_eq!(e("  \n").to_string(), "the guest was not ready within 30s");
+        assert_eq!(
+            e("Kernel panic\n").to_string(),
+            "the guest was not ready within 30s; console: Kernel panic"
+        );
+        assert_eq!(e("").kind(), ErrorKind::BootFailed);
     }
 }

@@ -1,25 +1,29 @@
 //! `exec`: a process inside the running VM, over the guest's exec (or pty) port.
+//! One implementation for the CLI (`krun-oci exec`) and the shim (which calls
+//! [`spawn_detached`] directly).
 //!
-//! The exec's stdio is relayed by a host process: `krun-oci exec` itself, or — with
-//! `--detach` — a relay child whose pid goes to `--pid-file`. That pid lives as
-//! long as the guest process, forwards the signals it receives into it, and exits
-//! with its status (conmon waits on it; containerd's shim signals it).
+//! The exec's stdio is relayed by a host process: the caller itself
+//! ([`run_attached`]), or a detached relay child ([`spawn_detached`]) whose pid
+//! goes to `--pid-file`. That pid lives as long as the guest process, forwards
+//! the signals it receives into it, and exits with its status (conmon waits on
+//! it; containerd's shim signals it).
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use krun_oci_protocol::{self as proto, ExecRequest, Frame, Message, Process, SignalTarget};
 use oci_spec::runtime::UserBuilder;
+use serde::{Deserialize, Serialize};
 
 use crate::container::Container;
-use crate::error::{Error, Result};
-use crate::guest::GuestLink;
-use crate::monitor;
-use crate::state::Status;
+use crate::error::{Error, ErrorReport, IoContext, Result};
+use crate::guest::{GuestClient, GuestLink};
+use crate::relay::{self, Forward, RawMode, StdinWindow};
+use crate::state::{StateStore, Status};
 
 /// How the exec's process differs from the container's (the positional form of `exec`).
 #[derive(Debug, Clone, Default)]
@@ -99,6 +103,37 @@ pub fn process_from_file(base: &Process, mut p: Process) -> Process {
     p
 }
 
+/// Where the exec's process comes from.
+#[derive(Debug, Clone)]
+pub enum ProcessSource {
+    /// An OCI process JSON (`--process FILE`, the shim's exec spec).
+    Given(Box<Process>),
+    /// The container's process with these changes (`exec ID CMD...`).
+    Overrides(ExecOverrides),
+}
+
+/// The exec's process for container `c`.
+pub fn process_for(c: &Container, source: ProcessSource) -> Result<Process> {
+    let base = c.config_snapshot()?.process().clone().unwrap_or_default();
+    match source {
+        ProcessSource::Given(p) => Ok(process_from_file(&base, *p)),
+        ProcessSource::Overrides(o) => process_from_overrides(&base, &o),
+    }
+}
+
+/// runc's rules for a terminal and a console socket.
+pub fn check_terminal(tty: bool, console_socket: bool, detach: bool) -> Result<()> {
+    match (tty, console_socket, detach) {
+        (false, true, _) => Err(Error::InvalidInput(
+            "cannot use console socket if runc will not detach or allocate tty".into(),
+        )),
+        (true, false, true) => Err(Error::InvalidInput(
+            "cannot allocate tty if runc will detach without setting console socket".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks the container can take an exec and that the command exists in its rootfs.
 pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
     match c.status() {
@@ -106,22 +141,7 @@ pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
         Status::Paused => return Err(Error::Paused),
         _ => return Err(Error::NotRunning),
     }
-    let arg0 = process
-        .args()
-        .as_ref()
-        .and_then(|a| a.first())
-        .cloned()
-        .unwrap_or_default();
-    let path = process
-        .env()
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .rev()
-        .find_map(|e| e.strip_prefix("PATH="))
-        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .to_string();
-    crate::bundle::resolve_executable(&c.record.rootfs, &arg0, &path, process.cwd())?;
+    crate::bundle::resolve_process_executable(&c.record.rootfs, process)?;
     c.record.link.clone().ok_or(Error::NotRunning)
 }
 
@@ -148,7 +168,7 @@ impl ExecSession {
             proto::EXEC_PORT
         };
         let mut s = link
-            .connect(port, monitor::CONTROL_TIMEOUT)
+            .connect(port, crate::guest::CONTROL_TIMEOUT)
             .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
         proto::handshake(&mut s)?;
         let id = format!(
@@ -169,15 +189,10 @@ impl ExecSession {
         )?;
         let guest_pid = match crate::guest::bounded_reply(proto::recv(&mut s)?) {
             Message::ExecStarted { pid } => pid,
-            Message::Nack { reason } => return Err(Error::InvalidInput(reason)),
-            other => {
-                return Err(Error::Guest(format!(
-                    "unexpected reply to exec: {}",
-                    crate::guest::brief(&other)
-                )))
-            }
+            Message::Nack { reason, kind } => return Err(Error::refused("exec", reason, kind)),
+            other => return Err(crate::guest::unexpected("exec", &other)),
         };
-        let reader = s.try_clone().map_err(|e| Error::Guest(e.to_string()))?;
+        let reader = s.try_clone().ctx(|| "exec session".into())?;
         Ok(Self {
             id,
             guest_pid,
@@ -191,8 +206,20 @@ impl ExecSession {
     /// `tty_fd` is the terminal whose size follows SIGWINCH (our stdin or a host pty).
     pub fn relay(self, input: OwnedFd, out: OwnedFd, err: OwnedFd, tty_fd: Option<OwnedFd>) -> i32 {
         let window = Arc::new(StdinWindow::default());
-        spawn_input_pump(input, self.writer.clone(), window.clone());
-        self.forward_signals(tty_fd);
+        relay::spawn_input_pump(input, self.writer.clone(), window.clone());
+        let (link, id, writer) = (self.link.clone(), self.id.clone(), self.writer.clone());
+        relay::forward_signals(tty_fd, move |forward| match forward {
+            // The exec's own terminal: resized on its own connection.
+            Forward::Resize { rows, cols } => {
+                if let Ok(mut w) = writer.lock() {
+                    let _ = proto::send(&mut *w, Message::Resize { rows, cols });
+                }
+            }
+            Forward::Signal(sig) => {
+                let _ = GuestClient::connect(&link)
+                    .and_then(|mut g| g.signal(SignalTarget::Exec(id.clone()), sig));
+            }
+        });
         let (mut out, mut err) = (File::from(out), File::from(err));
         let mut reader = self.reader;
         loop {
@@ -216,117 +243,223 @@ impl ExecSession {
             }
         }
     }
+}
 
-    fn forward_signals(&self, tty_fd: Option<OwnedFd>) {
-        let Ok(mut signals) = signal_hook::iterator::Signals::new(crate::signal::relayed_signals())
-        else {
-            return;
-        };
-        let (link, id, writer) = (self.link.clone(), self.id.clone(), self.writer.clone());
-        std::thread::spawn(move || {
-            for sig in signals.forever() {
-                if sig == libc::SIGWINCH {
-                    if let Some((rows, cols)) =
-                        tty_fd.as_ref().and_then(crate::console::window_size)
-                    {
-                        if let Ok(mut w) = writer.lock() {
-                            let _ = proto::send(&mut *w, Message::Resize { rows, cols });
-                        }
-                    }
-                    continue;
-                }
-                let msg = Message::Signal {
-                    target: SignalTarget::Exec(id.clone()),
-                    signal: sig,
-                };
-                if let Ok(mut c) = monitor::connect_control(&link) {
-                    let _ = monitor::request(&mut c, msg);
-                }
-            }
-        });
+/// Runs `process` in container `id` with the caller's stdio (or, with
+/// `console_socket`, a pty sent there) and waits: the guest process's status.
+pub fn run_attached(
+    store: &StateStore,
+    id: &str,
+    process: Process,
+    console_socket: Option<&Path>,
+) -> Result<i32> {
+    let c = Container::load(store, id)?;
+    let link = prepare(&c, &process)?;
+    let tty = process.terminal().unwrap_or(false);
+    run_session(&link, process, tty, console_socket, None)
+}
+
+/// How a detached exec's relay is started.
+pub struct DetachedExec<'a> {
+    /// The krun-oci binary, run as `exec-relay`.
+    pub exe: &'a Path,
+    /// The relay's stdio (the guest process's); `None`: the caller's, or none
+    /// with a console socket.
+    pub stdio: Option<[OwnedFd; 3]>,
+    pub console_socket: Option<&'a Path>,
+}
+
+/// What the relay tells its starter on the sync pipe: one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RelayReport {
+    Started { guest_pid: i32 },
+    Failed { error: ErrorReport },
+}
+
+/// Starts `process` in container `id` under a detached relay process (its own
+/// session, outliving the caller); returns the relay's pid once the guest
+/// process runs, or the exec's error, kind intact.
+pub fn spawn_detached(
+    store: &StateStore,
+    id: &str,
+    process: &Process,
+    how: DetachedExec,
+) -> Result<i32> {
+    use std::process::{Command, Stdio};
+    let c = Container::load(store, id)?;
+    // Checked here too, so the common failures come back typed without a relay.
+    prepare(&c, process)?;
+    let json = c.dir.path.join(format!(
+        "exec-{}-{}.json",
+        std::process::id(),
+        RELAY_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    crate::state::write_atomic(&json, &serde_json::to_vec(process)?)
+        .ctx(|| format!("writing {}", json.display()))?;
+    let mut cmd = Command::new(how.exe);
+    cmd.arg("--root")
+        .arg(store.root())
+        .arg("exec-relay")
+        .arg("--process-json")
+        .arg(&json);
+    if let Some(s) = how.console_socket {
+        cmd.arg("--console-socket").arg(s);
     }
-}
-
-/// The host's side of the stdin flow control: at most [`proto::STDIN_WINDOW`]
-/// bytes sent and not yet acknowledged by the guest.
-#[derive(Debug, Default)]
-pub struct StdinWindow {
-    in_flight: Mutex<usize>,
-    changed: std::sync::Condvar,
-}
-
-impl StdinWindow {
-    /// Blocks until `n` more bytes fit in the window.
-    fn acquire(&self, n: usize) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        while *in_flight > 0 && *in_flight + n > proto::STDIN_WINDOW {
-            in_flight = self
-                .changed
-                .wait(in_flight)
-                .unwrap_or_else(|e| e.into_inner());
+    cmd.arg(id);
+    match how.stdio {
+        Some([i, o, e]) => {
+            cmd.stdin(i).stdout(o).stderr(e);
         }
-        *in_flight += n;
-    }
-
-    /// The guest consumed `n` bytes.
-    pub fn release(&self, n: usize) {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-        *in_flight = in_flight.saturating_sub(n);
-        self.changed.notify_all();
-    }
-}
-
-/// Copies `input` into Stdin frames (within the guest's window) until EOF, then
-/// sends StdinClose.
-pub fn spawn_input_pump(input: OwnedFd, writer: Arc<Mutex<UnixStream>>, window: Arc<StdinWindow>) {
-    std::thread::spawn(move || {
-        let mut input = File::from(input);
-        let mut buf = vec![0u8; proto::STDIN_WINDOW / 2];
-        loop {
-            let frame = match input.read(&mut buf) {
-                Ok(0) | Err(_) => Frame::StdinClose,
-                Ok(n) => {
-                    window.acquire(n);
-                    Frame::Stdin(buf[..n].to_vec())
-                }
-            };
-            let last = frame == Frame::StdinClose;
-            let sent = writer
-                .lock()
-                .map(|mut w| proto::write_frame(&mut *w, &frame).is_ok())
-                .unwrap_or(false);
-            if last || !sent {
-                return;
-            }
+        // The pty is the exec's stdio; keep none of the caller's pipes open.
+        None if how.console_socket.is_some() => {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
         }
-    });
+        None => {}
+    }
+    let (read_end, write_end) = crate::supervise::detached_with_sync_pipe(&mut cmd)?;
+    let spawned = cmd.spawn();
+    drop(write_end);
+    drop(cmd);
+    let child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&json);
+            return Err(e).ctx(|| format!("starting the exec relay {}", how.exe.display()));
+        }
+    };
+    let mut report = Vec::new();
+    let _ = File::from(read_end)
+        .take(64 * 1024)
+        .read_to_end(&mut report);
+    let pid = child.id() as i32;
+    // The relay outlives us: its parent becomes our subreaper (or init), who
+    // waits for it; we never do.
+    drop(child);
+    let _ = std::fs::remove_file(&json);
+    let line = report.split(|&b| b == b'\n').next().unwrap_or_default();
+    match serde_json::from_slice::<RelayReport>(line) {
+        Ok(RelayReport::Started { .. }) => Ok(pid),
+        Ok(RelayReport::Failed { error }) => Err(error.into()),
+        Err(_) => Err(Error::Guest(
+            "the exec relay exited before the process started".into(),
+        )),
+    }
 }
 
-/// Puts a terminal in raw mode for the life of the guard.
-pub struct RawMode {
-    fd: OwnedFd,
-    saved: nix::sys::termios::Termios,
-}
+static RELAY_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-impl RawMode {
-    pub fn enable(fd: &impl AsFd) -> Option<Self> {
-        use nix::sys::termios;
-        let saved = termios::tcgetattr(fd).ok()?;
-        let mut raw = saved.clone();
-        termios::cfmakeraw(&mut raw);
-        termios::tcsetattr(fd, termios::SetArg::TCSANOW, &raw).ok()?;
-        Some(Self {
-            fd: fd.as_fd().try_clone_to_owned().ok()?,
-            saved,
+/// The detached relay process (`krun-oci exec-relay`): reports the start on the
+/// sync pipe, relays, and returns the guest process's status (its exit status).
+pub fn relay_main(
+    store: &StateStore,
+    id: &str,
+    process_json: &Path,
+    console_socket: Option<&Path>,
+) -> i32 {
+    let mut sync = crate::supervise::take_sync_pipe();
+    let mut report = |r: RelayReport| {
+        if let Some(mut f) = sync.take() {
+            let mut line = serde_json::to_vec(&r).unwrap_or_default();
+            line.push(b'\n');
+            let _ = f.write_all(&line);
+        }
+    };
+    let prepared = (|| -> Result<(GuestLink, Process)> {
+        let c = Container::load(store, id)?;
+        let process: Process = serde_json::from_slice(
+            &std::fs::read(process_json).ctx(|| format!("reading {}", process_json.display()))?,
+        )?;
+        let _ = std::fs::remove_file(process_json);
+        Ok((prepare(&c, &process)?, process))
+    })();
+    let (link, process) = match prepared {
+        Ok(v) => v,
+        Err(e) => {
+            report(RelayReport::Failed { error: e.report() });
+            return 1;
+        }
+    };
+    let tty = process.terminal().unwrap_or(false);
+    let mut started = |r: Result<i32>| {
+        report(match r {
+            Ok(guest_pid) => RelayReport::Started { guest_pid },
+            Err(e) => RelayReport::Failed { error: e.report() },
         })
-    }
+    };
+    run_session(&link, process, tty, console_socket, Some(&mut started))
+        .unwrap_or(crate::container::LOST_EXIT_CODE)
 }
 
-impl Drop for RawMode {
-    fn drop(&mut self) {
-        let _ =
-            nix::sys::termios::tcsetattr(&self.fd, nix::sys::termios::SetArg::TCSANOW, &self.saved);
-    }
+/// Starts an exec session and relays it with our stdio (or a console-socket pty).
+/// `started` is told the guest pid once the process runs (or why it did not).
+fn run_session(
+    link: &GuestLink,
+    process: Process,
+    tty: bool,
+    console_socket: Option<&Path>,
+    mut started: Option<&mut dyn FnMut(Result<i32>)>,
+) -> Result<i32> {
+    let mut tell = |r: Result<i32>| -> Result<i32> {
+        match (started.as_mut(), r) {
+            (Some(cb), Ok(pid)) => {
+                cb(Ok(pid));
+                Ok(pid)
+            }
+            (Some(cb), Err(e)) => {
+                let again = Error::from(e.report());
+                cb(Err(e));
+                Err(again)
+            }
+            (None, r) => r,
+        }
+    };
+    let (input, out, err, tty_fd, local_tty) = match session_stdio(tty, console_socket) {
+        Ok(v) => v,
+        Err(e) => return tell(Err(e)),
+    };
+    let size = tty_fd.as_ref().and_then(crate::console::window_size);
+    let session = match ExecSession::start(link, process, tty, size) {
+        Ok(s) => s,
+        Err(e) => return tell(Err(e)),
+    };
+    tell(Ok(session.guest_pid))?;
+    let _raw = local_tty
+        .then(|| tty_fd.as_ref().and_then(RawMode::enable))
+        .flatten();
+    Ok(session.relay(input, out, err, tty_fd))
+}
+
+type SessionStdio = (OwnedFd, OwnedFd, OwnedFd, Option<OwnedFd>, bool);
+
+/// The session's stdin, stdout, stderr, the terminal whose size it follows, and
+/// whether that terminal is our own (put in raw mode while the session runs).
+fn session_stdio(tty: bool, console_socket: Option<&Path>) -> Result<SessionStdio> {
+    let dup = |fd: i32| {
+        // SAFETY: fds 0/1/2 stay open for the life of the process; we duplicate them.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .ctx(|| "dup".into())
+    };
+    let Some(socket) = console_socket else {
+        let stdin_is_tty = nix::unistd::isatty(std::io::stdin().as_fd()).unwrap_or(false);
+        let tty_fd = if tty && stdin_is_tty {
+            Some(dup(0)?)
+        } else {
+            None
+        };
+        let local = tty_fd.is_some();
+        return Ok((dup(0)?, dup(1)?, dup(2)?, tty_fd, local));
+    };
+    // A session of our own, so the pty becomes our controlling terminal and the
+    // client's resizes arrive as SIGWINCH. Fails harmlessly where we already
+    // lead a session (the detached relay) or a process group.
+    let _ = nix::unistd::setsid();
+    let pty = crate::console::send_pty_to_console_socket(socket)?;
+    let f = || pty.slave.try_clone().ctx(|| "dup pty".into());
+    Ok((f()?, f()?, f()?, Some(f()?), false))
 }
 
 #[cfg(test)]

@@ -1,11 +1,120 @@
-//! Host side of the link to the guest: one `connect(port)` whatever carries vsock.
+//! Host side of the link to the guest: one `connect(port)` whatever carries
+//! vsock, and [`GuestClient`], the one typed client of guest-init's control port
+//! (the monitor, lifecycle verbs, exec and the pool all go through it).
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use krun_oci_protocol::{self as proto, GuestProcess, Message, SignalTarget};
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+/// How long the guest gets to answer a control request.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A control connection to guest-init (handshake done): one method per request,
+/// each answer checked, a `Nack` turned into [`Error::GuestRefused`].
+pub struct GuestClient {
+    conn: UnixStream,
+}
+
+impl GuestClient {
+    /// Connects within [`CONTROL_TIMEOUT`].
+    pub fn connect(link: &GuestLink) -> Result<Self> {
+        Self::connect_within(link, CONTROL_TIMEOUT)
+    }
+
+    /// Connects where the guest must answer (connect and each reply) within `limit`.
+    pub fn connect_within(link: &GuestLink, limit: Duration) -> Result<Self> {
+        let mut conn = link
+            .connect(proto::CONTROL_PORT, limit)
+            .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
+        conn.set_read_timeout(Some(limit))
+            .ctx(|| "control socket".into())?;
+        proto::handshake(&mut conn)?;
+        Ok(Self { conn })
+    }
+
+    /// One request; the reply unless it is a `Nack`.
+    fn call(&mut self, context: &'static str, msg: Message) -> Result<Message> {
+        proto::send(&mut self.conn, msg)?;
+        match bounded_reply(proto::recv(&mut self.conn)?) {
+            Message::Nack { reason, kind } => Err(Error::refused(context, reason, kind)),
+            other => Ok(other),
+        }
+    }
+
+    /// A request answered `Ack`.
+    fn acked(&mut self, context: &'static str, msg: Message) -> Result<()> {
+        match self.call(context, msg)? {
+            Message::Ack => Ok(()),
+            other => Err(unexpected(context, &other)),
+        }
+    }
+
+    /// Applies the container's config (`Setup`).
+    pub fn setup(&mut self, setup: Message) -> Result<()> {
+        debug_assert!(matches!(setup, Message::Setup { .. }));
+        self.acked("guest setup failed", setup)
+    }
+
+    /// Sets up NICs added after create.
+    pub fn configure_network(&mut self, network: Vec<proto::net::NetInterface>) -> Result<()> {
+        self.acked(
+            "guest network setup failed",
+            Message::ConfigureNetwork { network },
+        )
+    }
+
+    /// Runs the container's main; returns its guest pid.
+    pub fn spawn_main(&mut self, process: proto::Process) -> Result<i32> {
+        match self.call("start", Message::SpawnMain { process })? {
+            Message::MainStarted { pid } => Ok(pid),
+            other => Err(unexpected("spawn-main", &other)),
+        }
+    }
+
+    pub fn signal(&mut self, target: SignalTarget, signal: i32) -> Result<()> {
+        self.acked("signal", Message::Signal { target, signal })
+    }
+
+    /// The main's terminal size.
+    pub fn resize(&mut self, rows: u16, cols: u16) -> Result<()> {
+        self.acked("resize", Message::Resize { rows, cols })
+    }
+
+    pub fn update_pids(&mut self, limit: i64) -> Result<()> {
+        self.acked("update", Message::UpdatePids { limit })
+    }
+
+    pub fn ps(&mut self) -> Result<Vec<GuestProcess>> {
+        match self.call("ps", Message::Ps)? {
+            Message::Processes { processes } => Ok(processes),
+            other => Err(unexpected("ps", &other)),
+        }
+    }
+
+    /// Asks guest-init to stop everything and power off.
+    pub fn shutdown(&mut self) -> Result<()> {
+        self.acked("shutdown", Message::Shutdown)
+    }
+
+    /// A liveness probe.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        match self.call("heartbeat", Message::Heartbeat)? {
+            Message::HeartbeatAck => Ok(()),
+            other => Err(unexpected("heartbeat", &other)),
+        }
+    }
+}
+
+/// A reply of the wrong kind.
+pub fn unexpected(context: &str, reply: &Message) -> Error {
+    Error::Guest(format!("unexpected reply to {context}: {}", brief(reply)))
+}
 
 /// How host processes reach guest vsock ports, and where guest connect-outs land.
 /// Stored in the container state so every CLI invocation can reach the guest.
@@ -39,8 +148,9 @@ pub fn bounded(mut text: String) -> String {
 /// logged as is) cut by [`bounded`].
 pub fn bounded_reply(reply: krun_oci_protocol::Message) -> krun_oci_protocol::Message {
     match reply {
-        krun_oci_protocol::Message::Nack { reason } => krun_oci_protocol::Message::Nack {
+        krun_oci_protocol::Message::Nack { reason, kind } => krun_oci_protocol::Message::Nack {
             reason: bounded(reason),
+            kind,
         },
         other => other,
     }
@@ -90,7 +200,7 @@ impl GuestLink {
                 Ok(s)
             }
             GuestLink::PortSockets { dir } => {
-                UnixStream::connect(dir.join(format!("guest-{port}.sock")))
+                UnixStream::connect(dir.join(proto::contract::guest_port_socket(port)))
             }
         }
     }
@@ -103,7 +213,7 @@ impl GuestLink {
                 p.push(format!("_{port}"));
                 p.into()
             }
-            GuestLink::PortSockets { dir } => dir.join(format!("host-{port}.sock")),
+            GuestLink::PortSockets { dir } => dir.join(proto::contract::host_port_socket(port)),
         }
     }
 
@@ -111,7 +221,9 @@ impl GuestLink {
     pub fn guest_port_path(&self, port: u32) -> Option<PathBuf> {
         match self {
             GuestLink::HybridVsock { .. } => None,
-            GuestLink::PortSockets { dir } => Some(dir.join(format!("guest-{port}.sock"))),
+            GuestLink::PortSockets { dir } => {
+                Some(dir.join(proto::contract::guest_port_socket(port)))
+            }
         }
     }
 }
@@ -150,9 +262,7 @@ mod tests {
         let long = bounded("é".repeat(10 * BRIEF_LEN));
         assert_eq!(long.chars().count(), BRIEF_LEN + 3);
         assert!(long.ends_with("..."));
-        let nack = krun_oci_protocol::Message::Nack {
-            reason: "n".repeat(1 << 20),
-        };
+        let nack = krun_oci_protocol::Message::nack("n".repeat(1 << 20));
         assert!(brief(&nack).starts_with("Nack { reason: \"nnn"));
         assert!(brief(&nack).len() < 2 * BRIEF_LEN);
     }

@@ -12,11 +12,10 @@ use crate::error::{Error, Result};
 /// Runs `hooks` in order; the first failure stops the sequence.
 pub fn run_hooks(kind: &str, hooks: Option<&Vec<Hook>>, state_json: &[u8]) -> Result<()> {
     for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
-        run_hook(hook, state_json).map_err(|e| {
-            Error::InvalidInput(format!(
-                "error running {kind} hook {}: {e}",
-                hook.path().display()
-            ))
+        run_hook(hook, state_json).map_err(|reason| Error::HookFailed {
+            hook: kind.to_string(),
+            path: hook.path().display().to_string(),
+            reason,
         })?;
     }
     Ok(())
@@ -126,8 +125,9 @@ mod tests {
             Some(&vec![hook("echo bad >&2; exit 3", None)]),
             b"{}",
         )
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::HookFailed);
+        let e = e.to_string();
         assert!(e.contains("createRuntime") && e.contains("bad"), "{e}");
         let e = run_hooks("poststart", Some(&vec![hook("sleep 30", Some(1))]), b"{}")
             .unwrap_err()

@@ -1,31 +1,32 @@
 //! krun-oci: an OCI runtime with a runc-compatible command line that runs every
 //! container in its own microVM.
 
-pub mod bundle;
-pub mod cgroup;
+pub(crate) mod bundle;
+pub(crate) mod cgroup;
 pub mod check;
 pub mod cli;
 pub mod console;
 pub mod container;
 pub mod error;
 pub mod exec;
-pub mod fidelity;
+pub(crate) mod fidelity;
 pub mod guest;
-pub mod hooks;
+pub(crate) mod hooks;
 pub mod host_config;
 pub mod image;
 pub mod lifecycle;
 pub mod logger;
 pub mod logs;
 pub mod monitor;
-pub mod mounts;
-pub mod network;
+pub(crate) mod mounts;
+pub(crate) mod network;
 pub mod pool;
-pub mod process_info;
-pub mod seccomp;
+pub(crate) mod relay;
+pub(crate) mod seccomp;
 pub mod signal;
 pub mod spec;
 pub mod state;
+pub(crate) mod supervise;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod vmm;

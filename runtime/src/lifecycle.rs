@@ -9,12 +9,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use krun_oci_protocol::{Message, SignalTarget};
+use krun_oci_protocol::SignalTarget;
 use oci_spec::runtime::{LinuxResources, Spec};
 
 use crate::bundle::Bundle;
 use crate::container::{Container, EXIT_CODE_FILE};
 use crate::error::{Error, IoContext, Result};
+use crate::guest::GuestClient;
 use crate::hooks::run_hooks;
 use crate::monitor::{self, MonitorConfig, SyncReport};
 use crate::state::{write_atomic, ContainerRecord, StateStore, Status};
@@ -131,7 +132,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             opts.stdio.as_ref(),
             |pid| {
                 record.pid = pid;
-                record.pid_start_time = crate::process_info::start_time(pid).unwrap_or(0);
+                record.pid_start_time = crate::supervise::start_time(pid).unwrap_or(0);
                 dir.save(&record)
             },
         )?;
@@ -151,8 +152,8 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             }
             SyncReport::Failed { error } => {
                 reap_quietly(pid);
-                // Already a whole message from the monitor.
-                return Err(Error::InvalidInput(error));
+                // Already a whole message from the monitor, with its kind.
+                return Err(error.into());
             }
         }
         dir.save(&record)?;
@@ -205,7 +206,7 @@ fn spawn_monitor(
         .arg(dir.monitor_log_file())
         .arg("monitor")
         .arg(&dir.id);
-    let (read_end, write_end) = monitor::detached_with_sync_pipe(&mut cmd)?;
+    let (read_end, write_end) = crate::supervise::detached_with_sync_pipe(&mut cmd)?;
     // Without a terminal, create's stdio is the container's (runc semantics); with
     // one, the console pty is, and holding create's fds would keep the caller's
     // pipes open for the container's lifetime.
@@ -270,17 +271,7 @@ fn attach_late_network(c: &Container, link: &crate::guest::GuestLink) -> Result<
     if network.is_empty() {
         return Ok(());
     }
-    let mut control = monitor::connect_control(link)?;
-    match monitor::request(&mut control, Message::ConfigureNetwork { network })? {
-        Message::Ack => Ok(()),
-        Message::Nack { reason } => Err(Error::Guest(format!(
-            "guest network setup failed: {reason}"
-        ))),
-        other => Err(Error::Guest(format!(
-            "unexpected reply to configure-network: {}",
-            crate::guest::brief(&other)
-        ))),
-    }
+    GuestClient::connect(link)?.configure_network(network)
 }
 
 /// Runs the container's main process.
@@ -298,7 +289,7 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
             )))
         }
     }
-    let spec = load_snapshot(&c)?;
+    let spec = c.config_snapshot()?;
     let process = spec
         .process()
         .clone()
@@ -317,22 +308,10 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
-    let reply = monitor::connect_control(&link)
-        .and_then(|mut s| monitor::request(&mut s, Message::SpawnMain { process }));
-    match reply {
-        Ok(Message::MainStarted { .. }) => {}
-        other => {
-            c.record.started = false;
-            c.dir.save(&c.record)?;
-            return Err(match other {
-                Ok(Message::Nack { reason }) => Error::Guest(reason),
-                Ok(m) => Error::Guest(format!(
-                    "unexpected reply to spawn-main: {}",
-                    crate::guest::brief(&m)
-                )),
-                Err(e) => e,
-            });
-        }
+    if let Err(e) = GuestClient::connect(&link).and_then(|mut g| g.spawn_main(process)) {
+        c.record.started = false;
+        c.dir.save(&c.record)?;
+        return Err(e);
     }
     let state = state_bytes(&c, Status::Running);
     if let Err(e) = run_hooks("poststart", hooks.poststart().as_ref(), &state) {
@@ -398,12 +377,8 @@ fn run_guest_hooks(
             Some(t) => match rx.recv_timeout(Duration::from_secs(t as u64)) {
                 Ok(code) => code,
                 Err(_) => {
-                    let kill = Message::Signal {
-                        target: SignalTarget::Exec(id),
-                        signal: libc::SIGKILL,
-                    };
-                    let _ = monitor::connect_control(link)
-                        .and_then(|mut s| monitor::request(&mut s, kill));
+                    let _ = GuestClient::connect(link)
+                        .and_then(|mut g| g.signal(SignalTarget::Exec(id), libc::SIGKILL));
                     return Err(fail(format!("timed out after {t}s")));
                 }
             },
@@ -461,8 +436,8 @@ fn kill_unlocked(
             &c.dir.exit_code_file(),
             (128 + signal).to_string().as_bytes(),
         );
-        if let Ok(mut s) = monitor::connect_control(link) {
-            let _ = monitor::request(&mut s, Message::Shutdown);
+        if let Ok(mut g) = GuestClient::connect(link) {
+            let _ = g.shutdown();
         } else {
             kill_monitor(c);
         }
@@ -477,17 +452,12 @@ fn kill_unlocked(
     let limit = if signal == libc::SIGKILL {
         KILL_ANSWER_LIMIT
     } else {
-        monitor::CONTROL_TIMEOUT
+        crate::guest::CONTROL_TIMEOUT
     };
-    let reply = monitor::connect_control_within(link, limit)
-        .and_then(|mut s| monitor::request(&mut s, Message::Signal { target, signal }));
+    let reply = GuestClient::connect_within(link, limit).and_then(|mut g| g.signal(target, signal));
     match reply {
-        Ok(Message::Ack) => Ok(()),
-        Ok(Message::Nack { reason }) => Err(Error::Guest(reason)),
-        Ok(m) => Err(Error::Guest(format!(
-            "unexpected reply to signal: {}",
-            crate::guest::brief(&m)
-        ))),
+        Ok(()) => Ok(()),
+        Err(e @ Error::GuestRefused { .. }) => Err(e),
         // A wedged guest still goes away on SIGKILL: end the VM.
         Err(_) if signal == libc::SIGKILL => {
             let _ = write_atomic(&c.dir.exit_code_file(), b"137");
@@ -539,7 +509,7 @@ pub fn update(store: &StateStore, id: &str, resources: &LinuxResources) -> Resul
     let c = Container::load(store, id)?;
     let _lock = c.dir.lock()?;
     require_unpaused(&c, "update")?;
-    let spec = load_snapshot(&c)?;
+    let spec = c.config_snapshot()?;
     if let Some(want) = resources.memory().as_ref().and_then(|m| m.limit()) {
         let now = spec
             .linux()
@@ -565,19 +535,7 @@ pub fn update(store: &StateStore, id: &str, resources: &LinuxResources) -> Resul
     }
     if let Some(pids) = resources.pids() {
         let link = c.record.link.clone().ok_or(Error::NotRunning)?;
-        let msg = Message::UpdatePids {
-            limit: pids.limit(),
-        };
-        match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, msg))? {
-            Message::Ack => {}
-            Message::Nack { reason } => return Err(Error::Guest(reason)),
-            m => {
-                return Err(Error::Guest(format!(
-                    "unexpected reply to update: {}",
-                    crate::guest::brief(&m)
-                )))
-            }
-        }
+        GuestClient::connect(&link)?.update_pids(pids.limit())?;
     }
     Ok(())
 }
@@ -588,14 +546,7 @@ pub fn ps(store: &StateStore, id: &str) -> Result<Vec<krun_oci_protocol::GuestPr
     // The guest answers ps.
     require_unpaused(&c, "list the processes of")?;
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
-    match monitor::connect_control(&link).and_then(|mut s| monitor::request(&mut s, Message::Ps))? {
-        Message::Processes { processes } => Ok(processes),
-        Message::Nack { reason } => Err(Error::Guest(reason)),
-        m => Err(Error::Guest(format!(
-            "unexpected reply to ps: {}",
-            crate::guest::brief(&m)
-        ))),
-    }
+    GuestClient::connect(&link)?.ps()
 }
 
 /// Deletes a stopped (or created) container; `force` stops a running one first.
@@ -626,7 +577,7 @@ pub fn delete(store: &StateStore, id: &str, force: bool) -> Result<()> {
         }
     }
     destroy(&c);
-    let spec = load_snapshot(&c).ok();
+    let spec = c.config_snapshot().ok();
     let state = state_bytes(&c, Status::Stopped);
     remove_guest_exit_code(&c.record.rootfs);
     c.dir.remove()?;
@@ -685,7 +636,7 @@ fn destroy(c: &Container) {
         kill_monitor(c);
     }
     for &pid in &c.record.helper_pids {
-        if pid > 0 && crate::process_info::start_time(pid).is_some() {
+        if pid > 0 && crate::supervise::start_time(pid).is_some() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -694,11 +645,11 @@ fn destroy(c: &Container) {
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     let any_alive = || {
-        (c.record.pid > 0 && crate::process_info::is_alive(c.record.pid, c.record.pid_start_time))
+        (c.record.pid > 0 && crate::supervise::is_alive(c.record.pid, c.record.pid_start_time))
             || c.record
                 .helper_pids
                 .iter()
-                .any(|&p| crate::process_info::state_letter(p).is_some_and(|s| s != 'Z'))
+                .any(|&p| crate::supervise::state_letter(p).is_some_and(|s| s != 'Z'))
     };
     while any_alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
@@ -739,12 +690,6 @@ fn kill_monitor(c: &Container) {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-}
-
-pub fn load_snapshot(c: &Container) -> Result<Spec> {
-    Ok(serde_json::from_slice(
-        &fs::read(c.dir.config_file()).ctx(|| "reading config snapshot".into())?,
-    )?)
 }
 
 fn state_bytes(c: &Container, status: Status) -> Vec<u8> {

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -22,14 +22,13 @@ use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
 
 use crate::container::{read_guest_exit_code, LOST_EXIT_CODE};
-use crate::error::{Error, IoContext, Result};
-use crate::guest::GuestLink;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::guest::{GuestClient, GuestLink};
 use crate::logs::{JsonLogWriter, Stream};
+use crate::relay::Forward;
 use crate::state::{write_atomic, ContainerDir};
 use crate::vmm::{Vm, VmSpec, VmmChoice};
 
-/// Env var naming the fd of the pipe on which the monitor reports to `create`.
-pub const SYNC_FD_ENV: &str = "KRUN_OCI_SYNC_FD";
 /// How long create waits for the guest's ready beacon after launching the VM (the
 /// guest image is built before). A TCG boot takes 1-3 s, under heavy load ~10 s; a
 /// boot that has not answered in 2 minutes is stuck, and create fails with the
@@ -38,8 +37,6 @@ pub const SYNC_FD_ENV: &str = "KRUN_OCI_SYNC_FD";
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// After the workload's exit is reported, how long the guest gets to power off.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
-/// Timeout of one request to the guest's control service.
-pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `create` hands the monitor (`monitor.json` in the container dir).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,7 +69,7 @@ pub enum SyncReport {
         pool_dirs: Vec<PathBuf>,
     },
     Failed {
-        error: String,
+        error: crate::error::ErrorReport,
     },
 }
 
@@ -98,7 +95,7 @@ impl ContainerDir {
 /// Entry point of `krun-oci monitor ID`. Returns the process exit status.
 pub fn run(dir: &ContainerDir) -> Result<i32> {
     let t0 = Instant::now();
-    let sync = take_sync_pipe();
+    let sync = crate::supervise::take_sync_pipe();
     let cfg = dir.monitor_config()?;
     let spec: Spec = serde_json::from_slice(
         &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
@@ -112,12 +109,7 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
         Err(e) => {
             log::error!("boot failed: {e}");
             release_network(dir);
-            report(
-                sync,
-                &SyncReport::Failed {
-                    error: e.to_string(),
-                },
-            );
+            report(sync, &SyncReport::Failed { error: e.report() });
             return Ok(1);
         }
     };
@@ -178,42 +170,6 @@ fn join_network_namespace(spec: &Spec) -> Result<()> {
     })
 }
 
-/// Makes `cmd` a detached child (its own session) that reports on a sync pipe:
-/// returns the read end; the write end reaches the child as the fd named by
-/// [`SYNC_FD_ENV`]. Used for the VM monitor and the detached exec relay.
-pub fn detached_with_sync_pipe(cmd: &mut std::process::Command) -> Result<(OwnedFd, OwnedFd)> {
-    use std::os::unix::process::CommandExt;
-    let (read_end, write_end) = nix::unistd::pipe()?;
-    let write_fd = write_end.as_raw_fd();
-    cmd.env(SYNC_FD_ENV, write_fd.to_string());
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            // Let the sync pipe's write end survive exec.
-            let flags = libc::fcntl(write_fd, libc::F_GETFD);
-            libc::fcntl(write_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            Ok(())
-        });
-    }
-    // The caller drops the write end once the child is spawned.
-    Ok((read_end, write_end))
-}
-
-/// Takes the sync pipe's write end from the environment.
-pub(crate) fn take_sync_pipe() -> Option<File> {
-    let fd: i32 = std::env::var(SYNC_FD_ENV).ok()?.parse().ok()?;
-    std::env::remove_var(SYNC_FD_ENV);
-    // SAFETY: create passed this fd to us for exactly this purpose; nothing else owns it.
-    let f = unsafe { File::from_raw_fd(fd) };
-    // Keep it out of every process we spawn.
-    let _ = nix::fcntl::fcntl(
-        &f,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    Some(f)
-}
-
 fn report(sync: Option<File>, r: &SyncReport) {
     if let Some(mut f) = sync {
         let mut line = serde_json::to_vec(r).unwrap_or_default();
@@ -237,8 +193,12 @@ struct Booted {
 fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Result<Booted> {
     let run_dir = dir.create_run_dir()?;
     let entered_ms = t0.elapsed().as_millis();
-    let image = crate::image::ensure(&image_options(cfg.vmm)?)?;
-    let selection = crate::vmm::detect::select(cfg.vmm, &image)?;
+    // The sandbox boots no kernel: no image to build.
+    let image = match cfg.vmm {
+        VmmChoice::Sandbox => None,
+        vmm => Some(crate::image::ensure(&image_options(vmm)?)?),
+    };
+    let selection = crate::vmm::detect::select(cfg.vmm, image.as_ref())?;
     let image_ms = t0.elapsed().as_millis();
     // Compiled before the VM starts: a bad profile fails create at once.
     let seccomp = spec
@@ -248,8 +208,8 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
         .map(crate::seccomp::compile)
         .transpose()?;
     let mounts = crate::mounts::MountsShare::plan(spec, run_dir.join("mounts"))?;
-    let pooled = match selection.vmm.name() {
-        "qemu" => claim_pooled(dir, cfg, spec, &image, mounts.as_ref()),
+    let pooled = match (selection.vmm.name(), &image) {
+        ("qemu", Some(image)) => claim_pooled(dir, cfg, spec, image, mounts.as_ref()),
         _ => None,
     };
     let launched = match pooled {
@@ -259,7 +219,14 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
         }
         None => {
             log::info!("vmm: {} ({})", selection.engine, selection.explanation);
-            launch_cold(dir, cfg, &run_dir, selection.vmm.as_ref(), mounts, &image)
+            launch_cold(
+                dir,
+                cfg,
+                &run_dir,
+                selection.vmm.as_ref(),
+                mounts,
+                image.as_ref(),
+            )
         }
     }?;
     let Launched {
@@ -273,28 +240,13 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
     let launched_ms = t0.elapsed().as_millis();
     let link = vm.link();
     let ready = (|| {
-        let mut control = connect_control(&link)?;
-        match request(
-            &mut control,
-            Message::Setup {
-                spec: Box::new(spec.clone()),
-                seccomp,
-                network: interfaces,
-                deferred_root,
-                prepare_main: main_can_be_prepared(spec),
-            },
-        )? {
-            Message::Ack => {}
-            Message::Nack { reason } => {
-                return Err(Error::Guest(format!("guest setup failed: {reason}")))
-            }
-            other => {
-                return Err(Error::Guest(format!(
-                    "unexpected reply to setup: {}",
-                    crate::guest::brief(&other)
-                )))
-            }
-        }
+        GuestClient::connect(&link)?.setup(Message::Setup {
+            spec: Box::new(spec.clone()),
+            seccomp,
+            network: interfaces,
+            deferred_root,
+            prepare_main: main_can_be_prepared(spec),
+        })?;
         match (&cfg.console_socket, cfg.terminal) {
             (Some(sock), true) => Ok(Some(crate::console::send_pty_to_console_socket(sock)?)),
             _ => Ok(None),
@@ -333,19 +285,26 @@ fn main_can_be_prepared(spec: &Spec) -> bool {
     spec.process().is_some() && spec.hooks().as_ref().is_none_or(none)
 }
 
-/// Ends a VM whose guest failed, with the console's tail on the error.
+/// Ends a VM whose guest failed. A failure of the VM or the link becomes
+/// [`Error::BootFailed`] with the console's tail; one with a meaning of its own
+/// (a refused setup, a bad seccomp profile) keeps it, the console goes to the log.
 fn with_console(e: Error, vm: &mut dyn Vm) -> Error {
-    let tail = vm.console_tail(2048);
+    let console_tail = vm.console_tail(2048).trim().to_string();
     vm.kill();
-    if tail.trim().is_empty() {
-        return e;
+    match e.kind() {
+        ErrorKind::Internal => Error::BootFailed {
+            // Not "vm: ...": the reason reads as the sentence it is.
+            reason: match e {
+                Error::Vm(m) => m,
+                other => other.to_string(),
+            },
+            console_tail,
+        },
+        _ => {
+            log::warn!("console: {console_tail}");
+            e
+        }
     }
-    // Not "vm: vm: ...": the console goes onto the message itself.
-    let msg = match e {
-        Error::Vm(m) => m,
-        other => other.to_string(),
-    };
-    Error::Vm(format!("{msg}; console: {}", tail.trim()))
 }
 
 /// A VM whose guest is ready for `Setup`.
@@ -365,16 +324,21 @@ fn launch_cold(
     run_dir: &Path,
     vmm: &dyn crate::vmm::Vmm,
     mounts: Option<crate::mounts::MountsShare>,
-    image: &crate::image::GuestImage,
+    image: Option<&crate::image::GuestImage>,
 ) -> Result<Launched> {
     if let Some(m) = &mounts {
         m.prepare()?;
     }
-    let network = crate::network::attach(
-        &cfg.network,
-        &dir.network_record(),
-        vmm.opens_taps_by_name(),
-    )?;
+    let network = if vmm.has_network() {
+        crate::network::attach(
+            &cfg.network,
+            &dir.network_record(),
+            vmm.opens_taps_by_name(),
+        )?
+    } else {
+        log::warn!("the {} backend has no network: loopback only", vmm.name());
+        crate::network::Attached::default()
+    };
     let vm_spec = VmSpec {
         id: dir.id.clone(),
         run_dir: run_dir.to_owned(),
@@ -404,7 +368,7 @@ fn launch_cold(
         "boot-timing: ready_ms={} launch_ms={} kernel={:?} init_us=[{}]",
         launch_start.elapsed().as_millis(),
         launched.as_millis(),
-        image.kernel_origin,
+        image.map(|i| i.kernel_origin),
         steps.join(",")
     );
     Ok(Launched {
@@ -531,7 +495,7 @@ pub fn image_options(vmm: VmmChoice) -> Result<crate::image::ImageOptions> {
     if opts.kernel_source == KernelSource::Auto && opts.kernel.is_none() {
         let libkrun = match vmm {
             VmmChoice::Libkrun => true,
-            VmmChoice::Qemu => false,
+            VmmChoice::Qemu | VmmChoice::Sandbox => false,
             VmmChoice::Auto => {
                 crate::vmm::detect::assess_kvm(&crate::vmm::detect::HostFacts::probe()).usable
                     && own_kernel::cached(&opts.cache_dir()).is_some()
@@ -580,28 +544,6 @@ fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream>
     }
 }
 
-/// Opens a control connection to the guest (handshake done).
-pub fn connect_control(link: &GuestLink) -> Result<UnixStream> {
-    connect_control_within(link, CONTROL_TIMEOUT)
-}
-
-/// [`connect_control`] where the guest must answer (connect and each reply) within `limit`.
-pub fn connect_control_within(link: &GuestLink, limit: Duration) -> Result<UnixStream> {
-    let mut s = link
-        .connect(proto::CONTROL_PORT, limit)
-        .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
-    s.set_read_timeout(Some(limit))
-        .ctx(|| "control socket".into())?;
-    proto::handshake(&mut s)?;
-    Ok(s)
-}
-
-/// One request/response on a control connection.
-pub fn request(s: &mut UnixStream, msg: Message) -> Result<Message> {
-    proto::send(s, msg)?;
-    Ok(crate::guest::bounded_reply(proto::recv(s)?))
-}
-
 /// Unexpected frames on the events stream logged one by one; the rest are counted.
 const MAX_LOGGED_UNEXPECTED: u64 = 5;
 
@@ -625,7 +567,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         .ok()
         .map(|w| Arc::new(Mutex::new(w)));
     let (tx, rx) = mpsc::channel();
-    let window = Arc::new(crate::exec::StdinWindow::default());
+    let window = Arc::new(crate::relay::StdinWindow::default());
 
     // Output: frames from the guest to our fds (or the pty) and the log.
     let (out_fd, err_fd): (OwnedFd, OwnedFd) = match &pty {
@@ -703,7 +645,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         None => dup_fd(0),
     };
     let writer = Arc::new(Mutex::new(events.try_clone().expect("dup events stream")));
-    crate::exec::spawn_input_pump(input, writer, window);
+    crate::relay::spawn_input_pump(input, writer, window);
 
     forward_signals(
         link.clone(),
@@ -772,49 +714,25 @@ fn dup_fd(fd: i32) -> OwnedFd {
     })
 }
 
-/// Signals delivered to the container pid go to the workload, as with runc's init.
-pub const FORWARDED_SIGNALS: [i32; 7] = [
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-];
-
+/// Signals delivered to the container pid go to the workload, as with runc's
+/// init (the exec relays' policy: [`crate::relay::forward_signals`]).
 fn forward_signals(link: GuestLink, pty: Option<OwnedFd>) {
-    let mut signals = match signal_hook::iterator::Signals::new(FORWARDED_SIGNALS) {
-        Ok(s) => s,
-        Err(e) => {
-            log::warn!("cannot forward signals: {e}");
-            return;
-        }
-    };
-    std::thread::spawn(move || {
-        let mut control: Option<UnixStream> = None;
-        for sig in signals.forever() {
-            let msg = if sig == libc::SIGWINCH {
-                match pty.as_ref().and_then(crate::console::window_size) {
-                    Some((rows, cols)) => Message::Resize { rows, cols },
-                    None => continue,
-                }
-            } else {
-                Message::Signal {
-                    target: SignalTarget::Main,
-                    signal: sig,
-                }
+    // One control connection, reused; reconnected once if it broke.
+    let mut control: Option<GuestClient> = None;
+    crate::relay::forward_signals(pty, move |forward| {
+        for _ in 0..2 {
+            if control.is_none() {
+                control = GuestClient::connect(&link).ok();
+            }
+            let Some(c) = control.as_mut() else { return };
+            let sent = match forward {
+                Forward::Resize { rows, cols } => c.resize(rows, cols),
+                Forward::Signal(sig) => c.signal(SignalTarget::Main, sig),
             };
-            // Reuse one control connection; reconnect once if it broke.
-            for _ in 0..2 {
-                if control.is_none() {
-                    control = connect_control(&link).ok();
-                }
-                let Some(c) = control.as_mut() else { break };
-                match request(c, msg.clone()) {
-                    Ok(_) => break,
-                    Err(_) => control = None,
-                }
+            match sent {
+                // A refusal (no main yet) leaves the connection usable.
+                Ok(()) | Err(Error::GuestRefused { .. }) => return,
+                Err(_) => control = None,
             }
         }
     });
@@ -850,9 +768,10 @@ pub fn read_report(pipe: &mut File, monitor_log: &Path) -> Result<SyncReport> {
                 .rev()
                 .collect::<Vec<_>>()
                 .join("; ");
-            Err(Error::Vm(format!(
-                "the VM monitor exited before the guest was ready: {tail}"
-            )))
+            Err(Error::BootFailed {
+                reason: format!("the VM monitor exited before the guest was ready: {tail}"),
+                console_tail: String::new(),
+            })
         }
     }
 }

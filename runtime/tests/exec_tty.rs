@@ -220,8 +220,8 @@ fn resize(master: &fs::File, rows: u16, cols: u16) {
         ws_xpixel: 0,
         ws_ypixel: 0,
     };
-    // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
     assert_eq!(
+        // SAFETY: TIOCSWINSZ reads a winsize from the pointer.
         unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
         0
     );

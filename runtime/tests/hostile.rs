@@ -224,7 +224,7 @@ fn planted_symlinks_are_not_followed() {
     let staging = fs::canonicalize(&run_dir).unwrap().join("mounts");
     eventually("the guest to end", ENDED_WITHIN, || !alive(pid));
     // The links are really there, on the host, where the host reads and cleans.
-    let exit_link = b.rootfs().join(".a3s_exit_code");
+    let exit_link = b.rootfs().join(krun_oci_protocol::contract::EXIT_CODE_FILE);
     assert!(
         exit_link.is_symlink(),
         "the guest planted no exit-code link"

@@ -199,7 +199,7 @@ fn assert_nothing_left(pids: &[i32], run_dir: &Path) {
 fn boots_and_powers_off() {
     let _slot = vm_slot();
     let image = test_init_image();
-    let sel = detect::select(VmmChoice::Auto, &image).unwrap();
+    let sel = detect::select(VmmChoice::Auto, Some(&image)).unwrap();
     eprintln!("engine: {} ({})", sel.engine, sel.explanation);
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path(), "poweroff");
@@ -241,7 +241,7 @@ fn helper_death_stops_the_vm() {
     // pids() order: vhost-device-vsock, virtiofsd, qemu.
     for (idx, component) in [(0, "vhost-device-vsock"), (1, "virtiofsd"), (2, "qemu")] {
         let _slot = vm_slot();
-        let sel = detect::select(VmmChoice::Auto, &image).unwrap();
+        let sel = detect::select(VmmChoice::Auto, Some(&image)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let root = rootfs(dir.path(), "stay");
         let spec = spec(dir.path(), root.clone());
@@ -320,7 +320,7 @@ fn real_init_link() {
     if std::env::var_os("KRUN_OCI_TEST_VERBOSE").is_some() {
         image.cmdline_extra = "loglevel=7".into();
     }
-    let sel = detect::select(VmmChoice::Auto, &image).unwrap();
+    let sel = detect::select(VmmChoice::Auto, Some(&image)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let root = rootfs(dir.path(), "");
     let spec = spec(dir.path(), root.clone());

@@ -42,24 +42,21 @@ impl From<Error> for ttrpc::Error {
 }
 
 impl From<krun_oci::Error> for Error {
+    /// By the error's kind, never its text.
     fn from(e: krun_oci::Error) -> Self {
-        use krun_oci::Error as K;
+        use krun_oci::error::ErrorKind as K;
         let msg = e.to_string();
-        match e {
-            K::NotExist => Error::NotFound(msg),
-            K::Exists => Error::AlreadyExists(msg),
-            K::InvalidId(_) | K::InvalidInput(_) | K::Spec(_) | K::Json(_) => {
+        match e.kind() {
+            K::NotFound => Error::NotFound(msg),
+            K::AlreadyExists => Error::AlreadyExists(msg),
+            // What containerd shows for a bad spec, and for an exec of a missing
+            // program (the process could not be started as asked).
+            K::InvalidArgument | K::ExecutableNotFound | K::PermissionDenied => {
                 Error::InvalidArgument(msg)
             }
-            K::NotRunning
-            | K::Paused
-            | K::NotPaused
-            | K::StillRunning
-            | K::NotStopped { .. }
-            | K::StartStopped
-            | K::AlreadyRunning => Error::FailedPrecondition(msg),
-            K::NotImplemented(_) => Error::Unimplemented(msg),
-            _ => Error::Internal(msg),
+            K::WrongState | K::GuestRefused => Error::FailedPrecondition(msg),
+            K::Unimplemented => Error::Unimplemented(msg),
+            K::BootFailed | K::HookFailed | K::Internal => Error::Internal(msg),
         }
     }
 }
@@ -86,6 +83,7 @@ mod tests {
         assert_eq!(code(krun_oci::Error::NotExist), Code::NOT_FOUND);
         assert_eq!(code(krun_oci::Error::Exists), Code::ALREADY_EXISTS);
         assert_eq!(code(krun_oci::Error::NotRunning), Code::FAILED_PRECONDITION);
+        assert_eq!(code(krun_oci::Error::Paused), Code::FAILED_PRECONDITION);
         assert_eq!(
             code(krun_oci::Error::NotStopped {
                 id: "a".into(),
@@ -98,6 +96,27 @@ mod tests {
             Code::UNIMPLEMENTED
         );
         assert_eq!(code(krun_oci::Error::Vm("boom".into())), Code::INTERNAL);
+        // A boot that failed is the runtime's failure, not the caller's input.
+        assert_eq!(
+            code(krun_oci::Error::BootFailed {
+                reason: "the VM stopped".into(),
+                console_tail: String::new()
+            }),
+            Code::INTERNAL
+        );
+        assert_eq!(
+            code(krun_oci::Error::ExecutableNotFound {
+                arg0: "nope".into(),
+                detail: "executable file not found in $PATH".into()
+            }),
+            Code::INVALID_ARGUMENT
+        );
+        // The kind crosses the relay's pipe; the text does not decide it.
+        let reported = krun_oci::Error::from(krun_oci::error::ErrorReport {
+            kind: krun_oci::error::ErrorKind::NotFound,
+            message: "vm: boom".into(),
+        });
+        assert_eq!(code(reported), Code::NOT_FOUND);
         match ttrpc::Error::from(Error::NotFound("task x".into())) {
             ttrpc::Error::RpcStatus(s) => {
                 assert_eq!(s.code(), Code::NOT_FOUND);

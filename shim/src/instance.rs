@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::exits::{Exit, Exits};
 
 /// What the task service needs from a container.
-pub trait Instance: Sized + Send + Sync {
+pub trait Instance: Sized + Send + Sync + 'static {
     type Config;
     /// Creates the container: the VM boots, the workload does not run yet.
     fn new(id: String, cfg: Self::Config) -> Result<Self>;
@@ -37,8 +37,8 @@ pub trait Instance: Sized + Send + Sync {
     fn oom_killed(&self) -> bool;
 }
 
-/// Where and how a krun-oci container is created.
-pub struct KrunConfig {
+/// Where and how a container is created (what the task service knows at Create).
+pub struct InstanceConfig {
     /// krun-oci state root (one per containerd namespace).
     pub root: PathBuf,
     pub bundle: PathBuf,
@@ -62,9 +62,9 @@ pub struct KrunInstance {
 const RECORDED_CODE_POLL: Duration = Duration::from_millis(50);
 
 impl Instance for KrunInstance {
-    type Config = KrunConfig;
+    type Config = InstanceConfig;
 
-    fn new(id: String, cfg: KrunConfig) -> Result<Self> {
+    fn new(id: String, cfg: InstanceConfig) -> Result<Self> {
         let store = StateStore::open(&cfg.root)?;
         let opts = CreateOptions {
             bundle: cfg.bundle,

@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,7 +23,7 @@ use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
 use crate::exits::{Exit, Exits};
-use crate::instance::{Instance, KrunConfig, KrunInstance};
+use crate::instance::{Instance, InstanceConfig, KrunInstance};
 use crate::stdio::{self, StdioHandle, StdioPaths};
 
 /// Version reported by Connect.
@@ -77,13 +76,18 @@ fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
+/// Where task events go: containerd ([`Events`]), or a test's recorder.
+pub trait EventSink: Send + Sync {
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
+}
+
 /// Publishes task events to containerd.
 pub struct Events {
     namespace: String,
     publisher: Mutex<RemotePublisher>,
 }
 
-impl Events {
+impl EventSink for Events {
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         if let Err(e) = self.publisher.lock().unwrap().publish(
             Context::default(),
@@ -101,8 +105,6 @@ impl Events {
 struct ExecProcess {
     paths: StdioPaths,
     spec: Vec<u8>,
-    /// Files of this exec (process.json, pid file, log) share this prefix.
-    file_prefix: PathBuf,
     /// 0 until started, then the relay's pid; [`EXEC_FAILED`] if the start failed.
     pid: Mutex<i32>,
     /// Signalled when `pid` leaves 0 (Wait may come before Start: ctr sends both at once).
@@ -151,44 +153,67 @@ impl ExecProcess {
     }
 }
 
-struct Task {
+struct Task<I> {
     id: String,
     bundle: String,
     paths: StdioPaths,
-    instance: KrunInstance,
+    instance: I,
     stdio: StdioHandle,
     rootfs_mounted: Option<PathBuf>,
     exit_published: AtomicBool,
     execs: Mutex<HashMap<String, Arc<ExecProcess>>>,
 }
 
-pub struct Service {
+/// The task service, generic over the container behind each task (krun-oci's
+/// [`KrunInstance`]; a stub in the tests).
+pub struct Service<I = KrunInstance> {
     root: PathBuf,
     exe: PathBuf,
     exits: Arc<Exits>,
-    events: Arc<Events>,
+    events: Arc<dyn EventSink>,
     shutdown: Arc<ExitSignal>,
-    tasks: Mutex<HashMap<String, Arc<Task>>>,
+    tasks: Mutex<HashMap<String, Arc<Task<I>>>>,
     counter: AtomicU64,
 }
 
 impl Service {
     pub fn new(namespace: &str, publisher: RemotePublisher, shutdown: Arc<ExitSignal>) -> Self {
+        let events = Arc::new(Events {
+            namespace: namespace.to_string(),
+            publisher: Mutex::new(publisher),
+        });
+        Self::with_parts(
+            state_root(namespace),
+            krun_oci_binary(),
+            Exits::start(),
+            events,
+            shutdown,
+        )
+    }
+}
+
+impl<I: Instance<Config = InstanceConfig>> Service<I> {
+    /// A service over `root` (krun-oci's state), `exe` (the krun-oci binary),
+    /// the shim's child exits and an event sink.
+    pub fn with_parts(
+        root: PathBuf,
+        exe: PathBuf,
+        exits: Arc<Exits>,
+        events: Arc<dyn EventSink>,
+        shutdown: Arc<ExitSignal>,
+    ) -> Self {
         Self {
-            root: state_root(namespace),
-            exe: krun_oci_binary(),
-            exits: Exits::start(),
-            events: Arc::new(Events {
-                namespace: namespace.to_string(),
-                publisher: Mutex::new(publisher),
-            }),
+            root,
+            exe,
+            exits,
+            events,
             shutdown,
             tasks: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
         }
     }
 
-    fn task(&self, id: &str) -> Result<Arc<Task>> {
+    fn task(&self, id: &str) -> Result<Arc<Task<I>>> {
         self.tasks
             .lock()
             .unwrap()
@@ -197,7 +222,7 @@ impl Service {
             .ok_or_else(|| Error::NotFound(format!("task {id}")))
     }
 
-    fn exec(&self, id: &str, exec_id: &str) -> Result<(Arc<Task>, Arc<ExecProcess>)> {
+    fn exec(&self, id: &str, exec_id: &str) -> Result<(Arc<Task<I>>, Arc<ExecProcess>)> {
         let task = self.task(id)?;
         let exec = task.execs.lock().unwrap().get(exec_id).cloned();
         exec.map(|e| (task, e))
@@ -239,7 +264,7 @@ impl Service {
             if let Some(console) = prepared.console_socket.as_mut() {
                 console.serve(&paths, &prepared.handle);
             }
-            let cfg = KrunConfig {
+            let cfg = InstanceConfig {
                 root: self.root.clone(),
                 bundle: PathBuf::from(&req.bundle),
                 exe: self.exe.clone(),
@@ -247,7 +272,7 @@ impl Service {
                 console_socket: prepared.console_socket.as_ref().map(|c| c.path.clone()),
                 exits: self.exits.clone(),
             };
-            match KrunInstance::new(id.clone(), cfg) {
+            match I::new(id.clone(), cfg) {
                 Ok(instance) => Ok((instance, prepared.handle)),
                 Err(e) => {
                     if let Some(c) = &prepared.console_socket {
@@ -302,7 +327,7 @@ impl Service {
         let events = self.events.clone();
         std::thread::spawn(move || {
             task.instance.wait();
-            publish_task_exit(&events, &task);
+            publish_task_exit(events.as_ref(), &task);
         });
         Ok(pid)
     }
@@ -336,7 +361,6 @@ impl Service {
                 )));
             }
             task.execs.lock().unwrap().remove(&req.exec_id);
-            remove_exec_files(&exec.file_prefix);
             if pid > 0 {
                 self.exits.forget(pid);
             }
@@ -353,7 +377,6 @@ impl Service {
         task.instance.delete()?;
         // Execs go with their container; waiters of never-started ones wake up.
         for (_, exec) in task.execs.lock().unwrap().drain() {
-            remove_exec_files(&exec.file_prefix);
             if exec.pid() == 0 {
                 *exec.start_failure.lock().unwrap() = Some(Exit {
                     status: 255,
@@ -367,7 +390,7 @@ impl Service {
             status: 137,
             at: SystemTime::now(),
         });
-        publish_task_exit(&self.events, &task);
+        publish_task_exit(self.events.as_ref(), &task);
         if let Some(target) = &task.rootfs_mounted {
             unmount(target);
         }
@@ -412,7 +435,6 @@ impl Service {
         if spec.is_empty() {
             return Err(Error::InvalidArgument("exec without a process spec".into()));
         }
-        let file_prefix = self.socket_dir().join(format!("exec-{}", self.unique()));
         execs.insert(
             req.exec_id.clone(),
             Arc::new(ExecProcess {
@@ -423,7 +445,6 @@ impl Service {
                     terminal: req.terminal,
                 },
                 spec,
-                file_prefix,
                 pid: Mutex::new(0),
                 started: Condvar::new(),
                 start_failure: Mutex::new(None),
@@ -442,8 +463,9 @@ impl Service {
         Ok(())
     }
 
-    /// Runs `krun-oci exec --detach`, whose pid file names the relay that stands
-    /// for the guest process from then on.
+    /// Starts the exec under a detached relay (krun-oci's exec library, the
+    /// code `krun-oci exec --detach` runs); the relay's pid stands for the guest
+    /// process from then on.
     fn start_exec(&self, id: &str, exec_id: &str) -> Result<u32> {
         let (task, exec) = self.exec(id, exec_id)?;
         if exec.pid() != 0 {
@@ -451,67 +473,47 @@ impl Service {
                 "exec {exec_id} was already started"
             )));
         }
-        let prefix = exec.file_prefix.to_string_lossy().into_owned();
-        let (process_file, pid_file, log_file) = (
-            PathBuf::from(format!("{prefix}.json")),
-            PathBuf::from(format!("{prefix}.pid")),
-            PathBuf::from(format!("{prefix}.log")),
-        );
+        let fail = |e: Error| {
+            *exec.start_failure.lock().unwrap() = Some(Exit {
+                status: 255,
+                at: SystemTime::now(),
+            });
+            exec.set_pid(EXEC_FAILED);
+            e
+        };
+        let process: krun_oci::exec::ProcessSource = match serde_json::from_slice(&exec.spec) {
+            Ok(p) => krun_oci::exec::ProcessSource::Given(Box::new(p)),
+            Err(e) => {
+                return Err(fail(Error::InvalidArgument(format!(
+                    "exec {exec_id}: the process spec: {e}"
+                ))))
+            }
+        };
+        let store = self.store()?;
+        let process = krun_oci::container::Container::load(&store, id)
+            .and_then(|c| krun_oci::exec::process_for(&c, process))
+            .map_err(|e| fail(e.into()))?;
         std::fs::create_dir_all(self.socket_dir())?;
-        std::fs::write(&process_file, &exec.spec)?;
         let mut prepared = stdio::prepare(&exec.paths, &self.socket_dir(), &self.unique())?;
         if let Some(console) = prepared.console_socket.as_mut() {
             console.serve(&exec.paths, &prepared.handle);
         }
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("--root")
-            .arg(&self.root)
-            .arg("--log")
-            .arg(&log_file)
-            .arg("--log-format")
-            .arg("json")
-            .arg("exec")
-            .arg("--process")
-            .arg(&process_file)
-            .arg("--detach")
-            .arg("--pid-file")
-            .arg(&pid_file);
-        if let Some(c) = &prepared.console_socket {
-            cmd.arg("--console-socket").arg(&c.path);
-        }
-        cmd.arg(id);
         let [i, o, e] = &prepared.fds;
-        cmd.stdin(i.try_clone()?)
-            .stdout(o.try_clone()?)
-            .stderr(e.try_clone()?);
-        // Never waited for here: the reaper collects it, we read its status from `exits`.
-        let child = cmd
-            .spawn()
-            .map_err(|e| Error::Internal(format!("running {} exec: {e}", self.exe.display())))?;
-        let cli_pid = child.id() as i32;
-        drop(child);
+        let how = krun_oci::exec::DetachedExec {
+            exe: &self.exe,
+            stdio: Some([i.try_clone()?, o.try_clone()?, e.try_clone()?]),
+            console_socket: prepared.console_socket.as_ref().map(|c| c.path.as_path()),
+        };
+        let started = krun_oci::exec::spawn_detached(&store, id, &process, how);
         drop(prepared.fds);
-        let cli_exit = self.exits.wait(cli_pid);
-        self.exits.forget(cli_pid);
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<i32>().ok());
-        let pid = match (cli_exit.status, pid) {
-            (0, Some(pid)) if pid > 0 => pid,
-            (status, _) => {
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
                 if let Some(c) = &prepared.console_socket {
                     c.cancel();
                 }
                 prepared.handle.close_stdin();
-                let msg = read_error_log(&log_file)
-                    .unwrap_or_else(|| format!("krun-oci exec exited with {status}"));
-                remove_exec_files(&exec.file_prefix);
-                *exec.start_failure.lock().unwrap() = Some(Exit {
-                    status: 255,
-                    at: SystemTime::now(),
-                });
-                exec.set_pid(EXEC_FAILED);
-                return Err(classify_cli_error(msg));
+                return Err(fail(e.into()));
             }
         };
         *exec.stdio.lock().unwrap() = Some(prepared.handle);
@@ -698,7 +700,7 @@ impl Service {
 }
 
 /// Publishes the task's TaskExit once (by the waiter, or by Delete if it is first).
-fn publish_task_exit(events: &Events, task: &Task) {
+fn publish_task_exit<I: Instance>(events: &dyn EventSink, task: &Task<I>) {
     let Some(exit) = task.instance.try_wait() else {
         return;
     };
@@ -762,40 +764,7 @@ fn unmount(target: &Path) {
     }
 }
 
-fn remove_exec_files(prefix: &Path) {
-    let prefix = prefix.to_string_lossy();
-    for ext in ["json", "pid", "log"] {
-        let _ = std::fs::remove_file(format!("{prefix}.{ext}"));
-    }
-}
-
-/// The last error krun-oci logged (json lines: `{"level":"error","msg":...}`).
-fn read_error_log(path: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v.get("level").and_then(|l| l.as_str()) == Some("error"))
-        .and_then(|v| v.get("msg").and_then(|m| m.as_str()).map(str::to_string))
-}
-
-/// Maps a krun-oci CLI error message onto a code (the CLI reuses runc's words).
-fn classify_cli_error(msg: String) -> Error {
-    if msg.contains("not implemented") {
-        Error::Unimplemented(msg)
-    } else if msg.contains("container does not exist") {
-        Error::NotFound(msg)
-    } else if msg.contains("container not running")
-        || msg.contains("paused container")
-        || msg.contains("container not paused")
-    {
-        Error::FailedPrecondition(msg)
-    } else {
-        Error::Internal(msg)
-    }
-}
-
-impl containerd_shim::Task for Service {
+impl<I: Instance<Config = InstanceConfig>> containerd_shim::Task for Service<I> {
     fn state(
         &self,
         _ctx: &TtrpcContext,
@@ -972,45 +941,243 @@ fn remove_own_socket() {
 
 #[cfg(test)]
 mod tests {
+    //! The task service over a stub instance: its bookkeeping, events and error
+    //! codes, with no VM and no krun-oci underneath.
     use super::*;
+    use containerd_shim::protos::ttrpc::Code;
+    use std::time::Duration;
 
-    #[test]
-    fn cli_errors_are_classified() {
-        assert!(matches!(
-            classify_cli_error("exec is not implemented yet".into()),
-            Error::Unimplemented(_)
-        ));
-        assert!(matches!(
-            classify_cli_error("container does not exist".into()),
-            Error::NotFound(_)
-        ));
-        assert!(matches!(
-            classify_cli_error("container not running".into()),
-            Error::FailedPrecondition(_)
-        ));
-        // The CLI's own words for a paused container, taken from the library.
-        for e in [krun_oci::Error::Paused, krun_oci::Error::NotPaused] {
-            assert!(matches!(
-                classify_cli_error(e.to_string()),
-                Error::FailedPrecondition(_)
-            ));
+    /// A container that is created, started and killed in memory.
+    struct StubInstance {
+        state: Mutex<(Status, Option<Exit>)>,
+        changed: Condvar,
+    }
+
+    const STUB_PID: u32 = 4242;
+
+    impl Instance for StubInstance {
+        type Config = InstanceConfig;
+
+        fn new(id: String, cfg: InstanceConfig) -> Result<Self> {
+            if id == "boot-fails" {
+                return Err(krun_oci::Error::BootFailed {
+                    reason: "the VM stopped before the guest was ready".into(),
+                    console_tail: String::new(),
+                }
+                .into());
+            }
+            assert!(cfg.bundle.is_dir(), "{}", cfg.bundle.display());
+            Ok(Self {
+                state: Mutex::new((Status::Created, None)),
+                changed: Condvar::new(),
+            })
         }
-        assert!(matches!(
-            classify_cli_error("vm: boom".into()),
-            Error::Internal(_)
-        ));
+        fn pid(&self) -> u32 {
+            STUB_PID
+        }
+        fn start(&self) -> Result<u32> {
+            let mut s = self.state.lock().unwrap();
+            match s.0 {
+                Status::Created => s.0 = Status::Running,
+                Status::Stopped => return Err(krun_oci::Error::StartStopped.into()),
+                _ => return Err(krun_oci::Error::AlreadyRunning.into()),
+            }
+            Ok(STUB_PID)
+        }
+        fn kill(&self, signal: u32, _all: bool) -> Result<()> {
+            let mut s = self.state.lock().unwrap();
+            if s.1.is_some() {
+                return Err(Error::NotFound("process: already finished".into()));
+            }
+            *s = (
+                Status::Stopped,
+                Some(Exit {
+                    status: 128 + signal,
+                    at: SystemTime::now(),
+                }),
+            );
+            self.changed.notify_all();
+            Ok(())
+        }
+        fn delete(&self) -> Result<()> {
+            match self.state.lock().unwrap().0 {
+                Status::Running => Err(krun_oci::Error::NotStopped {
+                    id: "stub".into(),
+                    status: "running".into(),
+                }
+                .into()),
+                _ => Ok(()),
+            }
+        }
+        fn wait(&self) -> Exit {
+            let mut s = self.state.lock().unwrap();
+            loop {
+                if let Some(e) = s.1 {
+                    return e;
+                }
+                s = self.changed.wait(s).unwrap();
+            }
+        }
+        fn try_wait(&self) -> Option<Exit> {
+            self.state.lock().unwrap().1
+        }
+        fn status(&self) -> Option<Status> {
+            Some(self.state.lock().unwrap().0)
+        }
+        fn oom_killed(&self) -> bool {
+            false
+        }
+    }
+
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(String, u32)>>);
+
+    impl EventSink for Recorded {
+        fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+            // The exit status where the event has one (TaskExit, TaskDelete).
+            let status = event
+                .downcast_box::<TaskExit>()
+                .map(|e| e.exit_status)
+                .unwrap_or(0);
+            self.0.lock().unwrap().push((topic.to_string(), status));
+        }
+    }
+
+    impl Recorded {
+        fn topics(&self) -> Vec<String> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(t, _)| t.clone())
+                .collect()
+        }
+    }
+
+    fn service(events: Arc<Recorded>) -> (Service<StubInstance>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Service::with_parts(
+            dir.path().join("state"),
+            "/nonexistent/krun-oci".into(),
+            Arc::new(Exits::default()),
+            events,
+            Arc::new(ExitSignal::default()),
+        );
+        (svc, dir)
+    }
+
+    fn create_req(id: &str, bundle: &Path) -> api::CreateTaskRequest {
+        api::CreateTaskRequest {
+            id: id.into(),
+            bundle: bundle.to_string_lossy().into_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn status_of(svc: &Service<StubInstance>, id: &str) -> Result<api::Status> {
+        let state = svc.do_state(api::StateRequest {
+            id: id.into(),
+            ..Default::default()
+        })?;
+        Ok(state.status.enum_value_or_default())
     }
 
     #[test]
-    fn error_log_last_error_wins() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("log.json");
-        std::fs::write(
-            &p,
-            "{\"level\":\"warning\",\"msg\":\"w\",\"time\":\"t\"}\n{\"level\":\"error\",\"msg\":\"container not running\",\"time\":\"t\"}\n",
-        )
-        .unwrap();
-        assert_eq!(read_error_log(&p).as_deref(), Some("container not running"));
-        assert_eq!(read_error_log(&dir.path().join("missing")), None);
+    fn create_start_kill_wait_delete_over_a_stub() {
+        let events = Arc::new(Recorded::default());
+        let (svc, dir) = service(events.clone());
+        let bundle = dir.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap();
+
+        assert_eq!(svc.do_create(create_req("a", &bundle)).unwrap(), STUB_PID);
+        assert_eq!(status_of(&svc, "a").unwrap(), api::Status::CREATED);
+        let again = svc.do_create(create_req("a", &bundle)).unwrap_err();
+        assert_eq!(again.code(), Code::ALREADY_EXISTS);
+
+        let start = |id: &str| {
+            svc.do_start(api::StartRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(start("a").unwrap(), STUB_PID);
+        assert_eq!(status_of(&svc, "a").unwrap(), api::Status::RUNNING);
+        assert_eq!(start("a").unwrap_err().code(), Code::FAILED_PRECONDITION);
+        let delete = |id: &str| {
+            svc.do_delete(api::DeleteRequest {
+                id: id.into(),
+                ..Default::default()
+            })
+        };
+        assert_eq!(delete("a").unwrap_err().code(), Code::FAILED_PRECONDITION);
+
+        let kill = |id: &str| {
+            svc.do_kill(api::KillRequest {
+                id: id.into(),
+                signal: libc::SIGTERM as u32,
+                ..Default::default()
+            })
+        };
+        kill("a").unwrap();
+        let waited = svc
+            .do_wait(api::WaitRequest {
+                id: "a".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(waited.exit_status, 143);
+        assert_eq!(status_of(&svc, "a").unwrap(), api::Status::STOPPED);
+        // A finished process is NotFound to containerd.
+        assert_eq!(kill("a").unwrap_err().code(), Code::NOT_FOUND);
+
+        // TaskExit, once, from the waiter thread.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !events
+            .topics()
+            .iter()
+            .any(|t| t == topics::TASK_EXIT_EVENT_TOPIC)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{:?}",
+                events.topics()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(delete("a").unwrap().exit_status, 143);
+        assert_eq!(status_of(&svc, "a").unwrap_err().code(), Code::NOT_FOUND);
+        let recorded = events.0.lock().unwrap().clone();
+        let exits: Vec<_> = recorded
+            .iter()
+            .filter(|(t, _)| t == topics::TASK_EXIT_EVENT_TOPIC)
+            .collect();
+        assert_eq!(exits.len(), 1, "{recorded:?}");
+        assert_eq!(exits[0].1, 143);
+        assert_eq!(
+            events.topics(),
+            [
+                topics::TASK_CREATE_EVENT_TOPIC,
+                topics::TASK_START_EVENT_TOPIC,
+                topics::TASK_EXIT_EVENT_TOPIC,
+                topics::TASK_DELETE_EVENT_TOPIC,
+            ]
+        );
+        assert_eq!(start("a").unwrap_err().code(), Code::NOT_FOUND);
+    }
+
+    #[test]
+    fn a_failed_boot_is_internal_and_leaves_no_task() {
+        let events = Arc::new(Recorded::default());
+        let (svc, dir) = service(events.clone());
+        let e = svc
+            .do_create(create_req("boot-fails", dir.path()))
+            .unwrap_err();
+        assert_eq!(e.code(), Code::INTERNAL, "{e}");
+        assert!(e.to_string().contains("before the guest was ready"), "{e}");
+        assert_eq!(
+            status_of(&svc, "boot-fails").unwrap_err().code(),
+            Code::NOT_FOUND
+        );
+        assert!(events.topics().is_empty(), "{:?}", events.topics());
     }
 }

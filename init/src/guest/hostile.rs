@@ -44,7 +44,7 @@ pub fn attack(g: &Arc<Guest>, process: &Process, args: Vec<String>) -> Result<Me
     if mode == "flood" || mode == "init-dies" {
         let mut real = process.clone();
         real.set_args(Some(args[1..].to_vec()));
-        let reply = g.spawn_main(&real)?;
+        let reply = g.spawn_main(&real).map_err(|e| e.reason)?;
         let g = g.clone();
         thread::spawn(move || {
             if mode == "flood" {
@@ -117,9 +117,7 @@ fn malformed(mut s: UnixStream) {
 /// (which the host can kill) has exited.
 fn flood(g: &Arc<Guest>) {
     let out = vec![b'x'; MAX_DATA_CHUNK];
-    let noise = Frame::Message(Message::Nack {
-        reason: "n".repeat(256 * 1024),
-    });
+    let noise = Frame::Message(Message::nack("n".repeat(256 * 1024)));
     for i in 0u64.. {
         if g.finishing.load(Ordering::SeqCst) {
             return;
@@ -144,10 +142,11 @@ fn plant_symlinks(g: &Arc<Guest>, targets: &[String]) {
     if let Some(root) = g.root_rw.get().or(g.root.get()) {
         let _ = nix::unistd::unlinkat(
             root,
-            super::EXIT_CODE_FILE,
+            proto::contract::EXIT_CODE_FILE,
             nix::unistd::UnlinkatFlags::NoRemoveDir,
         );
-        if let Err(e) = nix::unistd::symlinkat(file.as_str(), root, super::EXIT_CODE_FILE) {
+        if let Err(e) = nix::unistd::symlinkat(file.as_str(), root, proto::contract::EXIT_CODE_FILE)
+        {
             log::error!("hostile guest: symlink /.a3s_exit_code: {e}");
         }
     }

@@ -2,7 +2,7 @@
 //! member, and run it as [`AdoptedVm`], a [`Vm`] like any other.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -127,7 +127,7 @@ pub fn claim(
         spare,
         dirs,
     } = claimed;
-    let pidfd = pidfd_open(member_pid)
+    let pidfd = crate::supervise::pidfd_open(member_pid)
         .ok_or_else(|| Error::Pool(format!("member {member} (pid {member_pid}) is gone")))?;
     let mut pids = vec![member_pid];
     pids.extend(helper_pids.iter().copied());
@@ -147,13 +147,6 @@ pub fn claim(
         dirs,
         member,
     }))
-}
-
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a fresh fd we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A pooled VM run by its member process: the VM is gone when the member is.
@@ -221,7 +214,7 @@ impl Vm for AdoptedVm {
     }
 
     fn console_tail(&self, max: usize) -> String {
-        crate::vmm::qemu::tail(&self.console, max)
+        crate::supervise::tail(&self.console, max)
     }
 }
 

@@ -168,7 +168,7 @@ fn remove_stale_members(paths: &PoolPaths) {
         let pid: Option<i32> = fs::read_to_string(dir.path.join("member.pid"))
             .ok()
             .and_then(|p| p.trim().parse().ok());
-        if pid.is_some_and(|p| crate::process_info::start_time(p).is_some()) {
+        if pid.is_some_and(|p| crate::supervise::start_time(p).is_some()) {
             continue;
         }
         crate::mounts::remove_dir_on_one_mount(&dir.run_dir());
@@ -422,7 +422,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let (sync_r, sync_w) = crate::monitor::detached_with_sync_pipe(&mut cmd)?;
+        let (sync_r, sync_w) = crate::supervise::detached_with_sync_pipe(&mut cmd)?;
         let (life_r, life_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let life_fd = life_r.as_raw_fd();
         cmd.env(LIFELINE_FD_ENV, life_fd.to_string());

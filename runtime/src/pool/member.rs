@@ -11,7 +11,7 @@
 //!   closes (the monitor exited, or was killed) or the VM stops by itself.
 
 use std::fs::{self, File};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -167,8 +167,8 @@ pub fn socket_of(root: &Path, name: &str) -> PathBuf {
 
 /// Entry point of `krun-oci pool member NAME`. Returns the exit status.
 pub fn run(root: &Path, name: &str, vcpus: u32, ram_mib: u32) -> Result<i32> {
-    let sync = crate::monitor::take_sync_pipe();
-    let lifeline = take_fd(LIFELINE_FD_ENV);
+    let sync = crate::supervise::take_sync_pipe();
+    let lifeline = crate::supervise::take_inherited_fd(LIFELINE_FD_ENV);
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(libc::SIGTERM, term.clone()).ctx(|| "SIGTERM handler".into())?;
     let member = Member::new(root, name)?;
@@ -219,18 +219,6 @@ fn report(sync: Option<File>, r: &MemberReport) {
     }
 }
 
-fn take_fd(env: &str) -> Option<OwnedFd> {
-    let fd: i32 = std::env::var(env).ok()?.parse().ok()?;
-    std::env::remove_var(env);
-    // SAFETY: the daemon passed this fd for exactly this purpose; nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let _ = nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    );
-    Some(fd)
-}
-
 /// Own network namespace (the spare tap waits there) and own mount namespace
 /// (a slave of the host's: host mounts still arrive, ours never leave). Before
 /// any thread starts: unshare applies to the calling thread only.
@@ -257,7 +245,7 @@ type Booted = (Box<dyn Vm>, UnixStream, Shape, u64, Vec<proto::BootTiming>);
 
 fn boot(member: &Member, vcpus: u32, ram_mib: u32) -> Result<Booted> {
     let image = crate::image::ensure(&crate::monitor::image_options(VmmChoice::Qemu)?)?;
-    let selection = crate::vmm::detect::select(VmmChoice::Qemu, &image)?;
+    let selection = crate::vmm::detect::select(VmmChoice::Qemu, Some(&image))?;
     let network = crate::network::spare_nic(&member.network_record, false)?;
     let spec = VmSpec {
         id: member.dir.id.clone(),
@@ -281,7 +269,7 @@ fn boot(member: &Member, vcpus: u32, ram_mib: u32) -> Result<Booted> {
             let _ = fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
             // One control connection now, so the claim's is not the first
             // (under TCG every first path is slow); the guest warms the rest.
-            let _ = crate::monitor::connect_control_within(&link, Duration::from_secs(10));
+            let _ = crate::guest::GuestClient::connect_within(&link, Duration::from_secs(10));
             let shape = Shape {
                 vcpus,
                 ram_mib,
@@ -352,18 +340,19 @@ fn serve(
         };
         match request {
             MemberRequest::Health => {
-                let reply = match crate::monitor::connect_control_within(&vm.link(), HEALTH_LIMIT) {
-                    Ok(_) => MemberReply::Health {
-                        healthy: true,
-                        claimed: false,
-                        why: String::new(),
-                    },
-                    Err(e) => MemberReply::Health {
-                        healthy: false,
-                        claimed: false,
-                        why: e.to_string(),
-                    },
-                };
+                let reply =
+                    match crate::guest::GuestClient::connect_within(&vm.link(), HEALTH_LIMIT) {
+                        Ok(_) => MemberReply::Health {
+                            healthy: true,
+                            claimed: false,
+                            why: String::new(),
+                        },
+                        Err(e) => MemberReply::Health {
+                            healthy: false,
+                            claimed: false,
+                            why: e.to_string(),
+                        },
+                    };
                 let _ = wire::send(&conn, &reply, &[]);
             }
             MemberRequest::Claim { binds, netns } => {

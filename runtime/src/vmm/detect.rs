@@ -14,6 +14,7 @@ use std::path::Path;
 use crate::image::GuestImage;
 use crate::vmm::libkrun::{self, LibkrunVmm};
 use crate::vmm::qemu::{Accel, QemuVmm};
+use crate::vmm::sandbox::SandboxVmm;
 use crate::vmm::{Vmm, VmmChoice};
 use crate::{Error, Result};
 
@@ -49,21 +50,6 @@ pub fn parse_virt_flag(cpuinfo: &str) -> Option<String> {
     list.split_whitespace()
         .find(|f| *f == "vmx" || *f == "svm")
         .map(str::to_owned)
-}
-
-/// The host TSC frequency in kHz from the first `cpu MHz` line of /proc/cpuinfo.
-/// Passed to the guest as `tsc_early_khz=`: without it ~1 boot in 4 hangs in TSC
-/// calibration under TCG.
-pub fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
-    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
-    let (_, v) = line.split_once(':')?;
-    let mhz: f64 = v.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
-}
-
-/// Host TSC frequency in kHz, if /proc/cpuinfo tells it.
-pub fn host_cpu_khz() -> Option<u64> {
-    parse_cpu_khz(&fs::read_to_string("/proc/cpuinfo").ok()?)
 }
 
 fn probe_dev_kvm(path: &Path) -> std::result::Result<(), String> {
@@ -148,6 +134,8 @@ pub fn assess_kvm(facts: &HostFacts) -> KvmAssessment {
 pub enum Engine {
     Libkrun,
     Qemu(Accel),
+    /// guest-init on the host, no VM (tests).
+    Sandbox,
 }
 
 impl fmt::Display for Engine {
@@ -156,6 +144,7 @@ impl fmt::Display for Engine {
             Engine::Libkrun => f.write_str("libkrun (KVM)"),
             Engine::Qemu(Accel::Kvm) => f.write_str("qemu + KVM"),
             Engine::Qemu(Accel::Tcg) => f.write_str("qemu + TCG (software emulation)"),
+            Engine::Sandbox => f.write_str("sandbox (no VM)"),
         }
     }
 }
@@ -203,6 +192,7 @@ pub fn plan(choice: VmmChoice, inputs: &SelectionInputs) -> Result<(Engine, Stri
             Engine::Qemu(qemu_accel),
             format!("qemu requested; {}", inputs.kvm),
         )),
+        VmmChoice::Sandbox => Ok((Engine::Sandbox, "sandbox requested (no VM)".into())),
         VmmChoice::Auto => match libkrun_blocker {
             None => Ok((Engine::Libkrun, format!("auto: {}", inputs.kvm))),
             Some(why) => Ok((
@@ -221,16 +211,21 @@ pub struct Selection {
 }
 
 /// Probes the host and builds the backend `choice` resolves to for `image`.
-pub fn select(choice: VmmChoice, image: &GuestImage) -> Result<Selection> {
+/// `image`: the guest image, which every engine but the sandbox boots.
+pub fn select(choice: VmmChoice, image: Option<&GuestImage>) -> Result<Selection> {
     let inputs = SelectionInputs {
         kvm: assess_kvm(&HostFacts::probe()),
         libkrun_built: true,
-        libkrun_kernel: libkrun::choose_kernel(image, libkrun::libkrunfw_available()).is_ok(),
+        libkrun_kernel: image.is_some_and(|image| {
+            libkrun::choose_kernel(image, libkrun::libkrunfw_available()).is_ok()
+        }),
     };
     let (engine, explanation) = plan(choice, &inputs)?;
+    let image = || image.ok_or_else(|| Error::Vm(format!("{engine} needs a guest image")));
     let vmm: Box<dyn Vmm> = match engine {
-        Engine::Qemu(accel) => Box::new(QemuVmm::new(image.clone(), accel)?),
-        Engine::Libkrun => Box::new(LibkrunVmm::new(image)?),
+        Engine::Qemu(accel) => Box::new(QemuVmm::new(image()?.clone(), accel)?),
+        Engine::Libkrun => Box::new(LibkrunVmm::new(image()?)?),
+        Engine::Sandbox => Box::new(SandboxVmm::new(crate::image::locate_init()?)?),
     };
     Ok(Selection {
         vmm,
@@ -259,11 +254,9 @@ mod tests {
     fn cpuinfo_parsing() {
         let ci = "processor\t: 0\ncpu MHz\t\t: 2199.998\nflags\t\t: fpu vme sse2 vmx ssse3\n";
         assert_eq!(parse_virt_flag(ci).as_deref(), Some("vmx"));
-        assert_eq!(parse_cpu_khz(ci), Some(2_199_998));
         let ci = "cpu MHz : 3000.000\nflags : fpu svm\n";
         assert_eq!(parse_virt_flag(ci).as_deref(), Some("svm"));
         assert_eq!(parse_virt_flag("flags : fpu vmxe svmx\n"), None);
-        assert_eq!(parse_cpu_khz("nothing"), None);
     }
 
     #[test]

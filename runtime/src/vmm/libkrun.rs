@@ -15,12 +15,9 @@
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 
 use krun_oci_protocol as proto;
 use serde::{Deserialize, Serialize};
@@ -34,7 +31,7 @@ use crate::{Error, Result};
 /// `KRUN_KERNEL_FORMAT_ELF` of libkrun.h.
 pub const KRUN_KERNEL_FORMAT_ELF: u32 = 1;
 /// The virtio-fs tag guest-init mounts as the container root.
-pub const ROOT_TAG: &str = "rootfs";
+pub use proto::contract::ROOT_TAG;
 /// The virtio-fs tag the libkrunfw kernel mounts as `/` (`root=/dev/root rootfstype=virtiofs`).
 pub const LIBKRUNFW_ROOT_TAG: &str = "/dev/root";
 /// The init the libkrunfw command line names (`init=/init.krun`).
@@ -213,7 +210,7 @@ impl LibkrunConfig {
                 mode: 0o755,
                 source: Some(init.to_owned()),
             });
-            cmdline_env.push("krun_oci.halt=reboot".into());
+            cmdline_env.push(proto::contract::CMDLINE_HALT_REBOOT.into());
         }
         Ok(LibkrunConfig {
             vcpus: u8::try_from(spec.vcpus.clamp(1, 255)).unwrap_or(1),
@@ -481,89 +478,26 @@ impl Vmm for LibkrunVmm {
     }
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: fd is a fresh descriptor we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
 /// A running libkrun VMM helper.
 pub struct LibkrunVm {
-    pid: i32,
-    pidfd: Option<OwnedFd>,
+    child: crate::supervise::WaitedChild,
     run_dir: PathBuf,
     cfg: LibkrunConfig,
-    exit: Arc<Mutex<Option<VmExit>>>,
-    waiter: Option<JoinHandle<()>>,
 }
 
 impl LibkrunVm {
-    /// Spawns `cmd` from a thread that lives exactly as long as the child (the
-    /// parent-death signal fires when the spawning *thread* ends) and reaps it.
+    /// Spawns `cmd` (the VMM helper), watched by a thread of its own.
     fn start(id: &str, mut cmd: Command, run_dir: &Path, cfg: LibkrunConfig) -> Result<LibkrunVm> {
-        super::supervised(&mut cmd, &run_dir.join(LOG_FILE))?;
+        crate::supervise::supervised(&mut cmd, &run_dir.join(LOG_FILE))?;
         cmd.env("HOSTNAME", id);
-        let exit = Arc::new(Mutex::new(None));
-        let thread_exit = exit.clone();
-        let (tx, rx) = mpsc::channel::<io::Result<u32>>();
-        let waiter = std::thread::Builder::new()
-            .name(format!(
-                "libkrun-{}",
-                id.chars().take(12).collect::<String>()
-            ))
-            .spawn(move || {
-                let mut child = match cmd.spawn() {
-                    Ok(c) => c,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok(child.id()));
-                let e = match child.wait() {
-                    Ok(st) => {
-                        use std::os::unix::process::ExitStatusExt;
-                        VmExit::Exited {
-                            component: "libkrun".into(),
-                            status: st.code(),
-                            signal: st.signal(),
-                        }
-                    }
-                    Err(_) => VmExit::Exited {
-                        component: "libkrun".into(),
-                        status: None,
-                        signal: None,
-                    },
-                };
-                *thread_exit.lock().unwrap() = Some(e);
-            })
-            .ctx(|| "spawn the libkrun waiter thread".into())?;
-        let pid = match rx.recv() {
-            Ok(Ok(pid)) => pid,
-            Ok(Err(e)) => {
-                let _ = waiter.join();
-                return Err(Error::Vm(format!("start the libkrun VMM helper: {e}")));
-            }
-            Err(_) => {
-                let _ = waiter.join();
-                return Err(Error::Vm("libkrun waiter thread died during start".into()));
-            }
-        };
+        let name = format!("libkrun-{}", id.chars().take(7).collect::<String>());
+        let child = crate::supervise::WaitedChild::spawn(&name, cmd)
+            .map_err(|e| Error::Vm(format!("start the libkrun VMM helper: {e}")))?;
         Ok(LibkrunVm {
-            pid: pid as i32,
-            pidfd: pidfd_open(pid),
+            child,
             run_dir: run_dir.to_owned(),
             cfg,
-            exit,
-            waiter: Some(waiter),
         })
-    }
-
-    fn join(&mut self) {
-        if let Some(t) = self.waiter.take() {
-            let _ = t.join();
-        }
     }
 
     fn remove_sockets(&self) {
@@ -581,48 +515,24 @@ impl Vm for LibkrunVm {
     }
 
     fn pids(&self) -> Vec<i32> {
-        vec![self.pid]
+        vec![self.child.pid]
     }
 
     fn try_wait(&mut self) -> io::Result<Option<VmExit>> {
-        let exit = self.exit.lock().unwrap().clone();
-        if exit.is_some() {
-            self.join();
-        }
-        Ok(exit)
+        Ok(self
+            .child
+            .exit()
+            .map(|status| super::exit_of("libkrun", status)))
     }
 
     fn kill(&mut self) {
-        if self.exit.lock().unwrap().is_none() {
-            match &self.pidfd {
-                // SAFETY: pidfd_send_signal on our pidfd; fails harmlessly once reaped.
-                Some(fd) => unsafe {
-                    use std::os::fd::AsRawFd;
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                },
-                // No pidfd (kernel < 5.3): the waiter records the exit right after
-                // reaping, so the pid can only have been reused within that window.
-                None => {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(self.pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        self.join();
+        self.child.kill();
         self.remove_sockets();
     }
 
     fn console_tail(&self, max: usize) -> String {
-        let mut s = super::qemu::tail(&self.cfg.console_output, max);
-        let log = super::qemu::tail(&self.run_dir.join(LOG_FILE), max);
+        let mut s = crate::supervise::tail(&self.cfg.console_output, max);
+        let log = crate::supervise::tail(&self.run_dir.join(LOG_FILE), max);
         if !log.trim().is_empty() {
             s.push_str("\n[libkrun] ");
             s.push_str(log.trim());
@@ -659,18 +569,7 @@ mod tests {
         }
     }
 
-    fn spec() -> VmSpec {
-        VmSpec {
-            id: "c1".into(),
-            run_dir: "/run/k/c1".into(),
-            rootfs: "/b/rootfs".into(),
-            vcpus: 2,
-            ram_mib: 256,
-            mounts: None,
-            nics: Vec::new(),
-            deferred_root: false,
-        }
-    }
+    use crate::testutil::vm_spec as spec;
 
     #[test]
     fn kernel_choice() {
@@ -816,6 +715,13 @@ mod tests {
             assert!(c.overlays.iter().any(|o| o.path == d && o.source.is_none()));
         }
         assert_eq!(c.cmdline_env, vec!["krun_oci.halt=reboot".to_string()]);
+    }
+
+    #[test]
+    fn the_base_cmdline_asks_guest_init_to_reboot() {
+        assert!(BASE_CMDLINE
+            .split(' ')
+            .any(|w| w == proto::contract::CMDLINE_HALT_REBOOT));
     }
 
     #[test]

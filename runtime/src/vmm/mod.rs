@@ -4,6 +4,7 @@
 pub mod detect;
 pub mod libkrun;
 pub mod qemu;
+pub mod sandbox;
 
 use std::path::PathBuf;
 
@@ -20,6 +21,9 @@ pub enum VmmChoice {
     Auto,
     Libkrun,
     Qemu,
+    /// No VM: guest-init in host namespaces ([`sandbox`]); for tests only.
+    #[value(hide = true)]
+    Sandbox,
 }
 
 /// What a backend needs to boot one container's VM.
@@ -54,6 +58,16 @@ pub enum VmExit {
     },
 }
 
+/// How a VMM or helper process ended (`None`: it could not be waited for).
+pub(crate) fn exit_of(component: &str, status: Option<std::process::ExitStatus>) -> VmExit {
+    use std::os::unix::process::ExitStatusExt;
+    VmExit::Exited {
+        component: component.to_owned(),
+        status: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+    }
+}
+
 /// A running VM and its helper processes, owned by the VM monitor.
 pub trait Vm: Send {
     /// How host processes reach the guest.
@@ -81,36 +95,8 @@ pub trait Vmm {
     fn opens_taps_by_name(&self) -> bool {
         false
     }
-}
-
-/// Prepares a VMM or helper process: stdout/stderr to `log`, no stdin, its own
-/// process group, and `PR_SET_PDEATHSIG(SIGKILL)` so it dies with the spawning
-/// thread (spawn it from a thread that lives as long as the VM).
-pub(crate) fn supervised(
-    cmd: &mut std::process::Command,
-    log: &std::path::Path,
-) -> crate::Result<()> {
-    use crate::error::IoContext;
-    use std::os::unix::process::CommandExt;
-    let out = std::fs::File::create(log).ctx(|| format!("create {}", log.display()))?;
-    let err = out.try_clone().ctx(|| "dup log fd".into())?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0);
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("parent exited during spawn"));
-            }
-            Ok(())
-        });
+    /// Whether the guest can have NICs (the sandbox has loopback only).
+    fn has_network(&self) -> bool {
+        true
     }
-    Ok(())
 }

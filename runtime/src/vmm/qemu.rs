@@ -9,9 +9,9 @@
 //! the thread stops all of them as soon as any one exits.
 
 use std::ffi::OsString;
-use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,7 +25,8 @@ use crate::error::IoContext;
 use crate::guest::GuestLink;
 use crate::image::GuestImage;
 use crate::mounts::{BindOps, MOUNTS_TAG};
-use crate::vmm::{detect, Vm, VmExit, VmSpec, Vmm};
+use crate::supervise::tail;
+use crate::vmm::{Vm, VmExit, VmSpec, Vmm};
 use crate::{Error, Result};
 
 /// How QEMU executes guest code.
@@ -204,7 +205,7 @@ impl QemuVmm {
             image,
             accel,
             programs: Programs::locate()?,
-            tsc_khz: detect::host_cpu_khz(),
+            tsc_khz: host_cpu_khz(),
             vhost_net: fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -229,7 +230,8 @@ impl QemuVmm {
             c.push_str(&self.image.cmdline_extra);
         }
         if spec.deferred_root {
-            c.push_str(" krun_oci.root=deferred");
+            c.push(' ');
+            c.push_str(krun_oci_protocol::contract::CMDLINE_ROOT_DEFERRED);
         }
         // A debugging aid (docs/vmm.md): e.g. `loglevel=7` for the whole boot log.
         if let Ok(extra) = std::env::var("KRUN_OCI_KERNEL_CMDLINE") {
@@ -280,7 +282,13 @@ impl QemuVmm {
             "-chardev",
             &format!("socket,id=fs0,path={}", path(&paths.fs_sock)),
         ]);
-        push(&["-device", "vhost-user-fs-device,chardev=fs0,tag=rootfs"]);
+        push(&[
+            "-device",
+            &format!(
+                "vhost-user-fs-device,chardev=fs0,tag={}",
+                krun_oci_protocol::contract::ROOT_TAG
+            ),
+        ]);
         if spec.mounts.is_some() {
             push(&[
                 "-chardev",
@@ -467,7 +475,7 @@ impl ChildSpec {
     fn spawn(&self) -> Result<Child> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args);
-        super::supervised(&mut cmd, &self.log)?;
+        crate::supervise::supervised(&mut cmd, &self.log)?;
         if !self.keep_fds.is_empty() {
             let fds: Vec<i32> = self.keep_fds.iter().map(|f| f.as_raw_fd()).collect();
             // SAFETY: only fcntl (async-signal-safe) between fork and exec; the fds
@@ -513,29 +521,25 @@ fn is_listening(path: &Path) -> bool {
     }
 }
 
-/// Last `max` bytes of a file, lossily decoded.
-pub(crate) fn tail(path: &Path, max: usize) -> String {
-    let Ok(mut f) = File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max as u64)));
-    let mut buf = Vec::new();
-    let _ = f.take(max as u64).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+/// The host TSC frequency in kHz from the first `cpu MHz` line of /proc/cpuinfo.
+/// Passed to the guest as `tsc_early_khz=`: without it ~1 boot in 4 hangs in TSC
+/// calibration under TCG.
+pub fn parse_cpu_khz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let (_, v) = line.split_once(':')?;
+    let mhz: f64 = v.trim().parse().ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0).round() as u64)
+}
+
+/// Host TSC frequency in kHz, if /proc/cpuinfo tells it.
+pub fn host_cpu_khz() -> Option<u64> {
+    parse_cpu_khz(&fs::read_to_string("/proc/cpuinfo").ok()?)
 }
 
 struct Running {
     component: &'static str,
     child: Child,
     pidfd: Option<OwnedFd>,
-}
-
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
-    // SAFETY: pidfd_open returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    // SAFETY: fd is a fresh descriptor we own.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn stop_all(running: &mut [Running]) {
@@ -561,7 +565,7 @@ fn start_children(specs: &[ChildSpec]) -> Result<Vec<Running>> {
                 return Err(e);
             }
         };
-        let pidfd = pidfd_open(child.id());
+        let pidfd = crate::supervise::pidfd_open(child.id() as i32);
         running.push(Running {
             component: s.component,
             child,
@@ -597,30 +601,8 @@ fn start_children(specs: &[ChildSpec]) -> Result<Vec<Running>> {
     Ok(running)
 }
 
-fn exit_of(component: &str, st: std::process::ExitStatus) -> VmExit {
-    use std::os::unix::process::ExitStatusExt;
-    VmExit::Exited {
-        component: component.to_owned(),
-        status: st.code(),
-        signal: st.signal(),
-    }
-}
-
 /// How long QEMU may take to exit after a helper exited cleanly (power-off).
 const POWER_OFF_GRACE: Duration = Duration::from_secs(2);
-
-fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            return Some(st);
-        }
-        if t0.elapsed() >= limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 /// Waits until a child exits or `stop` becomes readable; returns the first exit seen.
 fn supervise(running: &mut [Running], stop: &OwnedFd) -> VmExit {
@@ -660,12 +642,14 @@ fn supervise(running: &mut [Running], stop: &OwnedFd) -> VmExit {
                 let is_vmm = i + 1 == running.len();
                 if !is_vmm && st.success() {
                     if let Some(vmm) = running.last_mut() {
-                        if let Some(vst) = wait_timeout(&mut vmm.child, POWER_OFF_GRACE) {
-                            return exit_of(vmm.component, vst);
+                        if let Some(vst) =
+                            crate::supervise::wait_timeout(&mut vmm.child, POWER_OFF_GRACE)
+                        {
+                            return super::exit_of(vmm.component, Some(vst));
                         }
                     }
                 }
-                return exit_of(running[i].component, st);
+                return super::exit_of(running[i].component, Some(st));
             }
         }
         if stop_requested {
@@ -786,6 +770,13 @@ impl Drop for QemuVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tsc_frequency_from_cpuinfo() {
+        let ci = "processor\t: 0\ncpu MHz\t\t: 2199.998\nflags\t\t: fpu vme sse2 vmx ssse3\n";
+        assert_eq!(parse_cpu_khz(ci), Some(2_199_998));
+        assert_eq!(parse_cpu_khz("nothing"), None);
+    }
     use crate::image::KernelOrigin;
 
     fn vmm(accel: Accel) -> QemuVmm {
@@ -807,18 +798,7 @@ mod tests {
         }
     }
 
-    fn spec() -> VmSpec {
-        VmSpec {
-            id: "c1".into(),
-            run_dir: "/run/k/c1".into(),
-            rootfs: "/b/rootfs".into(),
-            vcpus: 2,
-            ram_mib: 256,
-            mounts: None,
-            nics: Vec::new(),
-            deferred_root: false,
-        }
-    }
+    use crate::testutil::vm_spec as spec;
 
     fn joined(v: &[OsString]) -> String {
         v.iter()

@@ -29,15 +29,44 @@ pub fn vm_available(test: &str) -> bool {
         _ => Some("static krun-oci-init not built (run `make build`, which sets KRUN_OCI_INIT for `make test`)".to_string()),
     })
     .collect();
+    runnable(test, "VM", &missing)
+}
+
+/// True when nothing is `missing`; else prints why `test` skips and returns
+/// false, or fails where KRUN_OCI_REQUIRE_VM=1 says the tests must run.
+fn runnable(test: &str, kind: &str, missing: &[String]) -> bool {
     if missing.is_empty() {
         return true;
     }
     let why = missing.join("; ");
     if std::env::var("KRUN_OCI_REQUIRE_VM").as_deref() == Ok("1") {
-        panic!("{test}: VM tests required but cannot run: {why}");
+        panic!("{test}: {kind} tests required but cannot run: {why}");
     }
     eprintln!("SKIPPED {test}: {why}");
     false
+}
+
+/// True when the sandbox backend can run here (root, `unshare`, busybox, the
+/// static init); otherwise prints why and returns false, or fails where
+/// KRUN_OCI_REQUIRE_VM=1 says the end-to-end tests must run.
+pub fn sandbox_available(test: &str) -> bool {
+    let mut missing: Vec<String> = [
+        ("unshare", "apt-get install util-linux"),
+        ("busybox", "apt-get install busybox-static"),
+    ]
+    .iter()
+    .filter(|(bin, _)| which(bin).is_none())
+    .map(|(bin, fix)| format!("{bin} missing ({fix})"))
+    .collect();
+    if !nix::unistd::Uid::effective().is_root() {
+        missing.push("not root (namespaces and mounts need it)".into());
+    }
+    if !std::env::var_os("KRUN_OCI_INIT").is_some_and(|p| Path::new(&p).exists()) {
+        missing.push(
+            "static krun-oci-init not built (`make init`; `make test` sets KRUN_OCI_INIT)".into(),
+        );
+    }
+    runnable(test, "sandbox", &missing)
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -142,6 +171,8 @@ pub struct Runtime {
     pub root: tempfile::TempDir,
     /// The guest init its VMs boot, when not `KRUN_OCI_INIT`'s.
     pub init: Option<PathBuf>,
+    /// `--vmm sandbox`: guest-init on the host, no VM.
+    pub sandbox: bool,
 }
 
 impl Runtime {
@@ -149,6 +180,15 @@ impl Runtime {
         Runtime {
             root: tempfile::tempdir().unwrap(),
             init: None,
+            sandbox: false,
+        }
+    }
+
+    /// A runtime on the sandbox backend (no VM; krun-oci-init in host namespaces).
+    pub fn sandbox() -> Self {
+        Runtime {
+            sandbox: true,
+            ..Runtime::new()
         }
     }
 
@@ -162,7 +202,12 @@ impl Runtime {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(KRUN_OCI);
-        c.arg("--root").arg(self.root.path()).args(args);
+        c.arg("--root").arg(self.root.path());
+        if self.sandbox {
+            c.args(["--vmm", "sandbox"])
+                .env(krun_oci::vmm::sandbox::ALLOW_ENV, "1");
+        }
+        c.args(args);
         if let Some(init) = &self.init {
             c.env("KRUN_OCI_INIT", init);
         }
