@@ -136,13 +136,18 @@ pub fn check_terminal(tty: bool, console_socket: bool, detach: bool) -> Result<(
 
 /// Checks the container can take an exec and that the command exists in its rootfs.
 pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
-    match c.status() {
-        Status::Created | Status::Running => {}
-        Status::Paused => return Err(Error::Paused),
-        _ => return Err(Error::NotRunning),
-    }
+    let link = link_for_exec(c)?;
     crate::bundle::resolve_process_executable(&c.record.rootfs, process)?;
-    c.record.link.clone().ok_or(Error::NotRunning)
+    Ok(link)
+}
+
+/// The link to a container that can take an exec now (created or running).
+fn link_for_exec(c: &Container) -> Result<GuestLink> {
+    match c.status() {
+        Status::Created | Status::Running => c.record.link.clone().ok_or(Error::NotRunning),
+        Status::Paused => Err(Error::Paused),
+        _ => Err(Error::NotRunning),
+    }
 }
 
 /// A started exec session.
@@ -373,7 +378,8 @@ pub fn relay_main(
             &std::fs::read(process_json).ctx(|| format!("reading {}", process_json.display()))?,
         )?;
         let _ = std::fs::remove_file(process_json);
-        Ok((prepare(&c, &process)?, process))
+        // The starter resolved the program; the container may have stopped since.
+        Ok((link_for_exec(&c)?, process))
     })();
     let (link, process) = match prepared {
         Ok(v) => v,
@@ -383,10 +389,10 @@ pub fn relay_main(
         }
     };
     let tty = process.terminal().unwrap_or(false);
-    let mut started = |r: Result<i32>| {
+    let mut started = |r: std::result::Result<i32, ErrorReport>| {
         report(match r {
             Ok(guest_pid) => RelayReport::Started { guest_pid },
-            Err(e) => RelayReport::Failed { error: e.report() },
+            Err(error) => RelayReport::Failed { error },
         })
     };
     run_session(&link, process, tty, console_socket, Some(&mut started))
@@ -400,21 +406,13 @@ fn run_session(
     process: Process,
     tty: bool,
     console_socket: Option<&Path>,
-    mut started: Option<&mut dyn FnMut(Result<i32>)>,
+    mut started: Option<&mut dyn FnMut(std::result::Result<i32, ErrorReport>)>,
 ) -> Result<i32> {
     let mut tell = |r: Result<i32>| -> Result<i32> {
-        match (started.as_mut(), r) {
-            (Some(cb), Ok(pid)) => {
-                cb(Ok(pid));
-                Ok(pid)
-            }
-            (Some(cb), Err(e)) => {
-                let again = Error::from(e.report());
-                cb(Err(e));
-                Err(again)
-            }
-            (None, r) => r,
+        if let Some(cb) = started.as_mut() {
+            cb(r.as_ref().map(|&pid| pid).map_err(Error::report));
         }
+        r
     };
     let (input, out, err, tty_fd, local_tty) = match session_stdio(tty, console_socket) {
         Ok(v) => v,

@@ -55,9 +55,22 @@ impl GuestClient {
         }
     }
 
-    /// Applies the container's config (`Setup`).
-    pub fn setup(&mut self, setup: Message) -> Result<()> {
-        debug_assert!(matches!(setup, Message::Setup { .. }));
+    /// Applies the container's config (`Setup`; docs/protocol.md has each field).
+    pub fn setup(
+        &mut self,
+        spec: oci_spec::runtime::Spec,
+        seccomp: Option<proto::SeccompProgram>,
+        network: Vec<proto::net::NetInterface>,
+        deferred_root: Option<String>,
+        prepare_main: bool,
+    ) -> Result<()> {
+        let setup = Message::Setup {
+            spec: Box::new(spec),
+            seccomp,
+            network,
+            deferred_root,
+            prepare_main,
+        };
         self.acked("guest setup failed", setup)
     }
 

@@ -240,13 +240,13 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
     let launched_ms = t0.elapsed().as_millis();
     let link = vm.link();
     let ready = (|| {
-        GuestClient::connect(&link)?.setup(Message::Setup {
-            spec: Box::new(spec.clone()),
+        GuestClient::connect(&link)?.setup(
+            spec.clone(),
             seccomp,
-            network: interfaces,
+            interfaces,
             deferred_root,
-            prepare_main: main_can_be_prepared(spec),
-        })?;
+            main_can_be_prepared(spec),
+        )?;
         match (&cfg.console_socket, cfg.terminal) {
             (Some(sock), true) => Ok(Some(crate::console::send_pty_to_console_socket(sock)?)),
             _ => Ok(None),
