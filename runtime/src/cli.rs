@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::logger::LogFormat;
-use crate::vmm::VmmChoice;
+use crate::vmm::{RootfsCache, VmmChoice};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -146,6 +146,8 @@ pub struct PoolMemberArgs {
     pub vcpus: u32,
     #[arg(long)]
     pub ram_mib: u32,
+    #[arg(long, value_enum, default_value_t)]
+    pub rootfs_cache: RootfsCache,
     pub name: String,
 }
 

@@ -333,7 +333,11 @@ pub fn pool(ctx: &Context, command: PoolCommand) -> Result<i32> {
             Ok(0)
         }
         PoolCommand::Member(a) => Ok(krun_oci::pool::member::run(
-            &ctx.root, &a.name, a.vcpus, a.ram_mib,
+            &ctx.root,
+            &a.name,
+            a.vcpus,
+            a.ram_mib,
+            a.rootfs_cache,
         )?),
     }
 }

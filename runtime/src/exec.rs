@@ -172,10 +172,8 @@ impl ExecSession {
         } else {
             proto::EXEC_PORT
         };
-        let mut s = link
-            .connect(port, crate::guest::CONTROL_TIMEOUT)
-            .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
-        proto::handshake(&mut s)?;
+        // An exec lasts as long as its process: no limit on the guest's replies.
+        let mut s = crate::guest::open(link, port, None)?;
         let id = format!(
             "exec-{}-{}",
             std::process::id(),

@@ -21,21 +21,62 @@ pub struct GuestClient {
     conn: UnixStream,
 }
 
+/// Dials guest `port` now and does the handshake; the guest must answer (the
+/// connect and each reply) within `limit`.
+pub fn dial(link: &GuestLink, port: u32, limit: Duration) -> Result<UnixStream> {
+    let mut conn = link
+        .connect(port, limit)
+        .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
+    conn.set_read_timeout(Some(limit))
+        .ctx(|| "guest connection".into())?;
+    proto::handshake(&mut conn)?;
+    Ok(conn)
+}
+
+/// A handshaken connection to guest `port`: the monitor's spare when it has one
+/// ([`crate::spares`]), else dialed now. Replies then wait at most `limit`
+/// (`None`: as long as they take).
+pub fn open(link: &GuestLink, port: u32, limit: Option<Duration>) -> Result<UnixStream> {
+    let conn = match crate::spares::take(link, port) {
+        Some(spare) => spare,
+        None => dial(link, port, limit.unwrap_or(CONTROL_TIMEOUT))?,
+    };
+    conn.set_read_timeout(limit)
+        .ctx(|| "guest connection".into())?;
+    Ok(conn)
+}
+
 impl GuestClient {
     /// Connects within [`CONTROL_TIMEOUT`].
     pub fn connect(link: &GuestLink) -> Result<Self> {
         Self::connect_within(link, CONTROL_TIMEOUT)
     }
 
-    /// Connects where the guest must answer (connect and each reply) within `limit`.
+    /// Connects (a spare of the monitor's, else dialed) where the guest must
+    /// answer each request within `limit`.
     pub fn connect_within(link: &GuestLink, limit: Duration) -> Result<Self> {
-        let mut conn = link
-            .connect(proto::CONTROL_PORT, limit)
-            .map_err(|e| Error::Guest(format!("connecting to the guest: {e}")))?;
-        conn.set_read_timeout(Some(limit))
-            .ctx(|| "control socket".into())?;
-        proto::handshake(&mut conn)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn: open(link, proto::CONTROL_PORT, Some(limit))?,
+        })
+    }
+
+    /// Dials now, never through the spares: for the VM's own supervisor (the
+    /// monitor, a pool member), which serves them.
+    pub fn dial(link: &GuestLink, limit: Duration) -> Result<Self> {
+        Ok(Self {
+            conn: dial(link, proto::CONTROL_PORT, limit)?,
+        })
+    }
+
+    /// A client over a handshaken control connection.
+    #[cfg(test)]
+    pub(crate) fn from_stream(conn: UnixStream) -> Self {
+        Self { conn }
+    }
+
+    /// The connection, for [`crate::spares::serve`] to hand on.
+    pub fn into_stream(self) -> UnixStream {
+        self.conn
     }
 
     /// One request; the reply unless it is a `Nack`.
@@ -227,6 +268,15 @@ impl GuestLink {
                 p.into()
             }
             GuestLink::PortSockets { dir } => dir.join(proto::contract::host_port_socket(port)),
+        }
+    }
+
+    /// Where the VM's supervisor serves spare connections ([`crate::spares`]):
+    /// beside the link's own socket(s).
+    pub fn spares_path(&self) -> PathBuf {
+        match self {
+            GuestLink::HybridVsock { uds } => uds.with_file_name("spares.sock"),
+            GuestLink::PortSockets { dir } => dir.join("spares.sock"),
         }
     }
 

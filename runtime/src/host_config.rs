@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! vmm = "qemu"   # auto | libkrun | qemu; --vmm and KRUN_OCI_VMM win over it
+//! rootfs_cache = "auto"   # always (default) | auto: the guest's cache of the rootfs
 //!
 //! [pool]          # krun-oci pool serve (its flags win)
 //! min_idle = 2
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::vmm::VmmChoice;
+use crate::vmm::{RootfsCache, VmmChoice};
 
 /// Where the file is read from when `KRUN_OCI_CONFIG` is not set.
 pub const DEFAULT_PATH: &str = "/etc/krun-oci/config.toml";
@@ -28,6 +29,8 @@ pub struct HostConfig {
     pub vmm: Option<VmmChoice>,
     /// `krun-oci pool serve`'s settings (its flags win).
     pub pool: Option<crate::pool::PoolSettings>,
+    /// How the guest caches container root filesystems (QEMU).
+    pub rootfs_cache: Option<RootfsCache>,
 }
 
 /// The file in use: `KRUN_OCI_CONFIG` if set, else [`DEFAULT_PATH`].
@@ -69,6 +72,12 @@ pub fn default_vmm() -> Result<VmmChoice> {
     Ok(load()?.vmm.unwrap_or_default())
 }
 
+/// The rootfs cache policy: the file's `rootfs_cache`, else [`RootfsCache::Always`].
+/// Read by `create` (for the monitor) and by the pool (its VMs' shape).
+pub fn rootfs_cache() -> Result<RootfsCache> {
+    Ok(load()?.rootfs_cache.unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +94,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("config.toml"));
+        std::fs::write(&p, "rootfs_cache = \"auto\"\n").unwrap();
+        assert_eq!(load_from(&p).unwrap().rootfs_cache, Some(RootfsCache::Auto));
+        std::fs::write(&p, "rootfs_cache = \"none\"\n").unwrap();
+        assert!(load_from(&p).is_err());
         std::fs::write(&p, "vmn = \"qemu\"\n").unwrap();
         assert!(
             load_from(&p).is_err(),

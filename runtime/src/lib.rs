@@ -24,6 +24,7 @@ pub mod pool;
 pub(crate) mod relay;
 pub(crate) mod seccomp;
 pub mod signal;
+pub(crate) mod spares;
 pub mod spec;
 pub mod state;
 pub(crate) mod supervise;

@@ -116,6 +116,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             log_path: log_path.clone(),
             cgroup: record.cgroup.clone(),
             network,
+            rootfs_cache: crate::host_config::rootfs_cache()?,
         };
         write_atomic(
             &dir.monitor_config_file(),

@@ -54,6 +54,8 @@ pub struct MonitorConfig {
     /// Which links of the network namespace become the VM's NICs.
     #[serde(default)]
     pub network: crate::network::Plan,
+    #[serde(default)]
+    pub rootfs_cache: crate::vmm::RootfsCache,
 }
 
 /// The monitor's report to `create`.
@@ -182,6 +184,8 @@ struct Booted {
     vm: Box<dyn Vm>,
     vmm_name: &'static str,
     events: UnixStream,
+    /// The control connection `Setup` went over: the first spare.
+    control: GuestClient,
     timings: Vec<proto::BootTiming>,
     pty: Option<crate::console::HostPty>,
     /// A pooled VM's member directories (removed by delete if the member was killed).
@@ -240,17 +244,19 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
     let launched_ms = t0.elapsed().as_millis();
     let link = vm.link();
     let ready = (|| {
-        GuestClient::connect(&link)?.setup(
+        let mut control = GuestClient::dial(&link, crate::guest::CONTROL_TIMEOUT)?;
+        control.setup(
             spec.clone(),
             seccomp,
             interfaces,
             deferred_root,
             main_can_be_prepared(spec),
         )?;
-        match (&cfg.console_socket, cfg.terminal) {
-            (Some(sock), true) => Ok(Some(crate::console::send_pty_to_console_socket(sock)?)),
-            _ => Ok(None),
-        }
+        let pty = match (&cfg.console_socket, cfg.terminal) {
+            (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
+            _ => None,
+        };
+        Ok((control, pty))
     })();
     // One parseable line for `make bench`: where the monitor's time went (ms
     // since it started; `vm` is the cold boot or the pool claim).
@@ -260,10 +266,11 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
         !pool_dirs.is_empty()
     );
     match ready {
-        Ok(pty) => Ok(Booted {
+        Ok((control, pty)) => Ok(Booted {
             vm,
             vmm_name: selection.vmm.name(),
             events,
+            control,
             timings,
             pty,
             pool_dirs,
@@ -348,6 +355,7 @@ fn launch_cold(
         mounts,
         nics: network.nics,
         deferred_root: false,
+        rootfs_cache: cfg.rootfs_cache,
     };
     let link = vmm.link(&vm_spec);
     let listener = bind_events(&link)?;
@@ -419,6 +427,7 @@ fn claim_pooled(
         ram_mib: cfg.ram_mib,
         kernel: image.kernel.clone(),
         initrd: image.initrd.clone(),
+        rootfs_cache: cfg.rootfs_cache,
     };
     let netns = cfg.network != crate::network::Plan::LoopbackOnly;
     match crate::pool::adopt::claim(root, &shape, &cfg.rootfs, mounts, netns) {
@@ -558,10 +567,15 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
     let Booted {
         mut vm,
         events,
+        control,
         pty,
         ..
     } = booted;
     let link = vm.link();
+    // From here the CLI's verbs find connections ready (crate::spares).
+    if let Err(e) = crate::spares::serve(link.clone(), Some(control.into_stream())) {
+        log::warn!("{e}");
+    }
     let log = JsonLogWriter::open(&cfg.log_path)
         .map_err(|e| log::warn!("json-file log {}: {e}", cfg.log_path.display()))
         .ok()
@@ -722,7 +736,7 @@ fn forward_signals(link: GuestLink, pty: Option<OwnedFd>) {
     crate::relay::forward_signals(pty, move |forward| {
         for _ in 0..2 {
             if control.is_none() {
-                control = GuestClient::connect(&link).ok();
+                control = GuestClient::dial(&link, crate::guest::CONTROL_TIMEOUT).ok();
             }
             let Some(c) = control.as_mut() else { return };
             let sent = match forward {

@@ -439,6 +439,14 @@ pub fn attach_late(record: &Path, monitor_pid: i32) -> Result<Vec<NetInterface>>
     else {
         return Ok(Vec::new());
     };
+    // A first look without netlink (every `start` comes here, and most containers
+    // get no link after create): only loopback and our taps, nothing to attach.
+    if !link_names(monitor_pid)?
+        .iter()
+        .any(|n| may_be_a_candidate(n))
+    {
+        return Ok(Vec::new());
+    }
     let netns = File::open(format!("/proc/{monitor_pid}/ns/net"))
         .ctx(|| "opening the container's network namespace".into())?;
     let record = record.to_owned();
@@ -477,6 +485,29 @@ pub fn attach_late(record: &Path, monitor_pid: i32) -> Result<Vec<NetInterface>>
     })
     .join()
     .map_err(|_| Error::Network("the network attach thread panicked".into()))?
+}
+
+/// The links of `pid`'s network namespace, read from `/proc/PID/net/dev`.
+fn link_names(pid: i32) -> Result<Vec<String>> {
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
+        .ctx(|| "listing the container's network links".into())?;
+    Ok(parse_net_dev(&table))
+}
+
+/// The interface names of a `/proc/net/dev` table (two header lines, then
+/// `NAME: counters` per link).
+fn parse_net_dev(table: &str) -> Vec<String> {
+    table
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, _)| name.trim().to_string())
+        .collect()
+}
+
+/// Whether a link so named could be attached ([`Candidate::from_link`] decides).
+fn may_be_a_candidate(name: &str) -> bool {
+    name != "lo" && !name.starts_with(TAP_PREFIX)
 }
 
 type Dump = (Vec<LinkMessage>, Vec<AddressMessage>, Vec<RouteMessage>);
@@ -887,6 +918,24 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_are_read_from_proc_net_dev() {
+        let table = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+krtap0a1b:    0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0
+  eth0: 1296      16    0    0    0     0          0         0      936      12    0    0    0     0       0          0
+";
+        let names = parse_net_dev(table);
+        assert_eq!(names, ["lo", "krtap0a1b", "eth0"]);
+        let candidates: Vec<_> = names.iter().filter(|n| may_be_a_candidate(n)).collect();
+        assert_eq!(candidates, ["eth0"]);
+        // This process's own namespace has at least loopback.
+        assert!(link_names(std::process::id() as i32)
+            .unwrap()
+            .contains(&"lo".to_string()));
+    }
 
     fn spec(json: serde_json::Value) -> Spec {
         serde_json::from_value(json).unwrap()

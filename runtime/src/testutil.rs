@@ -20,5 +20,6 @@ pub fn vm_spec() -> crate::vmm::VmSpec {
         mounts: None,
         nics: Vec::new(),
         deferred_root: false,
+        rootfs_cache: Default::default(),
     }
 }

@@ -730,3 +730,51 @@ fn the_main_is_prepared_at_create_and_runs_only_at_start() {
         rt.ok(&["delete", id]);
     }
 }
+
+/// The rootfs share's cache follows the host config file: `always` by default,
+/// `auto` on request, where a file the host rewrites in place while the
+/// container runs shows in the guest (docs/vmm.md).
+#[test]
+fn the_rootfs_cache_follows_the_host_config() {
+    if !vm_available("the_rootfs_cache_follows_the_host_config") {
+        return;
+    }
+    become_subreaper();
+    let d = tempfile::tempdir().unwrap();
+    let auto = d.path().join("config.toml");
+    fs::write(&auto, "rootfs_cache = \"auto\"\n").unwrap();
+    for (host_config, wanted) in [(None, "--cache=always"), (Some(auto), "--cache=auto")] {
+        let rt = Runtime {
+            host_config: host_config.clone(),
+            ..Runtime::new()
+        };
+        let b = TestBundle::new(&["sleep", "1000"]);
+        let rootfs = b.path().join("rootfs");
+        let pid = rt.create("cache", &b, &b.path().join("o"), &b.path().join("e"));
+        let shared_dir = format!("--shared-dir {} ", rootfs.display());
+        let rootfs_share: Vec<String> = rt
+            .helper_pids("cache")
+            .iter()
+            .filter_map(|p| fs::read(format!("/proc/{p}/cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&shared_dir))
+            .collect();
+        assert_eq!(rootfs_share.len(), 1, "{rootfs_share:?}");
+        assert!(rootfs_share[0].contains(wanted), "{}", rootfs_share[0]);
+        rt.ok(&["start", "cache"]);
+        fs::write(rootfs.join("probe"), "one").unwrap();
+        assert_eq!(rt.ok(&["exec", "cache", "cat", "/probe"]), "one");
+        if host_config.is_some() {
+            // Same inode, same size: only the data changes.
+            fs::OpenOptions::new()
+                .write(true)
+                .open(rootfs.join("probe"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"two"))
+                .unwrap();
+            assert_eq!(rt.ok(&["exec", "cache", "cat", "/probe"]), "two");
+        }
+        rt.ok(&["kill", "cache", "KILL"]);
+        assert_eq!(wait_exit(pid), 137);
+        rt.ok(&["delete", "cache"]);
+    }
+}

@@ -116,6 +116,7 @@ fn spec(dir: &Path, rootfs: PathBuf) -> VmSpec {
         mounts: None,
         nics: Vec::new(),
         deferred_root: false,
+        rootfs_cache: Default::default(),
     }
 }
 

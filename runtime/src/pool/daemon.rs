@@ -418,6 +418,8 @@ impl Daemon {
             .arg(self.shape.vcpus.to_string())
             .arg("--ram-mib")
             .arg(self.shape.ram_mib.to_string())
+            .arg("--rootfs-cache")
+            .arg(self.shape.rootfs_cache.name())
             .arg(&name)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -27,7 +27,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::guest::GuestLink;
 use crate::mounts::{DetachedTree, MountsShare};
 use crate::state::{write_atomic, ContainerDir};
-use crate::vmm::{Vm, VmSpec, VmmChoice};
+use crate::vmm::{RootfsCache, Vm, VmSpec, VmmChoice};
 
 /// Env var naming the fd of the read end of the daemon's lifeline pipe.
 pub const LIFELINE_FD_ENV: &str = "KRUN_OCI_POOL_LIFELINE_FD";
@@ -166,13 +166,19 @@ pub fn socket_of(root: &Path, name: &str) -> PathBuf {
 }
 
 /// Entry point of `krun-oci pool member NAME`. Returns the exit status.
-pub fn run(root: &Path, name: &str, vcpus: u32, ram_mib: u32) -> Result<i32> {
+pub fn run(
+    root: &Path,
+    name: &str,
+    vcpus: u32,
+    ram_mib: u32,
+    rootfs_cache: RootfsCache,
+) -> Result<i32> {
     let sync = crate::supervise::take_sync_pipe();
     let lifeline = crate::supervise::take_inherited_fd(LIFELINE_FD_ENV);
     let term = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(libc::SIGTERM, term.clone()).ctx(|| "SIGTERM handler".into())?;
     let member = Member::new(root, name)?;
-    let booted = isolate().and_then(|()| boot(&member, vcpus, ram_mib));
+    let booted = isolate().and_then(|()| boot(&member, vcpus, ram_mib, rootfs_cache));
     let (mut vm, events, shape, boot_ms, timings) = match booted {
         Ok(b) => b,
         Err(e) => {
@@ -243,7 +249,7 @@ fn isolate() -> Result<()> {
 
 type Booted = (Box<dyn Vm>, UnixStream, Shape, u64, Vec<proto::BootTiming>);
 
-fn boot(member: &Member, vcpus: u32, ram_mib: u32) -> Result<Booted> {
+fn boot(member: &Member, vcpus: u32, ram_mib: u32, rootfs_cache: RootfsCache) -> Result<Booted> {
     let image = crate::image::ensure(&crate::monitor::image_options(VmmChoice::Qemu)?)?;
     let selection = crate::vmm::detect::select(VmmChoice::Qemu, Some(&image))?;
     let network = crate::network::spare_nic(&member.network_record, false)?;
@@ -259,6 +265,7 @@ fn boot(member: &Member, vcpus: u32, ram_mib: u32) -> Result<Booted> {
         }),
         nics: network.nics,
         deferred_root: true,
+        rootfs_cache,
     };
     let link = selection.vmm.link(&spec);
     let listener = crate::monitor::bind_events(&link)?;
@@ -269,12 +276,13 @@ fn boot(member: &Member, vcpus: u32, ram_mib: u32) -> Result<Booted> {
             let _ = fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
             // One control connection now, so the claim's is not the first
             // (under TCG every first path is slow); the guest warms the rest.
-            let _ = crate::guest::GuestClient::connect_within(&link, Duration::from_secs(10));
+            let _ = crate::guest::GuestClient::dial(&link, Duration::from_secs(10));
             let shape = Shape {
                 vcpus,
                 ram_mib,
                 kernel: image.kernel.clone(),
                 initrd: image.initrd.clone(),
+                rootfs_cache,
             };
             Ok((vm, events, shape, t0.elapsed().as_millis() as u64, timings))
         }
@@ -340,19 +348,18 @@ fn serve(
         };
         match request {
             MemberRequest::Health => {
-                let reply =
-                    match crate::guest::GuestClient::connect_within(&vm.link(), HEALTH_LIMIT) {
-                        Ok(_) => MemberReply::Health {
-                            healthy: true,
-                            claimed: false,
-                            why: String::new(),
-                        },
-                        Err(e) => MemberReply::Health {
-                            healthy: false,
-                            claimed: false,
-                            why: e.to_string(),
-                        },
-                    };
+                let reply = match crate::guest::GuestClient::dial(&vm.link(), HEALTH_LIMIT) {
+                    Ok(_) => MemberReply::Health {
+                        healthy: true,
+                        claimed: false,
+                        why: String::new(),
+                    },
+                    Err(e) => MemberReply::Health {
+                        healthy: false,
+                        claimed: false,
+                        why: e.to_string(),
+                    },
+                };
                 let _ = wire::send(&conn, &reply, &[]);
             }
             MemberRequest::Claim { binds, netns } => {

@@ -32,6 +32,8 @@ pub struct Shape {
     pub ram_mib: u32,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// Fixed by the share's virtiofsd, which runs from boot.
+    pub rootfs_cache: crate::vmm::RootfsCache,
 }
 
 /// The daemon's settings: `[pool]` in the host config file, flags over it.
@@ -202,6 +204,7 @@ pub fn shape_for(vcpus: u32, ram_mib: u32) -> Result<Shape> {
         ram_mib,
         kernel: image.kernel,
         initrd: image.initrd,
+        rootfs_cache: crate::host_config::rootfs_cache()?,
     })
 }
 

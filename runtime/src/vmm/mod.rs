@@ -26,6 +26,40 @@ pub enum VmmChoice {
     Sandbox,
 }
 
+/// How the guest caches the container's root filesystem (QEMU's virtiofsd
+/// `--cache`; libkrun and the sandbox have no such choice). The binds share is
+/// always `auto`: it is the host's and other containers' data too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RootfsCache {
+    /// Data, names and attributes kept in the guest (virtiofsd `always`): a
+    /// program's pages are read through FUSE once, not at every exec, which
+    /// halves `exec` and `start` under TCG. A file the host changes in place
+    /// while the container runs may be seen stale.
+    #[default]
+    Always,
+    /// Names and attributes for 1 s, data dropped at each open (virtiofsd
+    /// `auto`): host changes to the rootfs show within a second.
+    Auto,
+}
+
+impl RootfsCache {
+    /// The value as the config file and `--rootfs-cache` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RootfsCache::Always => "always",
+            RootfsCache::Auto => "auto",
+        }
+    }
+
+    pub fn virtiofsd_arg(self) -> &'static str {
+        match self {
+            RootfsCache::Always => "--cache=always",
+            RootfsCache::Auto => "--cache=auto",
+        }
+    }
+}
+
 /// What a backend needs to boot one container's VM.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
@@ -45,6 +79,7 @@ pub struct VmSpec {
     /// `rootfs` is an empty share the container's root is attached to later
     /// (`Setup.deferred_root`). QEMU only.
     pub deferred_root: bool,
+    pub rootfs_cache: RootfsCache,
 }
 
 /// Why a VM stopped.

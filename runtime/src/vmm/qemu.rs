@@ -26,7 +26,7 @@ use crate::guest::GuestLink;
 use crate::image::GuestImage;
 use crate::mounts::{BindOps, MOUNTS_TAG};
 use crate::supervise::tail;
-use crate::vmm::{Vm, VmExit, VmSpec, Vmm};
+use crate::vmm::{RootfsCache, Vm, VmExit, VmSpec, Vmm};
 use crate::{Error, Result};
 
 /// How QEMU executes guest code.
@@ -332,14 +332,19 @@ impl QemuVmm {
         a
     }
 
-    fn virtiofsd_args(&self, socket: &Path, shared_dir: &Path) -> Vec<OsString> {
+    fn virtiofsd_args(
+        &self,
+        socket: &Path,
+        shared_dir: &Path,
+        cache: RootfsCache,
+    ) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["--socket-path".into(), socket.into()];
         a.extend(["--shared-dir".into(), shared_dir.into()]);
         // The VM is the sandbox; virtiofsd's own namespace sandbox needs privileges
         // we may not have (rootless) and costs start time.
         a.extend(
             [
-                "--cache=auto",
+                cache.virtiofsd_arg(),
                 "--sandbox=none",
                 "--announce-submounts",
                 "--log-level=error",
@@ -390,7 +395,7 @@ impl Vmm for QemuVmm {
             ChildSpec::new(
                 "virtiofsd",
                 &self.programs.virtiofsd,
-                self.virtiofsd_args(&paths.fs_sock, &spec.rootfs),
+                self.virtiofsd_args(&paths.fs_sock, &spec.rootfs, spec.rootfs_cache),
                 &paths,
             )
             .ready_when_listening(&paths.fs_sock),
@@ -399,7 +404,7 @@ impl Vmm for QemuVmm {
             let mut child = ChildSpec::new(
                 "virtiofsd-mounts",
                 &self.programs.virtiofsd,
-                self.virtiofsd_args(&paths.fs_mounts_sock, &mounts.staging),
+                self.virtiofsd_args(&paths.fs_mounts_sock, &mounts.staging, RootfsCache::Auto),
                 &paths,
             )
             .ready_when_listening(&paths.fs_mounts_sock);
@@ -856,11 +861,15 @@ mod tests {
             joined(&v.vhost_vsock_args(&p)),
             "--guest-cid 3 --socket /run/k/c1/vhost-vsock.sock --uds-path /run/k/c1/vsock"
         );
-        let f = joined(&v.virtiofsd_args(&p.fs_sock, &s.rootfs));
+        let f = joined(&v.virtiofsd_args(&p.fs_sock, &s.rootfs, s.rootfs_cache));
         assert!(
-            f.starts_with("--socket-path /run/k/c1/virtiofs.sock --shared-dir /b/rootfs"),
+            f.starts_with(
+                "--socket-path /run/k/c1/virtiofs.sock --shared-dir /b/rootfs --cache=always "
+            ),
             "{f}"
         );
+        let f = joined(&v.virtiofsd_args(&p.fs_sock, &s.rootfs, RootfsCache::Auto));
+        assert!(f.contains(" --cache=auto "), "{f}");
         // No bind mounts: one virtio-fs device only.
         assert!(!joined(&v.qemu_args(&s, &p)).contains("krun-mounts"));
         assert_eq!(
@@ -891,7 +900,11 @@ mod tests {
             j.contains("-chardev socket,id=fs1,path=/run/k/c1/virtiofs-mounts.sock -device vhost-user-fs-device,chardev=fs1,tag=krun-mounts"),
             "{j}"
         );
-        let f = joined(&v.virtiofsd_args(&p.fs_mounts_sock, &s.mounts.as_ref().unwrap().staging));
+        let f = joined(&v.virtiofsd_args(
+            &p.fs_mounts_sock,
+            &s.mounts.as_ref().unwrap().staging,
+            RootfsCache::Auto,
+        ));
         assert!(
             f.starts_with(
                 "--socket-path /run/k/c1/virtiofs-mounts.sock --shared-dir /run/k/c1/mounts"

@@ -173,6 +173,8 @@ pub struct Runtime {
     pub init: Option<PathBuf>,
     /// `--vmm sandbox`: guest-init on the host, no VM.
     pub sandbox: bool,
+    /// The host config file (`KRUN_OCI_CONFIG`), when not the machine's.
+    pub host_config: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -181,6 +183,7 @@ impl Runtime {
             root: tempfile::tempdir().unwrap(),
             init: None,
             sandbox: false,
+            host_config: None,
         }
     }
 
@@ -210,6 +213,9 @@ impl Runtime {
         c.args(args);
         if let Some(init) = &self.init {
             c.env("KRUN_OCI_INIT", init);
+        }
+        if let Some(config) = &self.host_config {
+            c.env("KRUN_OCI_CONFIG", config);
         }
         c
     }
