@@ -80,6 +80,8 @@ pub struct Guest {
     /// The main, being forked and set up after `Setup` (prepare_main), with the
     /// process it was prepared from; `SpawnMain` releases it.
     prepared_main: Mutex<Option<(Process, PreparingMain)>>,
+    /// The main's namespaces, open for the execs to join, with the main's pid.
+    main_namespaces: Mutex<Option<(i32, Arc<spawn::MainNamespaces>)>>,
 }
 
 /// The background fork and setup of the main (see `Guest::prepare_main`).
@@ -111,6 +113,7 @@ impl Guest {
             confinement: std::sync::OnceLock::new(),
             oom_kills_at_start: std::sync::atomic::AtomicU64::new(0),
             prepared_main: Mutex::new(None),
+            main_namespaces: Mutex::new(None),
         })
     }
 
@@ -263,6 +266,12 @@ impl Guest {
                     thread::spawn(move || g.shutdown());
                     return;
                 }
+                Ok(Frame::Message(Message::SpawnMain { process })) => {
+                    if self.serve_spawn_main(&mut conn, &process) {
+                        continue;
+                    }
+                    return;
+                }
                 Ok(Frame::Message(m)) => self.handle_control(m),
                 Ok(other) => nack(format!(
                     "unexpected frame on the control port: {:?}",
@@ -331,11 +340,6 @@ impl Guest {
             Message::ConfigureNetwork { network } => {
                 crate::network::apply(&network).map(|()| Message::Ack)
             }
-            Message::SpawnMain { process } => {
-                return self
-                    .spawn_main(&process)
-                    .unwrap_or_else(spawn::SpawnError::into_nack)
-            }
             Message::Signal { target, signal } => {
                 self.signal(&target, signal).map(|()| Message::Ack)
             }
@@ -363,6 +367,22 @@ impl Guest {
         self.confinement.get().cloned().unwrap_or_default()
     }
 
+    /// The namespaces of the main `main` for an exec to join: opened once per main.
+    fn main_namespaces(&self, main: i32) -> Result<Arc<spawn::MainNamespaces>, String> {
+        let mut cached = lock(&self.main_namespaces);
+        if let Some((_, namespaces)) = cached.as_ref().filter(|(pid, _)| *pid == main) {
+            return Ok(namespaces.clone());
+        }
+        let namespaces = Arc::new(
+            self.confinement()
+                .namespaces
+                .unwrap_or_default()
+                .open_main(main)?,
+        );
+        *cached = Some((main, namespaces.clone()));
+        Ok(namespaces)
+    }
+
     /// Forks and sets up the main in the background (the host's create goes on
     /// meanwhile); `SpawnMain` waits for it and releases it.
     fn prepare_main(self: &Arc<Self>, process: Process) {
@@ -380,6 +400,12 @@ impl Guest {
                     None,
                 );
                 log::info!("main prepared in {} ms", t0.elapsed().as_millis());
+                // Opened now, while create goes on, rather than by the first exec.
+                if let Ok(p) = &prepared {
+                    if let Err(e) = g.main_namespaces(p.pid()) {
+                        log::warn!("{e}");
+                    }
+                }
                 prepared
             });
         match job {
@@ -389,11 +415,31 @@ impl Guest {
         }
     }
 
-    fn spawn_main(self: &Arc<Self>, process: &Process) -> Result<Message, spawn::SpawnError> {
+    /// `SpawnMain`: releases the main, answers, then starts its pumps and watcher
+    /// (the answer does not wait for those threads: the pipes hold what the main
+    /// writes meanwhile, and its exit waits in the reaper's channel).
+    fn serve_spawn_main(self: &Arc<Self>, conn: &mut UnixStream, process: &Process) -> bool {
         #[cfg(feature = "hostile")]
         if let Some(args) = hostile::requested(process) {
-            return hostile::attack(self, process, args).map_err(Into::into);
+            let reply = hostile::attack(self, process, args).unwrap_or_else(nack);
+            return proto::send(conn, reply).is_ok();
         }
+        match self.release_main(process) {
+            Ok(main) => {
+                let sent = proto::send(conn, Message::MainStarted { pid: main.pid }).is_ok();
+                self.watch_main(main);
+                sent
+            }
+            Err(e) => proto::send(conn, e.into_nack()).is_ok(),
+        }
+    }
+
+    /// Releases the prepared main into its exec (or forks it now); returns once
+    /// the exec has succeeded.
+    fn release_main(
+        self: &Arc<Self>,
+        process: &Process,
+    ) -> Result<spawn::Spawned, spawn::SpawnError> {
         if self
             .main_pid
             .compare_exchange(MAIN_NONE, MAIN_SPAWNING, Ordering::SeqCst, Ordering::SeqCst)
@@ -433,10 +479,14 @@ impl Guest {
                 return Err(reason);
             }
         };
-        let pid = spawned.pid;
-        self.main_pid.store(pid, Ordering::SeqCst);
+        self.main_pid.store(spawned.pid, Ordering::SeqCst);
         *lock(&self.main_pty) = spawned.pty.as_ref().and_then(|p| p.try_clone().ok());
+        log::info!("main process started: pid {}", spawned.pid);
+        Ok(spawned)
+    }
 
+    /// The released main's output pumps, stdin feeder and exit watcher.
+    fn watch_main(self: &Arc<Self>, spawned: spawn::Spawned) {
         let mut pumps = Vec::new();
         let tty = spawned.pty.is_some();
         if let Some(out) = spawned.stdout {
@@ -471,15 +521,19 @@ impl Guest {
         }
         let g = self.clone();
         let exit = spawned.exit;
-        thread::Builder::new()
+        let pid = spawned.pid;
+        let watcher = thread::Builder::new()
             .name("main-watch".into())
             .spawn(move || {
                 let code = exit.recv().unwrap_or(255);
                 g.main_exited(code, pumps);
-            })
-            .map_err(|e| format!("starting the main watcher: {e}"))?;
-        log::info!("main process started: pid {pid}");
-        Ok(Message::MainStarted { pid })
+            });
+        if let Err(e) = watcher {
+            // Its exit could never be reported: end it and the VM, as a lost exit.
+            log::error!("starting the main watcher: {e}");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            self.power_off(255);
+        }
     }
 
     fn signal(&self, target: &SignalTarget, signal: i32) -> Result<(), String> {
@@ -561,12 +615,20 @@ impl Guest {
         // An exec joins the main's namespaces (before the main, e.g. startContainer
         // hooks, it runs in guest-init's).
         let main = self.main_pid.load(Ordering::SeqCst);
+        let joined = match (main > 0).then(|| self.main_namespaces(main)).transpose() {
+            Ok(joined) => joined,
+            Err(reason) => {
+                forget(self);
+                let _ = proto::send(&mut conn, nack(reason));
+                return;
+            }
+        };
         let spawned = match spawn::spawn(
             &req.process,
             mode,
             &self.reaper,
             self.confinement(),
-            (main > 0).then_some(main),
+            joined.as_deref(),
         ) {
             Ok(s) => s,
             Err(reason) => {
@@ -655,6 +717,8 @@ impl Guest {
     fn main_exited(&self, code: i32, pumps: Vec<JoinHandle<()>>) {
         self.main_pid.store(MAIN_EXITED, Ordering::SeqCst);
         self.finishing.store(true, Ordering::SeqCst);
+        // No exec joins it any more; its mounts need not outlive it.
+        lock(&self.main_namespaces).take();
         log::info!("main process exited with {code}");
         match self.root_rw.get().or(self.root.get()) {
             Some(root) => {
@@ -674,6 +738,9 @@ impl Guest {
         if oom_killed {
             log::warn!("the OOM killer ran while the main process ran");
         }
+        // Written back before the report (a shared mapping's dirty pages, say): the
+        // host stops the VM as soon as it has the exit code.
+        nix::unistd::sync();
         self.send_event(&Frame::Message(Message::MainExited { code, oom_killed }));
         self.power_off(code);
     }
@@ -733,17 +800,34 @@ fn main_stdio(process: &Process) -> StdioMode {
 /// SIGTERM to everything but init, a grace period (ends early when nothing is
 /// left), then SIGKILL and wait until all are gone.
 pub fn terminate_all() {
+    // As PID 1 (of the VM, or of the sandbox's pid namespace), kill(-1) reaches
+    // every process but us, and every process is our descendant (orphans come to
+    // PID 1): none is left when we have no child. No /proc scan, which under TCG
+    // costs milliseconds on the main's exit path. Anywhere else kill(-1) would
+    // reach the whole host: the scan then.
+    let pid1 = std::process::id() == 1;
     let signal_all = |sig| {
+        if pid1 {
+            return kill(Pid::from_raw(-1), sig).is_ok();
+        }
         let pids = procfs::others();
         for &pid in &pids {
             let _ = kill(Pid::from_raw(pid), sig);
         }
         !pids.is_empty()
     };
+    let none_left = || {
+        // A child not reaped yet still counts; the reaper takes it at once.
+        if pid1 {
+            no_children()
+        } else {
+            procfs::others().is_empty()
+        }
+    };
     let wait_empty = |limit: Duration| {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if procfs::others().is_empty() {
+            if none_left() {
                 return true;
             }
             thread::sleep(Duration::from_millis(20));
@@ -762,8 +846,26 @@ pub fn terminate_all() {
     log::warn!("processes survived SIGKILL: {:?}", procfs::others());
 }
 
+/// Whether this process has no child, running or exited (peeked: the reaper
+/// still reaps them).
+fn no_children() -> bool {
+    // SAFETY: siginfo_t is plain data that waitid fills.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: WNOWAIT only looks; `info` is a valid siginfo_t.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    r == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD)
+}
+
 /// Writes `code` as decimal text to `.a3s_exit_code` in the container root
-/// (never through a symlink) and fsyncs it.
+/// (never through a symlink). No fsync: the share is write-through (virtiofsd
+/// without `--writeback`), so the host sees the file once the write returns.
 pub fn write_exit_code(root: &OwnedFd, code: i32) -> io::Result<()> {
     use nix::fcntl::{openat, OFlag};
     use nix::sys::stat::Mode;
@@ -775,8 +877,7 @@ pub fn write_exit_code(root: &OwnedFd, code: i32) -> io::Result<()> {
     )
     .map_err(io::Error::from)?;
     let mut f = File::from(fd);
-    f.write_all(code.to_string().as_bytes())?;
-    f.sync_all()
+    f.write_all(code.to_string().as_bytes())
 }
 
 /// Copies `src` to `sink` in chunks until EOF (EIO on a pty master means the

@@ -397,7 +397,7 @@ impl Namespaces {
     /// Opens the main's namespaces (those this plan made) for an exec to join.
     /// The main's pid is its relay's (see [`relay`]): `pid_for_children` is the
     /// namespace the main is PID 1 of.
-    fn open_main(&self, main: i32) -> Result<Vec<(OwnedFd, libc::c_int)>, String> {
+    pub fn open_main(&self, main: i32) -> Result<MainNamespaces, String> {
         // With a pid namespace `main` is the relay: the namespaces made after its
         // fork (cgroup) are the workload's, its only child.
         let main = if self.pid {
@@ -429,6 +429,26 @@ impl Namespaces {
                             errno_text(&e)
                         )
                     })
+            })
+            .collect::<Result<_, _>>()
+            .map(MainNamespaces)
+    }
+}
+
+/// The main's namespaces, open (see [`Namespaces::open_main`]): an exec joins
+/// them. Kept by guest-init for the main's life, so that an exec neither scans
+/// /proc for the main's workload nor opens its `/proc/PID/ns/` files again.
+#[derive(Debug)]
+pub struct MainNamespaces(Vec<(OwnedFd, libc::c_int)>);
+
+impl MainNamespaces {
+    fn duplicate(&self) -> Result<Vec<(OwnedFd, libc::c_int)>, String> {
+        self.0
+            .iter()
+            .map(|(fd, t)| {
+                fd.try_clone()
+                    .map(|fd| (fd, *t))
+                    .map_err(|e| format!("joining the container's namespaces: {}", errno_text(&e)))
             })
             .collect()
     }
@@ -930,13 +950,13 @@ fn bind_console(slave: &OwnedFd) -> Result<(), String> {
 }
 
 /// Spawns `process` and lets it run. `main`: `None` for the container's main
-/// (it makes the container's namespaces), the main's pid for an exec (it joins them).
+/// (it makes the container's namespaces), the main's for an exec (it joins them).
 pub fn spawn(
     process: &Process,
     mode: StdioMode,
     reaper: &Reaper,
     confinement: Confinement,
-    main: Option<i32>,
+    main: Option<&MainNamespaces>,
 ) -> Result<Spawned, SpawnError> {
     prepare(process, mode, reaper, confinement, main)?.release()
 }
@@ -950,7 +970,7 @@ pub fn prepare(
     mode: StdioMode,
     reaper: &Reaper,
     confinement: Confinement,
-    main: Option<i32>,
+    main: Option<&MainNamespaces>,
 ) -> Result<Prepared, SpawnError> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
@@ -987,7 +1007,7 @@ pub fn prepare(
     let namespaces = confinement.namespaces.clone().unwrap_or_default();
     let (unshare, join) = match main {
         None => (namespaces.flags, Vec::new()),
-        Some(pid) => (0, namespaces.open_main(pid)?),
+        Some(main) => (0, main.duplicate()?),
     };
     let user_sync = match (&namespaces.user_maps, main) {
         (Some(maps), None) => Some((UserNsSync::new()?, maps.clone())),
@@ -1186,6 +1206,11 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// The child's pid (the relay's, with a pid namespace).
+    pub fn pid(&self) -> i32 {
+        self.spawned.pid
+    }
+
     /// Whether the child still waits (it may have been killed meanwhile).
     pub fn waiting(&self) -> bool {
         matches!(

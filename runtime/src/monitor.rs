@@ -35,7 +35,8 @@ use crate::vmm::{Vm, VmSpec, VmmChoice};
 /// console's tail (which shows guest-init's boot steps) while the caller still
 /// waits, rather than after a client's own timeout. The VM dying ends the wait at once.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
-/// After the workload's exit is reported, how long the guest gets to power off.
+/// When the workload's end comes without its report (the events stream closed,
+/// the VM stopped), how long the guest gets to power off by itself.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
 /// What `create` hands the monitor (`monitor.json` in the container dir).
@@ -667,6 +668,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
     );
 
     // Wait for the workload's end or the VM's death.
+    let mut reported = false;
     let code = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::MainExited { code, oom_killed }) => {
@@ -674,6 +676,7 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
                     // Recorded before the exit code: `stopped` is seen with it.
                     let _ = write_atomic(&dir.oom_file(), b"1");
                 }
+                reported = true;
                 break Some(code);
             }
             Ok(Event::StreamClosed) => break None,
@@ -700,8 +703,15 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
     if dir.recorded_exit_code().is_none() {
         let _ = write_atomic(&dir.exit_code_file(), code.to_string().as_bytes());
     }
-    // The code is recorded: clients see `stopped` now; tear the VM down.
-    let deadline = Instant::now() + POWEROFF_GRACE;
+    // The code is recorded: clients see `stopped` now; tear the VM down. A guest
+    // that reported has written everything back first (guest-init syncs before
+    // MainExited), so it is stopped at once; otherwise it gets time to power off.
+    let grace = if reported {
+        Duration::ZERO
+    } else {
+        POWEROFF_GRACE
+    };
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline {
         if matches!(vm.try_wait(), Ok(Some(_)) | Err(_)) {
             break;

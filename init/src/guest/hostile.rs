@@ -44,7 +44,9 @@ pub fn attack(g: &Arc<Guest>, process: &Process, args: Vec<String>) -> Result<Me
     if mode == "flood" || mode == "init-dies" {
         let mut real = process.clone();
         real.set_args(Some(args[1..].to_vec()));
-        let reply = g.spawn_main(&real).map_err(|e| e.reason)?;
+        let main = g.release_main(&real).map_err(|e| e.reason)?;
+        let reply = Message::MainStarted { pid: main.pid };
+        g.watch_main(main);
         let g = g.clone();
         thread::spawn(move || {
             if mode == "flood" {
@@ -153,11 +155,13 @@ fn plant_symlinks(g: &Arc<Guest>, targets: &[String]) {
     // A new mount of the share takes the superblock of a live bind from it (and
     // shows that bind's entry): unmount the container's binds first, so
     // the share's own root, the host's staging directory, is what mounts.
-    // The prepared main holds them too, in its own mount namespace: it goes first.
+    // The prepared main holds them too, in its own mount namespace, and so do
+    // the handles kept for the execs to join it: they go first.
     if let Some((_, job)) = lock(&g.prepared_main).take() {
         drop(job.join());
         thread::sleep(Duration::from_millis(300));
     }
+    lock(&g.main_namespaces).take();
     for dest in binds {
         if let Err(e) = nix::mount::umount(dest.as_str()) {
             report(g, &format!("umount {dest}: {e}"));
