@@ -1,10 +1,11 @@
 //! Warming a pooled VM while it waits for its container. Under TCG the first
 //! run of any guest kernel path is slow (QEMU translates it first), and a pooled
 //! VM's first paths would otherwise be its container's setup and spawn. So,
-//! idle, it walks them once: the filesystems a setup mounts (the rootfs share
-//! included, mounted and dropped before its root entry is ever looked up), a
-//! bind made read-only, and a spawn through fresh namespaces. Nothing of it
-//! stays. Setup waits for it (it holds the guest's warm-up lock).
+//! idle, it walks them once: `lo` up (which Setup would do), the filesystems a
+//! setup mounts (the rootfs share included, mounted and dropped before its root
+//! entry is ever looked up), a bind made read-only, and a spawn through fresh
+//! namespaces. Nothing else of it stays. Setup waits for it (it holds the
+//! guest's warm-up lock).
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -20,6 +21,11 @@ const DIR: &str = "/warm";
 
 pub fn warm_up(reaper: &Reaper, root_tag: &str) {
     let t0 = Instant::now();
+    // `lo` comes up at Setup in any case (the VM's network is the container's):
+    // now, the first inet socket and interface ioctls are off the claim's path.
+    if let Err(e) = crate::network::apply(&[]) {
+        log::warn!("warm-up: {e}");
+    }
     if let Err(e) = filesystems(root_tag) {
         log::warn!("warm-up: {e}");
     }
