@@ -1,13 +1,14 @@
 //! What every test uses: running the runtime's command line with timeouts, building bundles,
 //! waiting on pids (the runner is a child subreaper), and tracking what to clean up.
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use krun_oci_testkit::procs::processes;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -42,8 +43,9 @@ pub struct Config {
 
 /// The pool daemon's pid (`run --pool`): not an orphan to kill between tests.
 pub static POOL_DAEMON: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-/// Makes container IDs unique across tests that share one root.
-static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Container IDs are `conf<our pid>-N`: unique across tests that share one root,
+/// and the soak's leak check knows its cgroups by the prefix.
+pub const ID_STEM: &str = "conf";
 
 impl Config {
     /// The `--root` of a test whose directory is `dir`.
@@ -162,8 +164,7 @@ impl Ctx {
 
     /// A fresh container ID, tracked for cleanup.
     pub fn new_id(&mut self) -> String {
-        let n = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        let id = format!("conf{}-{n}", std::process::id());
+        let id = krun_oci_testkit::ids::unique(ID_STEM);
         self.track.lock().unwrap().ids.push(id.clone());
         id
     }
@@ -488,23 +489,11 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// rootfs with busybox-static and its applets as relative links in /bin.
+/// The kit's busybox rootfs, plus what the suite's checks look for: the `conf`
+/// user, its home `/work`, and a marker file.
 pub fn make_rootfs(rootfs: &Path) -> Result<()> {
-    let bin = rootfs.join("bin");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "work", "root"] {
-        fs::create_dir_all(rootfs.join(d))?;
-    }
-    fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-    fs::copy("/bin/busybox", bin.join("busybox")).context("copy /bin/busybox")?;
-    let list = Command::new(bin.join("busybox"))
-        .arg("--list")
-        .output()
-        .context("busybox --list")?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = symlink("busybox", bin.join(applet));
-        }
-    }
+    krun_oci_testkit::rootfs::busybox(rootfs)?;
+    fs::create_dir_all(rootfs.join("work"))?;
     fs::write(
         rootfs.join("etc/passwd"),
         "root:x:0:0:root:/root:/bin/sh\nconf:x:1000:1000::/work:/bin/sh\n",
@@ -603,42 +592,6 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
         .filter(|p| p.ppid == ppid)
         .map(|p| p.pid)
         .collect()
-}
-
-/// One line of `/proc/PID/stat`, the fields we use.
-pub struct ProcStat {
-    pub pid: i32,
-    pub comm: String,
-    /// `R`, `S`, `Z`, ...
-    pub state: char,
-    pub ppid: i32,
-}
-
-/// Every process now.
-pub fn processes() -> Vec<ProcStat> {
-    let mut out = Vec::new();
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // comm may hold spaces and parentheses: it ends at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().and_then(|f| f.chars().next()).unwrap_or('?');
-        let ppid = rest.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-        out.push(ProcStat {
-            pid,
-            comm: stat[open + 1..close].to_string(),
-            state,
-            ppid,
-        });
-    }
-    out
 }
 
 /// Become a child subreaper so container pids (double-forked by the runtime) are ours to waitpid.

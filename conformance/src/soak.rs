@@ -3,7 +3,6 @@
 //! host taken before. Prints one summary line.
 use anyhow::{anyhow, ensure, Context, Result};
 use serde_json::json;
-use std::collections::BTreeSet;
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,6 +10,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use krun_oci_testkit::ids;
+use krun_oci_testkit::leaks::{self, Snapshot};
 
 use crate::harness::{self, Config, Ctx, Tracked};
 use crate::pool::PoolRun;
@@ -317,139 +319,17 @@ fn exec_on_a_terminal(ctx: &mut Ctx, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// What the host holds that a lifecycle could leak.
-struct Snapshot {
-    /// (pid, comm) of every VMM, helper and krun-oci process (monitors, exec relays).
-    processes: BTreeSet<(i32, String)>,
-    zombies: usize,
-    run_dirs: usize,
-    mounts: usize,
-    links: usize,
-    qdiscs: usize,
-    daemon_fds: Option<usize>,
-}
-
-const WATCHED: [&str; 4] = [
-    "qemu-system-x86",
-    "virtiofsd",
-    "vhost-device-vs",
-    "krun-oci",
-];
-
-impl Snapshot {
-    fn take(daemon: Option<i32>) -> Snapshot {
-        let all = harness::processes();
-        let pool_side = daemon.map(|d| descendants(d, &all)).unwrap_or_default();
-        let mut processes = BTreeSet::new();
-        let mut zombies = 0;
-        for p in all {
-            if p.state == 'Z' {
-                zombies += 1;
-            } else if WATCHED.contains(&p.comm.as_str()) && !pool_side.contains(&p.pid) {
-                processes.insert((p.pid, p.comm));
-            }
-        }
-        let count = |p: &str| fs::read_dir(p).map(|d| d.count()).unwrap_or(0);
-        let lines = |p: &str| {
-            fs::read_to_string(p)
-                .map(|t| t.lines().count())
-                .unwrap_or(0)
-        };
-        let qdiscs = Command::new("tc")
-            .args(["qdisc", "show"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
-            .unwrap_or(0);
-        Snapshot {
-            processes,
-            zombies,
-            run_dirs: count("/run/krun-oci-vm"),
-            mounts: lines("/proc/self/mountinfo"),
-            links: count("/sys/class/net"),
-            qdiscs,
-            daemon_fds: daemon.map(|d| count(&format!("/proc/{d}/fd"))),
-        }
-    }
-}
-
-/// The differences from `before`, after giving exiting processes a moment.
+/// The kit's leaks since `before`, and this soak's own: a state dir or a cgroup of
+/// one of its containers left.
 fn leaks(before: &Snapshot, daemon: Option<i32>, root: &Path, pooled: bool) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    leaks::leaks(before, daemon, || {
         harness::reap_zombies();
-        let after = Snapshot::take(daemon);
-        let mut out: Vec<String> = after
-            .processes
-            .difference(&before.processes)
-            .map(|(pid, comm)| format!("process {pid} ({comm})"))
-            .collect();
-        let grew = |what: &str, b: usize, a: usize| (a > b).then(|| format!("{what}: {b} -> {a}"));
-        out.extend(grew("zombies", before.zombies, after.zombies));
-        out.extend(grew(
-            "run dirs in /run/krun-oci-vm",
-            before.run_dirs,
-            after.run_dirs,
-        ));
-        out.extend(grew("mounts", before.mounts, after.mounts));
-        out.extend(grew("network links", before.links, after.links));
-        out.extend(grew("qdiscs", before.qdiscs, after.qdiscs));
-        if let (Some(b), Some(a)) = (before.daemon_fds, after.daemon_fds) {
-            out.extend(grew("pool daemon fds", b, a));
-        }
-        let state_dirs: Vec<String> = fs::read_dir(root)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !(pooled && n == ".pool"))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut out = Vec::new();
+        let state_dirs = leaks::entries(root, |n| pooled && n == ".pool");
         if !state_dirs.is_empty() {
             out.push(format!("state dirs: {state_dirs:?}"));
         }
-        out.extend(leaked_cgroups());
-        if out.is_empty() || Instant::now() > deadline {
-            return out;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Cgroups named for a container of this soak (IDs are `conf<our pid>-N`).
-fn leaked_cgroups() -> Vec<String> {
-    let prefix = format!("conf{}-", std::process::id());
-    let mut found = Vec::new();
-    let mut dirs = vec![PathBuf::from("/sys/fs/cgroup")];
-    // Two levels below each hierarchy: where `/ID` and `/parent/ID` paths land.
-    for _ in 0..3 {
-        let mut next = Vec::new();
-        for d in dirs {
-            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if !p.is_dir() || p.is_symlink() {
-                    continue;
-                }
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    found.push(format!("cgroup {}", p.display()));
-                }
-                next.push(p);
-            }
-        }
-        dirs = next;
-    }
-    found
-}
-
-/// `pid` and every process below it, in `all`.
-fn descendants(pid: i32, all: &[harness::ProcStat]) -> BTreeSet<i32> {
-    let mut set = BTreeSet::from([pid]);
-    let mut frontier = vec![pid];
-    while let Some(p) = frontier.pop() {
-        for child in all.iter().filter(|c| c.ppid == p) {
-            if set.insert(child.pid) {
-                frontier.push(child.pid);
-            }
-        }
-    }
-    set
+        out.extend(leaks::cgroups_named(&ids::prefix(harness::ID_STEM)));
+        out
+    })
 }

@@ -3,10 +3,9 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -69,19 +68,7 @@ pub fn sandbox_available(test: &str) -> bool {
     runnable(test, "sandbox", &missing)
 }
 
-pub fn which(bin: &str) -> Option<PathBuf> {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .map(PathBuf::from)
-        .chain([
-            PathBuf::from(format!("{home}/.cargo/bin")),
-            PathBuf::from("/usr/local/bin"),
-            PathBuf::from("/bin"),
-        ])
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
+pub use krun_oci_testkit::which;
 
 /// Makes this test process the subreaper of the monitors it creates, so it can
 /// `waitpid` them like conmon and the shims do.
@@ -98,32 +85,7 @@ pub struct TestBundle {
 impl TestBundle {
     pub fn new(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let rootfs = dir.path().join("rootfs");
-        for d in [
-            "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "run", "root",
-        ] {
-            fs::create_dir_all(rootfs.join(d)).unwrap();
-        }
-        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
-        let busybox = which("busybox").expect("busybox");
-        fs::copy(&busybox, rootfs.join("bin/busybox")).unwrap();
-        // Run the host's busybox, not the fresh copy: a concurrent fork in another
-        // test thread may still hold the copy's write fd (ETXTBSY).
-        let status = Command::new(&busybox)
-            .args(["--install", "-s", rootfs.join("bin").to_str().unwrap()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        // `--install -s` links to the host path of busybox; point them inside the rootfs.
-        for entry in fs::read_dir(rootfs.join("bin")).unwrap() {
-            let p = entry.unwrap().path();
-            if p.is_symlink() {
-                fs::remove_file(&p).unwrap();
-                std::os::unix::fs::symlink("busybox", &p).unwrap();
-            }
-        }
-        fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-        fs::write(rootfs.join("etc/group"), "root:x:0:\n").unwrap();
+        krun_oci_testkit::rootfs::busybox(&dir.path().join("rootfs")).unwrap();
         let b = TestBundle { dir };
         b.write_config(|c| {
             c["process"]["args"] = serde_json::json!(args);
@@ -294,12 +256,11 @@ pub fn wait_exit(pid: i32) -> i32 {
 }
 
 /// Polls until `f` is true (bounded; failing the test if never).
-pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+pub fn eventually(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    assert!(
+        krun_oci_testkit::wait::within(limit, Duration::from_millis(50), f),
+        "timed out waiting for: {what}"
+    );
 }
 
 pub fn alive(pid: i32) -> bool {
