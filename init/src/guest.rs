@@ -400,12 +400,6 @@ impl Guest {
                     None,
                 );
                 log::info!("main prepared in {} ms", t0.elapsed().as_millis());
-                // Opened now, while create goes on, rather than by the first exec.
-                if let Ok(p) = &prepared {
-                    if let Err(e) = g.main_namespaces(p.pid()) {
-                        log::warn!("{e}");
-                    }
-                }
                 prepared
             });
         match job {

@@ -44,6 +44,21 @@ pub fn entries() -> Vec<ProcEntry> {
         .collect()
 }
 
+/// The child of `parent`, a process with one child (a relay). Pids are handed
+/// out in order and the relay forks at once: its child is nearly always the next
+/// pid, checked by its ppid; else the whole of /proc is read (which under TCG
+/// costs milliseconds).
+pub fn only_child_of(parent: i32) -> Option<i32> {
+    let next = parent + 1;
+    let is_child = |e: &ProcEntry| e.ppid == parent && e.state != 'Z';
+    std::fs::read_to_string(format!("/proc/{next}/stat"))
+        .ok()
+        .and_then(|stat| parse_stat(next, &stat))
+        .filter(is_child)
+        .or_else(|| entries().into_iter().find(is_child))
+        .map(|e| e.pid)
+}
+
 /// Pids of every live (non-zombie) user process except init itself.
 pub fn others() -> Vec<i32> {
     entries()
@@ -110,6 +125,30 @@ mod tests {
         let k = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0";
         assert!(parse_stat(2, k).unwrap().kernel_thread);
         assert_eq!(parse_stat(1, "garbage"), None);
+    }
+
+    #[test]
+    fn finds_the_only_child() {
+        use std::io::BufRead;
+        // A relay of our own (other tests may have children of this process).
+        let mut relay = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(relay.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let child: i32 = line.trim().parse().unwrap();
+        assert_eq!(only_child_of(relay.id() as i32), Some(child));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        relay.wait().unwrap();
+        assert_eq!(only_child_of(relay.id() as i32), None);
     }
 
     #[test]

@@ -401,11 +401,7 @@ impl Namespaces {
         // With a pid namespace `main` is the relay: the namespaces made after its
         // fork (cgroup) are the workload's, its only child.
         let main = if self.pid {
-            crate::procfs::list()
-                .into_iter()
-                .find(|p| p.ppid == main)
-                .map(|p| p.pid)
-                .ok_or("the container's main process is gone")?
+            crate::procfs::only_child_of(main).ok_or("the container's main process is gone")?
         } else {
             main
         };
@@ -1206,11 +1202,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// The child's pid (the relay's, with a pid namespace).
-    pub fn pid(&self) -> i32 {
-        self.spawned.pid
-    }
-
     /// Whether the child still waits (it may have been killed meanwhile).
     pub fn waiting(&self) -> bool {
         matches!(
