@@ -60,8 +60,6 @@ pub struct Guest {
     root: std::sync::OnceLock<OwnedFd>,
     /// The `rootfs` share's tag when the root is deferred.
     deferred_root_tag: Option<String>,
-    /// Held by a pooled VM's warm-up (warm.rs); setup waits for it.
-    warm: Mutex<()>,
     /// A detached, writable clone of the root mount, taken before a read-only
     /// root is remounted: the exit code can still be written, and the container
     /// cannot see or reach it.
@@ -101,7 +99,6 @@ impl Guest {
             halt,
             root,
             deferred_root_tag,
-            warm: Mutex::new(()),
             root_rw: std::sync::OnceLock::new(),
             main_pid: AtomicI32::new(MAIN_NONE),
             main_pty: Mutex::new(None),
@@ -161,25 +158,15 @@ impl Guest {
         Ok(())
     }
 
-    /// A pooled VM, idle: walk the guest kernel paths its setup and spawn will
-    /// take (warm.rs). Returns at once; setup waits for it.
-    pub fn start_warm_up(self: &Arc<Self>) {
-        let Some(tag) = self.deferred_root_tag.clone() else {
-            return;
+    /// A pooled VM, before it reports Ready: walk the guest kernel paths its
+    /// setup and spawn will take (warm.rs). False where there is nothing to warm
+    /// (a VM booted into its container's root).
+    pub fn warm_up(&self) -> bool {
+        let Some(tag) = &self.deferred_root_tag else {
+            return false;
         };
-        let g = self.clone();
-        let (locked_tx, locked_rx) = mpsc::channel();
-        let spawned = thread::Builder::new()
-            .name("warm-up".into())
-            .spawn(move || {
-                let _held = lock(&g.warm);
-                let _ = locked_tx.send(());
-                crate::warm::warm_up(&g.reaper, &tag);
-            });
-        if spawned.is_ok() {
-            // The lock is taken before any request can be served.
-            let _ = locked_rx.recv();
-        }
+        crate::warm::warm_up(&self.reaper, tag);
+        true
     }
 
     /// A pooled VM's root: the host has attached the container's root at
@@ -195,7 +182,6 @@ impl Guest {
                 Err("the deferred root is already attached".into())
             }
             (Some(tag), Some(entry)) => {
-                let _warmed = lock(&self.warm);
                 crate::boot::switch_to_share_entry(tag, entry)
                     .map_err(|e| format!("switching to the container's root: {e}"))?;
                 let root =

@@ -144,6 +144,10 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
     )
     .and_then(|()| proto::expect_hello(proto::recv(&mut events)?))
     .map_err(|e| io::Error::other(format!("events stream handshake: {e}")))?;
+    // A pooled VM is claimable once Ready: warmed before, a claim never waits for it.
+    if guest.warm_up() {
+        t.mark("warm-up");
+    }
     t.mark("ready");
     proto::send(
         &mut events,
@@ -154,7 +158,6 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
     )
     .map_err(|e| io::Error::other(format!("sending ready: {e}")))?;
     guest.attach_events(events)?;
-    guest.start_warm_up();
 
     for l in listeners {
         let g = guest.clone();

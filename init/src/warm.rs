@@ -4,8 +4,8 @@
 //! idle, it walks them once: `lo` up (which Setup would do), the filesystems a
 //! setup mounts (the rootfs share included, mounted and dropped before its root
 //! entry is ever looked up), a bind made read-only, and a spawn through fresh
-//! namespaces. Nothing else of it stays. Setup waits for it (it holds the
-//! guest's warm-up lock).
+//! namespaces. Nothing else of it stays. It runs before the VM reports Ready, so
+//! the pool counts a VM idle only once it is warm, and a claim never waits for it.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
