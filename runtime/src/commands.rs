@@ -282,7 +282,7 @@ pub fn logs(ctx: &Context, args: LogsArgs) -> Result<()> {
 }
 
 pub fn check(ctx: &Context) -> Result<i32> {
-    let report = krun_oci::check::report(ctx.vmm, &krun_oci::monitor::image_options(ctx.vmm)?);
+    let report = krun_oci::check::report(ctx.vmm, &krun_oci::boot::image_options(ctx.vmm)?);
     print!("{report}");
     Ok(if report.can_run() { 0 } else { 1 })
 }

@@ -29,6 +29,28 @@ pub enum Error {
     StartStopped,
     #[error("cannot start an already running container")]
     AlreadyRunning,
+    /// `op` cannot be done in the container's `status` (`creating`, `paused`...).
+    #[error("cannot {op} a container in the {status} state")]
+    WrongState { op: &'static str, status: String },
+    /// `op` needs the guest to answer, and a paused (frozen) guest cannot.
+    #[error("cannot {op} a paused container: resume it first")]
+    ResumeFirst { op: &'static str },
+    /// The container's record names no host cgroup (an older krun-oci made it),
+    /// and the operation needs one; the text says which.
+    #[error("{0}")]
+    NoHostCgroup(String),
+    /// `spec` found a config.json in the bundle (runc's wording).
+    #[error("File config.json exists. Remove it first")]
+    ConfigExists,
+    /// No pool daemon answers on the root's socket.
+    #[error("pool: no pool is serving {} ({reason})", .root.display())]
+    NoPool {
+        root: std::path::PathBuf,
+        reason: String,
+    },
+    /// Another pool daemon holds the root's pool lock.
+    #[error("pool: a pool is already serving {}", .root.display())]
+    PoolAlreadyServing { root: std::path::PathBuf },
     /// The process's program is not in the container (`detail`: runc's words,
     /// "executable file not found in $PATH" or "stat X: no such file or directory").
     #[error("exec: {arg0:?}: {detail}")]
@@ -98,8 +120,9 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// The container (or process) does not exist.
+    /// The container (or process, or the pool serving the root) does not exist.
     NotFound,
+    /// The container (or `spec`'s config.json, or a pool for the root) exists already.
     AlreadyExists,
     /// The container is not in a state that allows the operation.
     WrongState,
@@ -119,15 +142,20 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         use krun_oci_protocol::RefusalKind;
         match self {
-            Error::NotExist => ErrorKind::NotFound,
-            Error::Exists => ErrorKind::AlreadyExists,
+            Error::NotExist | Error::NoPool { .. } => ErrorKind::NotFound,
+            Error::Exists | Error::ConfigExists | Error::PoolAlreadyServing { .. } => {
+                ErrorKind::AlreadyExists
+            }
             Error::NotRunning
             | Error::Paused
             | Error::NotPaused
             | Error::StillRunning
             | Error::NotStopped { .. }
             | Error::StartStopped
-            | Error::AlreadyRunning => ErrorKind::WrongState,
+            | Error::AlreadyRunning
+            | Error::WrongState { .. }
+            | Error::ResumeFirst { .. }
+            | Error::NoHostCgroup(_) => ErrorKind::WrongState,
             Error::InvalidId(_) | Error::InvalidInput(_) | Error::Spec(_) | Error::Json(_) => {
                 ErrorKind::InvalidArgument
             }
@@ -248,6 +276,69 @@ mod tests {
             Error::Guest("executable file not found".into()).kind(),
             ErrorKind::Internal
         );
+    }
+
+    #[test]
+    fn state_existence_and_hook_variants_keep_runcs_words_and_their_kinds() {
+        let cases: Vec<(Error, &str, ErrorKind)> = vec![
+            (
+                Error::WrongState {
+                    op: "start",
+                    status: "paused".into(),
+                },
+                "cannot start a container in the paused state",
+                ErrorKind::WrongState,
+            ),
+            (
+                Error::ResumeFirst {
+                    op: "list the processes of",
+                },
+                "cannot list the processes of a paused container: resume it first",
+                ErrorKind::WrongState,
+            ),
+            (
+                Error::NoHostCgroup("c has no host cgroup for cpu and block I/O limits".into()),
+                "c has no host cgroup for cpu and block I/O limits",
+                ErrorKind::WrongState,
+            ),
+            (
+                Error::ConfigExists,
+                "File config.json exists. Remove it first",
+                ErrorKind::AlreadyExists,
+            ),
+            (
+                Error::NoPool {
+                    root: "/run/krun-oci".into(),
+                    reason: "pool: connecting: no such file or directory".into(),
+                },
+                "pool: no pool is serving /run/krun-oci (pool: connecting: no such file or directory)",
+                ErrorKind::NotFound,
+            ),
+            (
+                Error::PoolAlreadyServing {
+                    root: "/run/krun-oci".into(),
+                },
+                "pool: a pool is already serving /run/krun-oci",
+                ErrorKind::AlreadyExists,
+            ),
+            // A startContainer hook that failed in the guest: the host hooks' variant.
+            (
+                Error::HookFailed {
+                    hook: "startContainer".into(),
+                    path: "/bin/false".into(),
+                    reason: "exit status 1".into(),
+                },
+                "error running startContainer hook /bin/false: exit status 1",
+                ErrorKind::HookFailed,
+            ),
+        ];
+        for (e, text, kind) in cases {
+            assert_eq!(e.to_string(), text);
+            assert_eq!(e.kind(), kind, "{text}");
+            // Across a helper's sync pipe both survive.
+            let crossed = Error::from(e.report());
+            assert_eq!((crossed.to_string().as_str(), crossed.kind()), (text, kind));
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! krun-oci: an OCI runtime with a runc-compatible command line that runs every
 //! container in its own microVM.
 
+pub mod boot;
 pub(crate) mod bundle;
 pub(crate) mod cgroup;
 pub mod check;

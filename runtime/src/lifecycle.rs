@@ -285,9 +285,10 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         Status::Stopped => return Err(Error::StartStopped),
         Status::Running => return Err(Error::AlreadyRunning),
         other => {
-            return Err(Error::InvalidInput(format!(
-                "cannot start a container in the {other} state"
-            )))
+            return Err(Error::WrongState {
+                op: "start",
+                status: other.to_string(),
+            })
         }
     }
     let spec = c.config_snapshot()?;
@@ -330,11 +331,10 @@ fn run_guest_hooks(
     link: &crate::guest::GuestLink,
 ) -> Result<()> {
     for hook in hooks.map(|h| h.as_slice()).unwrap_or_default() {
-        let fail = |why: String| {
-            Error::InvalidInput(format!(
-                "error running {kind} hook {}: {why}",
-                hook.path().display()
-            ))
+        let fail = |reason: String| Error::HookFailed {
+            hook: kind.to_string(),
+            path: hook.path().display().to_string(),
+            reason,
         };
         let mut args = vec![hook.path().display().to_string()];
         args.extend(
@@ -483,7 +483,7 @@ pub fn stats_event(store: &StateStore, id: &str) -> Result<serde_json::Value> {
         return Err(Error::NotRunning);
     }
     let cgroup = c.record.cgroup.as_ref().ok_or_else(|| {
-        Error::InvalidInput(format!(
+        Error::NoHostCgroup(format!(
             "{id} has no host cgroup (created by an older krun-oci)"
         ))
     })?;
@@ -492,12 +492,10 @@ pub fn stats_event(store: &StateStore, id: &str) -> Result<serde_json::Value> {
 }
 
 /// Created or running: what the guest must answer. A frozen guest answers nothing.
-fn require_unpaused(c: &Container, action: &str) -> Result<()> {
+fn require_unpaused(c: &Container, action: &'static str) -> Result<()> {
     match c.status() {
         Status::Created | Status::Running => Ok(()),
-        Status::Paused => Err(Error::InvalidInput(format!(
-            "cannot {action} a paused container: resume it first"
-        ))),
+        Status::Paused => Err(Error::ResumeFirst { op: action }),
         _ => Err(Error::NotRunning),
     }
 }
@@ -528,7 +526,7 @@ pub fn update(store: &StateStore, id: &str, resources: &LinuxResources) -> Resul
     }
     if let Some(host) = crate::cgroup::host_part(resources)? {
         let cgroup = c.record.cgroup.as_ref().ok_or_else(|| {
-            Error::InvalidInput(format!(
+            Error::NoHostCgroup(format!(
                 "{id} has no host cgroup for cpu and block I/O limits"
             ))
         })?;
@@ -616,7 +614,7 @@ pub fn resume(store: &StateStore, id: &str) -> Result<()> {
 /// Freezes or thaws the VM and records it (the caller holds the lock).
 fn set_frozen(c: &mut Container, frozen: bool) -> Result<()> {
     let cg = c.record.cgroup.clone().ok_or_else(|| {
-        Error::InvalidInput(
+        Error::NoHostCgroup(
             "the container has no cgroup to freeze (created by an older krun-oci)".into(),
         )
     })?;
@@ -790,6 +788,76 @@ mod tests {
             base[k] = v.clone();
         }
         serde_json::from_value(base).unwrap()
+    }
+
+    /// A container `c` in a store under `root` whose monitor is this (live)
+    /// process: paused when `paused`, still creating without a guest link.
+    fn stored(root: &Path, paused: bool, link: bool) -> StateStore {
+        let store = StateStore::open(root).unwrap();
+        let dir = store.claim("c").unwrap();
+        let pid = std::process::id() as i32;
+        let record = ContainerRecord {
+            id: "c".into(),
+            bundle: root.into(),
+            rootfs: root.into(),
+            created: chrono::Utc::now(),
+            owner: String::new(),
+            annotations: Default::default(),
+            pid,
+            pid_start_time: crate::supervise::start_time(pid).unwrap(),
+            started: true,
+            paused,
+            vmm: String::new(),
+            link: link.then(|| crate::guest::GuestLink::PortSockets { dir: root.into() }),
+            helper_pids: Vec::new(),
+            pool_dirs: Vec::new(),
+            log_path: None,
+            // As an older krun-oci recorded it.
+            cgroup: None,
+        };
+        dir.save(&record).unwrap();
+        store
+    }
+
+    #[test]
+    fn wrong_states_are_typed_with_runcs_words() {
+        use crate::error::ErrorKind;
+        let d = tempfile::tempdir().unwrap();
+        let paused = stored(d.path(), true, true);
+        let e = start(&paused, "c").unwrap_err();
+        assert!(matches!(e, Error::WrongState { op: "start", .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "cannot start a container in the paused state"
+        );
+        assert_eq!(e.kind(), ErrorKind::WrongState);
+        let e = update(&paused, "c", &LinuxResources::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot update a paused container: resume it first"
+        );
+        assert_eq!(e.kind(), ErrorKind::WrongState);
+        let e = resume(&paused, "c").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the container has no cgroup to freeze (created by an older krun-oci)"
+        );
+        assert_eq!(e.kind(), ErrorKind::WrongState);
+        let e = stats_event(&paused, "c").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "c has no host cgroup (created by an older krun-oci)"
+        );
+        assert_eq!(e.kind(), ErrorKind::WrongState);
+
+        let d = tempfile::tempdir().unwrap();
+        let creating = stored(d.path(), false, false);
+        let e = start(&creating, "c").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot start a container in the creating state"
+        );
+        assert_eq!(e.kind(), ErrorKind::WrongState);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -29,12 +29,6 @@ use crate::relay::Forward;
 use crate::state::{write_atomic, ContainerDir};
 use crate::vmm::{Vm, VmSpec, VmmChoice};
 
-/// How long create waits for the guest's ready beacon after launching the VM (the
-/// guest image is built before). A TCG boot takes 1-3 s, under heavy load ~10 s; a
-/// boot that has not answered in 2 minutes is stuck, and create fails with the
-/// console's tail (which shows guest-init's boot steps) while the caller still
-/// waits, rather than after a client's own timeout. The VM dying ends the wait at once.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// When the workload's end comes without its report (the events stream closed,
 /// the VM stopped), how long the guest gets to power off by itself.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -201,7 +195,7 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
     // The sandbox boots no kernel: no image to build.
     let image = match cfg.vmm {
         VmmChoice::Sandbox => None,
-        vmm => Some(crate::image::ensure(&image_options(vmm)?)?),
+        vmm => Some(crate::image::ensure(&crate::boot::image_options(vmm)?)?),
     };
     let selection = crate::vmm::detect::select(cfg.vmm, image.as_ref())?;
     let image_ms = t0.elapsed().as_millis();
@@ -359,11 +353,11 @@ fn launch_cold(
         rootfs_cache: cfg.rootfs_cache,
     };
     let link = vmm.link(&vm_spec);
-    let listener = bind_events(&link)?;
+    let listener = crate::boot::bind_events(&link)?;
     let launch_start = Instant::now();
     let mut vm = vmm.launch(&vm_spec)?;
     let launched = launch_start.elapsed();
-    let ready = await_ready(&listener, vm.as_mut());
+    let ready = crate::boot::await_ready(&listener, vm.as_mut());
     let _ = std::fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
     let (events, timings) = ready.map_err(|e| with_console(e, vm.as_mut()))?;
     // One parseable line for `make bench` (scripts/bench.sh): boot-to-ready as
@@ -470,87 +464,6 @@ fn adopt(
             p.vm.kill();
             Err(e)
         }
-    }
-}
-
-/// Binds the host side of the guest's events port (its ready beacon lands there).
-pub(crate) fn bind_events(link: &GuestLink) -> Result<UnixListener> {
-    let events_path = link.host_port_path(proto::HOST_EVENTS_PORT);
-    let _ = std::fs::remove_file(&events_path);
-    UnixListener::bind(&events_path).ctx(|| format!("binding {}", events_path.display()))
-}
-
-/// Waits for the guest's beacon, then the handshake and its `Ready`.
-pub(crate) fn await_ready(
-    listener: &UnixListener,
-    vm: &mut dyn Vm,
-) -> Result<(UnixStream, Vec<proto::BootTiming>)> {
-    let mut events = accept_beacon(listener, vm)?;
-    proto::handshake(&mut events)?;
-    match proto::recv(&mut events)? {
-        Message::Ready { timings, .. } => Ok((events, timings)),
-        other => Err(Error::Guest(format!(
-            "expected ready, got {}",
-            crate::guest::brief(&other)
-        ))),
-    }
-}
-
-/// Image options for a container: libkrun boots only our own kernel (or
-/// libkrunfw), so when libkrun is asked for, or `auto` would pick it (hardware
-/// KVM and our kernel built), the automatic kernel choice is our own.
-pub fn image_options(vmm: VmmChoice) -> Result<crate::image::ImageOptions> {
-    use crate::image::{own_kernel, KernelSource};
-    let mut opts = crate::image::ImageOptions::from_env()?;
-    if opts.kernel_source == KernelSource::Auto && opts.kernel.is_none() {
-        let libkrun = match vmm {
-            VmmChoice::Libkrun => true,
-            VmmChoice::Qemu | VmmChoice::Sandbox => false,
-            VmmChoice::Auto => {
-                crate::vmm::detect::assess_kvm(&crate::vmm::detect::HostFacts::probe()).usable
-                    && own_kernel::cached(&opts.cache_dir()).is_some()
-            }
-        };
-        if libkrun {
-            opts.kernel_source = KernelSource::Own;
-        }
-    }
-    Ok(opts)
-}
-
-/// Waits for the guest's connection on the events port, bounded by VM liveness.
-fn accept_beacon(listener: &UnixListener, vm: &mut dyn Vm) -> Result<UnixStream> {
-    listener
-        .set_nonblocking(true)
-        .ctx(|| "events listener".into())?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).ctx(|| "events stream".into())?;
-                return Ok(s);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e).ctx(|| "accepting the guest's beacon".into()),
-        }
-        if let Some(exit) = vm.try_wait().ctx(|| "checking the VM".into())? {
-            return Err(Error::Vm(format!(
-                "the VM stopped before the guest was ready: {exit:?}"
-            )));
-        }
-        if Instant::now() > deadline {
-            return Err(Error::Vm(format!(
-                "the guest was not ready within {}s",
-                READY_TIMEOUT.as_secs()
-            )));
-        }
-        let fd = listener.as_raw_fd();
-        let mut pfd = [nix::poll::PollFd::new(
-            // SAFETY: the listener outlives this poll.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let _ = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::from(20u16));
     }
 }
 

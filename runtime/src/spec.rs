@@ -57,11 +57,7 @@ pub fn write_default_spec(bundle: &Path, rootless: bool) -> Result<()> {
     let json = serde_json::to_vec_pretty(&default_spec(rootless))?;
     let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(Error::InvalidInput(
-                "File config.json exists. Remove it first".into(),
-            ))
-        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(Error::ConfigExists),
         Err(e) => return Err(e).ctx(|| format!("creating {}", path.display())),
     };
     f.write_all(&json)
@@ -248,10 +244,9 @@ mod tests {
             &vec!["sh".to_string()]
         );
         assert!(spec.process().as_ref().unwrap().terminal().unwrap_or(false));
-        let err = write_default_spec(dir.path(), false)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(err, "File config.json exists. Remove it first");
+        let err = write_default_spec(dir.path(), false).unwrap_err();
+        assert_eq!(err.to_string(), "File config.json exists. Remove it first");
+        assert_eq!(err.kind(), crate::error::ErrorKind::AlreadyExists);
     }
 
     #[test]

@@ -25,7 +25,7 @@ fn blocker() -> Option<String> {
     if !std::env::var_os("KRUN_OCI_INIT").is_some_and(|p| std::path::Path::new(&p).exists()) {
         return Some("static krun-oci-init not built (run `make build`)".into());
     }
-    let opts = match krun_oci::monitor::image_options(krun_oci::vmm::VmmChoice::Libkrun) {
+    let opts = match krun_oci::boot::image_options(krun_oci::vmm::VmmChoice::Libkrun) {
         Ok(o) => o,
         Err(e) => return Some(format!("image options: {e}")),
     };

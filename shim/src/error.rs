@@ -95,6 +95,31 @@ mod tests {
             code(krun_oci::Error::NotImplemented("exec")),
             Code::UNIMPLEMENTED
         );
+        // start on a creating or paused container: the state, not the input, is wrong.
+        assert_eq!(
+            code(krun_oci::Error::WrongState {
+                op: "start",
+                status: "paused".into()
+            }),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            code(krun_oci::Error::ResumeFirst { op: "update" }),
+            Code::FAILED_PRECONDITION
+        );
+        assert_eq!(
+            code(krun_oci::Error::NoHostCgroup("c has no host cgroup".into())),
+            Code::FAILED_PRECONDITION
+        );
+        // A startContainer hook that failed in the guest, like one on the host.
+        assert_eq!(
+            code(krun_oci::Error::HookFailed {
+                hook: "startContainer".into(),
+                path: "/bin/false".into(),
+                reason: "exit status 1".into()
+            }),
+            Code::INTERNAL
+        );
         assert_eq!(code(krun_oci::Error::Vm("boom".into())), Code::INTERNAL);
         // A boot that failed is the runtime's failure, not the caller's input.
         assert_eq!(

@@ -94,7 +94,9 @@ pub fn serve(root: &Path, settings: PoolSettings, exe: &Path) -> Result<()> {
     }
     let lock = File::create(&paths.lock).ctx(|| format!("creating {}", paths.lock.display()))?;
     nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| Error::Pool(format!("a pool is already serving {}", root.display())))
+        .map_err(|_| Error::PoolAlreadyServing {
+            root: root.to_owned(),
+        })
         .map(|lock| {
             // Held until we exit.
             std::mem::forget(lock);

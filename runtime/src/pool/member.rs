@@ -250,7 +250,7 @@ fn isolate() -> Result<()> {
 type Booted = (Box<dyn Vm>, UnixStream, Shape, u64, Vec<proto::BootTiming>);
 
 fn boot(member: &Member, vcpus: u32, ram_mib: u32, rootfs_cache: RootfsCache) -> Result<Booted> {
-    let image = crate::image::ensure(&crate::monitor::image_options(VmmChoice::Qemu)?)?;
+    let image = crate::image::ensure(&crate::boot::image_options(VmmChoice::Qemu)?)?;
     let selection = crate::vmm::detect::select(VmmChoice::Qemu, Some(&image))?;
     let network = crate::network::spare_nic(&member.network_record, false)?;
     let spec = VmSpec {
@@ -268,10 +268,10 @@ fn boot(member: &Member, vcpus: u32, ram_mib: u32, rootfs_cache: RootfsCache) ->
         rootfs_cache,
     };
     let link = selection.vmm.link(&spec);
-    let listener = crate::monitor::bind_events(&link)?;
+    let listener = crate::boot::bind_events(&link)?;
     let t0 = std::time::Instant::now();
     let mut vm = selection.vmm.launch(&spec)?;
-    match crate::monitor::await_ready(&listener, vm.as_mut()) {
+    match crate::boot::await_ready(&listener, vm.as_mut()) {
         Ok((events, timings)) => {
             let _ = fs::remove_file(link.host_port_path(proto::HOST_EVENTS_PORT));
             // One control connection now, so the claim's is not the first

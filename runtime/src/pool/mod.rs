@@ -180,8 +180,10 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
 /// One request to the daemon of `root`'s pool.
 pub fn ask(root: &Path, request: &Request) -> Result<Reply> {
     let paths = PoolPaths::for_root(root);
-    let sock = wire::connect(&paths.socket, DAEMON_TIMEOUT)
-        .map_err(|e| Error::Pool(format!("no pool is serving {} ({e})", root.display())))?;
+    let sock = wire::connect(&paths.socket, DAEMON_TIMEOUT).map_err(|e| Error::NoPool {
+        root: root.to_owned(),
+        reason: e.to_string(),
+    })?;
     wire::send(&sock, request, &[])?;
     Ok(wire::recv::<Reply>(&sock)?.0)
 }
@@ -198,7 +200,7 @@ pub fn status(root: &Path) -> Result<PoolStatus> {
 
 /// The shape of the VMs a pool of `settings` boots, the image built if needed.
 pub fn shape_for(vcpus: u32, ram_mib: u32) -> Result<Shape> {
-    let image = crate::image::ensure(&crate::monitor::image_options(crate::vmm::VmmChoice::Qemu)?)?;
+    let image = crate::image::ensure(&crate::boot::image_options(crate::vmm::VmmChoice::Qemu)?)?;
     Ok(Shape {
         vcpus,
         ram_mib,
