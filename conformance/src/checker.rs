@@ -4,7 +4,9 @@
 //! libc so the static build stays small. Arguments: `--probe PATH` (repeatable) reports existence,
 //! content and writability of PATH; `--exit N` exits with N after reporting; `--kernel-features`
 //! exercises what container workloads need from the kernel (cgroup v2, IPv6 loopback, overlayfs
-//! in `/ovl`, POSIX message queues) and reports each as `{"ok": bool, "detail": ...}`.
+//! in `/ovl`, POSIX message queues) and reports each as `{"ok": bool, "detail": ...}`;
+//! `--mmap-write PATH TEXT` writes TEXT into PATH through a shared mapping only (see
+//! [`mmap_write`]).
 use serde_json::{json, Map, Value};
 use std::ffi::CStr;
 use std::fs;
@@ -398,11 +400,51 @@ fn interfaces() -> Map<String, Value> {
     m
 }
 
+/// Writes `text` into `path` through a shared mapping, with the file closed
+/// before the write: closing (which writes a file's dirty pages back on FUSE)
+/// and exiting then leave the page dirty in the page cache, where only a sync
+/// (or writeback, 30 s later) takes it to the file.
+fn mmap_write(path: &str, text: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| format!("open {path}: {e}"))?;
+    f.set_len(text.len() as u64)
+        .map_err(|e| format!("truncate {path}: {e}"))?;
+    // SAFETY: a new shared mapping of the file's `text.len()` bytes, which the
+    // file has; nothing else maps it.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            text.len(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    if map == libc::MAP_FAILED {
+        return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
+    }
+    drop(f);
+    // SAFETY: `map` is `text.len()` writable bytes, mapped above and unmapped once.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), map.cast::<u8>(), text.len());
+        libc::munmap(map, text.len());
+    }
+    Ok(())
+}
+
 fn main() {
     let argv: Vec<String> = std::env::args().collect();
     let mut probes = Map::new();
     let mut exit = 0;
     let mut features = Value::Null;
+    let mut mmap_written = Value::Null;
     let mut it = argv.iter().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -412,6 +454,14 @@ fn main() {
                 }
             }
             "--kernel-features" => features = kernel_features(),
+            "--mmap-write" => {
+                if let (Some(path), Some(text)) = (it.next(), it.next()) {
+                    mmap_written = match mmap_write(path, text) {
+                        Ok(()) => json!({"ok": true}),
+                        Err(e) => json!({"ok": false, "detail": e}),
+                    };
+                }
+            }
             "--exit" => exit = it.next().and_then(|v| v.parse().ok()).unwrap_or(0),
             _ => {}
         }
@@ -478,6 +528,7 @@ fn main() {
         "mem_total_kib": mem_total_kib,
         "probes": probes,
         "kernel_features": features,
+        "mmap_write": mmap_written,
         "interfaces": interfaces(),
         "dev": dev_entries(),
     });

@@ -708,7 +708,7 @@ impl Guest {
             }
             None => log::error!("no container root for /.a3s_exit_code"),
         }
-        terminate_all();
+        let all_ended = terminate_all();
         for p in pumps {
             let _ = p.join();
         }
@@ -718,11 +718,17 @@ impl Guest {
         if oom_killed {
             log::warn!("the OOM killer ran while the main process ran");
         }
-        // Written back before the report (a shared mapping's dirty pages, say): the
-        // host stops the VM as soon as it has the exit code.
-        nix::unistd::sync();
+        // The host stops the VM as soon as it has the report, and nothing of the
+        // container's data waits in the guest: its shares are write-through (no
+        // virtiofsd --writeback) and FUSE writes a shared mapping's dirty pages
+        // back when the mapping goes, at the latest when its process exits. No
+        // sync, then, which would also make virtiofsd syncfs the host's
+        // filesystem at every container exit; only if a process outlived SIGKILL.
+        if !all_ended {
+            nix::unistd::sync();
+        }
         self.send_event(&Frame::Message(Message::MainExited { code, oom_killed }));
-        self.power_off(code);
+        halt(self.halt, code);
     }
 
     /// `Shutdown` from the host: stop everything; if a main runs, its watcher
@@ -741,8 +747,15 @@ impl Guest {
     }
 }
 
-pub fn power_off(halt: Halt, code: i32) -> ! {
+/// Syncs, then ends the VM (see [`halt`]).
+pub fn power_off(how: Halt, code: i32) -> ! {
     nix::unistd::sync();
+    halt(how, code)
+}
+
+/// Ends the VM: `reboot(2)` (power-off, or a reboot that QEMU's `-no-reboot`
+/// turns into its exit), or `exit` in the sandbox.
+fn halt(halt: Halt, code: i32) -> ! {
     match halt {
         Halt::Exit => std::process::exit(code),
         Halt::PowerOff | Halt::Reboot => {
@@ -778,8 +791,8 @@ fn main_stdio(process: &Process) -> StdioMode {
 }
 
 /// SIGTERM to everything but init, a grace period (ends early when nothing is
-/// left), then SIGKILL and wait until all are gone.
-pub fn terminate_all() {
+/// left), then SIGKILL and wait until all are gone. False if some outlived it.
+pub fn terminate_all() -> bool {
     // As PID 1 (of the VM, or of the sandbox's pid namespace), kill(-1) reaches
     // every process but us, and every process is our descendant (orphans come to
     // PID 1): none is left when we have no child. No /proc scan, which under TCG
@@ -815,15 +828,16 @@ pub fn terminate_all() {
         false
     };
     if !signal_all(Signal::SIGTERM) || wait_empty(GRACE) {
-        return;
+        return true;
     }
     for _ in 0..50 {
         signal_all(Signal::SIGKILL);
         if wait_empty(Duration::from_millis(100)) {
-            return;
+            return true;
         }
     }
     log::warn!("processes survived SIGKILL: {:?}", procfs::others());
+    false
 }
 
 /// Whether this process has no child, running or exited (peeked: the reaper

@@ -617,8 +617,9 @@ fn supervise(dir: &ContainerDir, cfg: &MonitorConfig, booted: Booted) -> i32 {
         let _ = write_atomic(&dir.exit_code_file(), code.to_string().as_bytes());
     }
     // The code is recorded: clients see `stopped` now; tear the VM down. A guest
-    // that reported has written everything back first (guest-init syncs before
-    // MainExited), so it is stopped at once; otherwise it gets time to power off.
+    // that reported has nothing left to write back (its processes have ended and
+    // its shares are write-through: docs/guest-init.md), so it is stopped at
+    // once; otherwise it gets time to power off.
     let grace = if reported {
         Duration::ZERO
     } else {

@@ -26,6 +26,7 @@ pub fn tests() -> Vec<Test> {
         "mounts/tmpfs" => mount_tmpfs,
         "mounts/bind-dir-readonly" => mount_bind_dir,
         "mounts/bind-file" => mount_bind_file,
+        "mounts/bind-shared-mapping" => mount_bind_shared_mapping,
         "mounts/proc" => mount_proc,
         "mounts/bind-relative-source" => mount_bind_relative,
         "mounts/bind-missing-source" => mount_bind_missing,
@@ -271,6 +272,31 @@ fn mount_bind_dir(ctx: &mut Ctx) -> Result<()> {
         r["probes"]["/conf-bind"]["writable"] == false,
         "ro bind mount is writable"
     );
+    Ok(())
+}
+
+/// A write through a shared mapping of a file on a bind mount, with the file
+/// closed first (so no close writes it back), is in the host's file once the
+/// container has exited: a VM must write its dirty pages back before it stops.
+fn mount_bind_shared_mapping(ctx: &mut Ctx) -> Result<()> {
+    let src = ctx.path("bind-mmap");
+    fs::create_dir_all(&src)?;
+    let s = src.display().to_string();
+    let text = "written through a shared mapping";
+    let r = ctx.checker_report(&["--mmap-write", "/conf-mmap/data", text], |c| {
+        let m = c["mounts"].as_array_mut().expect("spec has mounts");
+        m.push(
+            json!({"destination": "/conf-mmap", "type": "bind", "source": s,
+                      "options": ["rbind", "rw"]}),
+        );
+    })?;
+    ensure!(
+        r["mmap_write"]["ok"] == true,
+        "mmap write: {}",
+        r["mmap_write"]
+    );
+    let on_host = fs::read_to_string(src.join("data"))?;
+    ensure!(on_host == text, "the host's file holds {on_host:?}");
     Ok(())
 }
 
