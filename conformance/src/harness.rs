@@ -478,16 +478,7 @@ pub fn wait_file(path: &Path, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-pub fn pid_alive(pid: i32) -> bool {
-    // A zombie counts as gone: its /proc stat says Z.
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
-    }
-}
+pub use krun_oci_testkit::procs::alive as pid_alive;
 
 /// The kit's busybox rootfs, plus what the suite's checks look for: the `conf`
 /// user, its home `/work`, and a marker file.
@@ -596,14 +587,7 @@ pub fn children_of(ppid: i32) -> Vec<i32> {
 
 /// Become a child subreaper so container pids (double-forked by the runtime) are ours to waitpid.
 pub fn become_subreaper() -> Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    ensure!(
-        r == 0,
-        "PR_SET_CHILD_SUBREAPER: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    krun_oci_testkit::procs::become_subreaper().context("PR_SET_CHILD_SUBREAPER")
 }
 
 /// A host shell hook entry.

@@ -507,7 +507,12 @@ fn parse_net_dev(table: &str) -> Vec<String> {
 
 /// Whether a link so named could be attached ([`Candidate::from_link`] decides).
 fn may_be_a_candidate(name: &str) -> bool {
-    name != "lo" && !name.starts_with(TAP_PREFIX)
+    name != "lo" && !is_our_tap(name)
+}
+
+/// A tap the VM's NICs use (a link of ours, never the container's).
+fn is_our_tap(name: &str) -> bool {
+    name.starts_with(TAP_PREFIX)
 }
 
 type Dump = (Vec<LinkMessage>, Vec<AddressMessage>, Vec<RouteMessage>);
@@ -570,7 +575,7 @@ impl Candidate {
                 _ => {}
             }
         }
-        let name = name.filter(|n| !n.starts_with(TAP_PREFIX))?;
+        let name = name.filter(|n| !is_our_tap(n))?;
         let index = link.header.index;
         let addresses: Vec<IpPrefix> = addresses
             .iter()

@@ -21,26 +21,39 @@ fn pids() -> impl Iterator<Item = i32> {
 
 /// Every process now.
 pub fn processes() -> Vec<ProcStat> {
-    let mut out = Vec::new();
-    for pid in pids() {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // comm may hold spaces and parentheses: it ends at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let mut rest = stat[close + 1..].split_whitespace();
-        let state = rest.next().and_then(|f| f.chars().next()).unwrap_or('?');
-        let ppid = rest.next().and_then(|f| f.parse().ok()).unwrap_or(0);
-        out.push(ProcStat {
-            pid,
-            comm: stat[open + 1..close].to_string(),
-            state,
-            ppid,
-        });
+    pids().filter_map(stat).collect()
+}
+
+/// `pid`'s `/proc/PID/stat`, if it exists.
+pub fn stat(pid: i32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may hold spaces and parentheses: it ends at the last ')'.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let mut rest = stat[close + 1..].split_whitespace();
+    let state = rest.next().and_then(|f| f.chars().next()).unwrap_or('?');
+    let ppid = rest.next().and_then(|f| f.parse().ok()).unwrap_or(0);
+    Some(ProcStat {
+        pid,
+        comm: stat[open + 1..close].to_string(),
+        state,
+        ppid,
+    })
+}
+
+/// Whether `pid` runs; a zombie counts as gone.
+pub fn alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|s| s.state != 'Z')
+}
+
+/// Makes this process the subreaper of the processes it starts (monitors,
+/// container pids the runtime double-forked), so it can `waitpid` them as
+/// conmon and the shims do.
+pub fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    out
+    Ok(())
 }
 
 /// (pid, command line with spaces between the arguments) of every process
@@ -82,5 +95,7 @@ mod tests {
         let parent = all.iter().find(|p| p.pid == me).unwrap().ppid;
         assert!(descendants(parent, &all).contains(&me));
         assert!(command_lines().iter().any(|(pid, _)| *pid == me));
+        assert!(alive(me));
+        assert!(!alive(i32::MAX));
     }
 }

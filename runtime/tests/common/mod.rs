@@ -70,11 +70,11 @@ pub fn sandbox_available(test: &str) -> bool {
 
 pub use krun_oci_testkit::which;
 
-/// Makes this test process the subreaper of the monitors it creates, so it can
-/// `waitpid` them like conmon and the shims do.
+pub use krun_oci_testkit::procs::alive;
+
+/// This test process as the subreaper of the monitors it creates.
 pub fn become_subreaper() {
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    krun_oci_testkit::procs::become_subreaper().expect("PR_SET_CHILD_SUBREAPER");
 }
 
 /// A bundle with a busybox-static rootfs.
@@ -261,12 +261,6 @@ pub fn eventually(what: &str, limit: Duration, f: impl FnMut() -> bool) {
         krun_oci_testkit::wait::within(limit, Duration::from_millis(50), f),
         "timed out waiting for: {what}"
     );
-}
-
-pub fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s[s.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'))
-        .unwrap_or(false)
 }
 
 /// Asserts nothing of the container remains: state dir, VMM and helpers.
