@@ -69,6 +69,8 @@ pub struct Guest {
     main_stdin_tx: SyncSender<StdinChunk>,
     main_stdin_rx: Mutex<Option<Receiver<StdinChunk>>>,
     events: Mutex<Option<UnixStream>>,
+    /// Set when the host's side of the events stream is gone (its reader ended).
+    events_ended: (Mutex<bool>, std::sync::Condvar),
     execs: Mutex<HashMap<String, i32>>,
     finishing: AtomicBool,
     /// seccomp filter and resource cgroup from Setup, for the main and every exec.
@@ -82,8 +84,10 @@ pub struct Guest {
     main_namespaces: Mutex<Option<(i32, Arc<spawn::MainNamespaces>)>>,
 }
 
-/// The background fork and setup of the main (see `Guest::prepare_main`).
-type PreparingMain = JoinHandle<Result<spawn::Prepared, spawn::SpawnError>>;
+/// The background fork and setup of the main (see `Guest::prepare_main`), with
+/// the OOM-kill count read once it was set up (nothing of the container runs
+/// until its release, so the count at start).
+type PreparingMain = JoinHandle<(Result<spawn::Prepared, spawn::SpawnError>, u64)>;
 
 impl Guest {
     /// `root`: the container root already switched into; `Err(tag)`: deferred,
@@ -105,6 +109,7 @@ impl Guest {
             main_stdin_tx: tx,
             main_stdin_rx: Mutex::new(Some(rx)),
             events: Mutex::new(None),
+            events_ended: (Mutex::new(false), std::sync::Condvar::new()),
             execs: Mutex::new(HashMap::new()),
             finishing: AtomicBool::new(false),
             confinement: std::sync::OnceLock::new(),
@@ -135,27 +140,42 @@ impl Guest {
         let g = self.clone();
         thread::Builder::new()
             .name("events-in".into())
-            .spawn(move || loop {
-                match proto::read_frame(&mut reader) {
-                    Ok(Frame::Stdin(d)) => {
-                        let _ = g.main_stdin_tx.send(StdinChunk::Data(d));
-                    }
-                    Ok(Frame::StdinClose) => {
-                        let _ = g.main_stdin_tx.send(StdinChunk::Close);
-                    }
-                    Ok(Frame::Message(Message::Heartbeat)) => {
-                        g.send_event(&Frame::Message(Message::HeartbeatAck));
-                    }
-                    Ok(other) => log::warn!("events stream: ignoring {other:?}"),
-                    Err(ProtocolError::Malformed(e)) => log::warn!("events stream: {e}"),
-                    Err(ProtocolError::UnknownKind(k)) => log::warn!("events stream: kind {k}"),
-                    Err(e) => {
-                        log::info!("events stream from host ended: {e}");
-                        break;
-                    }
-                }
+            .spawn(move || {
+                g.read_events(&mut reader);
+                *lock(&g.events_ended.0) = true;
+                g.events_ended.1.notify_all();
             })?;
         Ok(())
+    }
+
+    /// What the host sends on the events stream, until it ends.
+    fn read_events(&self, reader: &mut UnixStream) {
+        loop {
+            match proto::read_frame(reader) {
+                Ok(Frame::Stdin(d)) => {
+                    let _ = self.main_stdin_tx.send(StdinChunk::Data(d));
+                }
+                Ok(Frame::StdinClose) => {
+                    let _ = self.main_stdin_tx.send(StdinChunk::Close);
+                }
+                Ok(Frame::Message(Message::Heartbeat)) => {
+                    self.send_event(&Frame::Message(Message::HeartbeatAck));
+                }
+                Ok(other) => log::warn!("events stream: ignoring {other:?}"),
+                Err(ProtocolError::Malformed(e)) => log::warn!("events stream: {e}"),
+                Err(ProtocolError::UnknownKind(k)) => log::warn!("events stream: kind {k}"),
+                Err(e) => {
+                    log::info!("events stream from host ended: {e}");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Waits until the host's side of the events stream is gone, at most `limit`.
+    fn await_events_end(&self, limit: Duration) {
+        let (ended, cv) = &self.events_ended;
+        let _ = cv.wait_timeout_while(lock(ended), limit, |ended| !*ended);
     }
 
     /// A pooled VM, before it reports Ready: walk the guest kernel paths its
@@ -386,7 +406,7 @@ impl Guest {
                     None,
                 );
                 log::info!("main prepared in {} ms", t0.elapsed().as_millis());
-                prepared
+                (prepared, crate::resources::oom_kills())
             });
         match job {
             Ok(job) => *lock(&self.prepared_main) = Some((wanted, job)),
@@ -415,7 +435,8 @@ impl Guest {
     }
 
     /// Releases the prepared main into its exec (or forks it now); returns once
-    /// the exec has succeeded.
+    /// the main has the word (its exec failing later is its own failure: exit
+    /// status 127, the reason on its stderr, as under runc).
     fn release_main(
         self: &Arc<Self>,
         process: &Process,
@@ -428,9 +449,9 @@ impl Guest {
             return Err("the main process was already started".into());
         }
         let prepared = lock(&self.prepared_main).take().and_then(|(wanted, job)| {
-            let prepared = job.join().unwrap_or_else(|_| Err("panicked".into()));
+            let (prepared, oom_kills) = job.join().unwrap_or_else(|_| (Err("panicked".into()), 0));
             match prepared {
-                Ok(p) if wanted == *process && p.waiting() => Some(p),
+                Ok(p) if wanted == *process && p.waiting() => Some((p, oom_kills)),
                 // Dropped: it exits unreleased, and the main is forked afresh.
                 Ok(_) => None,
                 Err(e) => {
@@ -439,17 +460,22 @@ impl Guest {
                 }
             }
         });
-        self.oom_kills_at_start
-            .store(crate::resources::oom_kills(), Ordering::SeqCst);
+        let oom_kills = match &prepared {
+            Some((_, n)) => *n,
+            None => crate::resources::oom_kills(),
+        };
+        self.oom_kills_at_start.store(oom_kills, Ordering::SeqCst);
+        // As runc's start: answered once the main has the word, its exec to come.
         let released = match prepared {
-            Some(p) => p.release(),
-            None => spawn::spawn(
+            Some((p, _)) => p.release_before_exec(),
+            None => spawn::prepare(
                 process,
                 main_stdio(process),
                 &self.reaper,
                 self.confinement(),
                 None,
-            ),
+            )
+            .and_then(spawn::Prepared::release_before_exec),
         };
         let spawned = match released {
             Ok(s) => s,
@@ -727,7 +753,12 @@ impl Guest {
         if !all_ended {
             nix::unistd::sync();
         }
-        self.send_event(&Frame::Message(Message::MainExited { code, oom_killed }));
+        // The host ends the VM once it has read this report, and with it every
+        // frame before it. Powering off first could lose the last ones: vsock
+        // sends as the host's credit allows, after write() returned.
+        if self.send_event(&Frame::Message(Message::MainExited { code, oom_killed })) {
+            self.await_events_end(HOST_TAKES_REPORT);
+        }
         halt(self.halt, code);
     }
 
@@ -752,6 +783,10 @@ pub fn power_off(how: Halt, code: i32) -> ! {
     nix::unistd::sync();
     halt(how, code)
 }
+
+/// How long guest-init waits, after its last report, for the host to end the VM
+/// (it does so on reading it) before powering off itself.
+const HOST_TAKES_REPORT: Duration = Duration::from_secs(10);
 
 /// Ends the VM: `reboot(2)` (power-off, or a reboot that QEMU's `-no-reboot`
 /// turns into its exit), or `exit` in the sandbox.

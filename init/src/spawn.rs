@@ -1173,6 +1173,7 @@ pub fn prepare(
     }
     match report {
         ChildReport::Ready => {}
+        ChildReport::Released => return Err(exec_failed(libc::EPROTO, false)),
         ChildReport::SetupFailed(errno) => return Err(exec_failed(errno, false)),
         ChildReport::ExecFailed(errno) => return Err(exec_failed(errno, true)),
         ChildReport::Ended => return Err(exec_failed(libc::ECHILD, false)),
@@ -1193,6 +1194,11 @@ pub fn prepare(
     })
 }
 
+/// The byte that releases a prepared child: exec and report how it went, or
+/// say "released" first and exec unwatched.
+const GO_AFTER_EXEC: u8 = b'1';
+const GO_BEFORE_EXEC: u8 = b'2';
+
 /// A child waiting before its exec (see [`prepare`]). Dropped unreleased, it exits.
 pub struct Prepared {
     spawned: Spawned,
@@ -1212,17 +1218,31 @@ impl Prepared {
 
     /// Releases the child into its exec; returns once the exec has succeeded (or
     /// with the exec's error, as `exec: "PROGRAM": REASON`).
-    pub fn release(mut self) -> Result<Spawned, SpawnError> {
+    pub fn release(self) -> Result<Spawned, SpawnError> {
+        self.let_go(GO_AFTER_EXEC)
+    }
+
+    /// Releases the child and returns once it has the word, its exec still to
+    /// come: runc's `start`, whose `runc init` execs after its exec fifo is read.
+    /// An exec that fails then is the process's own failure (exit status 127, the
+    /// reason on its stderr, as runc's `exec PROGRAM: REASON`).
+    pub fn release_before_exec(self) -> Result<Spawned, SpawnError> {
+        self.let_go(GO_BEFORE_EXEC)
+    }
+
+    fn let_go(mut self, go: u8) -> Result<Spawned, SpawnError> {
         use std::io::Write;
         self.go
-            .write_all(b"1")
+            .write_all(&[go])
             .map_err(|_| (self.exec_failed)(libc::ECHILD, false))?;
-        match ChildReport::read(&mut self.status) {
+        match (ChildReport::read(&mut self.status), go) {
             // The status pipe closes on a successful exec.
-            ChildReport::Ended => Ok(self.spawned),
-            ChildReport::ExecFailed(errno) => Err((self.exec_failed)(errno, true)),
-            ChildReport::SetupFailed(errno) => Err((self.exec_failed)(errno, false)),
-            ChildReport::Ready => Err((self.exec_failed)(libc::EPROTO, false)),
+            (ChildReport::Ended, GO_AFTER_EXEC) | (ChildReport::Released, GO_BEFORE_EXEC) => {
+                Ok(self.spawned)
+            }
+            (ChildReport::ExecFailed(errno), _) => Err((self.exec_failed)(errno, true)),
+            (ChildReport::SetupFailed(errno), _) => Err((self.exec_failed)(errno, false)),
+            _ => Err((self.exec_failed)(libc::EPROTO, false)),
         }
     }
 }
@@ -1232,6 +1252,8 @@ impl Prepared {
 enum ChildReport {
     /// Set up; waiting to be released.
     Ready,
+    /// Released before its exec: about to exec, unwatched.
+    Released,
     SetupFailed(i32),
     ExecFailed(i32),
     /// The pipe closed: exec'd (after release) or died (before).
@@ -1240,6 +1262,7 @@ enum ChildReport {
 
 impl ChildReport {
     const READY: u8 = b'R';
+    const RELEASED: u8 = b'G';
     const SETUP_FAILED: u8 = b'S';
     const EXEC_FAILED: u8 = b'E';
 
@@ -1250,8 +1273,10 @@ impl ChildReport {
             Ok(1) => {}
             _ => return ChildReport::Ended,
         }
-        if tag[0] == Self::READY {
-            return ChildReport::Ready;
+        match tag[0] {
+            Self::READY => return ChildReport::Ready,
+            Self::RELEASED => return ChildReport::Released,
+            _ => {}
         }
         let mut errno = [0u8; 4];
         let errno = match status.read_exact(&mut errno) {
@@ -1278,6 +1303,9 @@ struct ChildFds {
 struct ExecImage {
     program: CString,
     cwd: CString,
+    /// What a child released before its exec writes to its stderr when the exec
+    /// fails (runc's words), per errno: made here, the child may not allocate.
+    failures: Vec<(i32, CString)>,
     // Owners of the strings the pointer arrays point into.
     _strings: Vec<CString>,
     argv: Vec<*const libc::c_char>,
@@ -1310,8 +1338,22 @@ impl ExecImage {
                 .chain(std::iter::once(std::ptr::null()))
                 .collect::<Vec<_>>()
         };
+        let shown = program.display();
+        let failures = EXEC_ERRNOS
+            .iter()
+            .chain([&0])
+            .map(|&e| {
+                let why = match e {
+                    0 => "exec failed".to_string(),
+                    e => errno_text(&io::Error::from_raw_os_error(e)),
+                };
+                let line = format!("exec {shown}: {why}\n").replace('\0', "");
+                (e, CString::new(line).expect("NULs removed"))
+            })
+            .collect();
         Ok(ExecImage {
             program: c(program.as_os_str().as_encoded_bytes(), "the program path")?,
+            failures,
             cwd: c(cwd.as_os_str().as_encoded_bytes(), "cwd")?,
             argv: ptrs(&strings[..argc]),
             envp: ptrs(&strings[argc..]),
@@ -1319,6 +1361,29 @@ impl ExecImage {
         })
     }
 }
+
+/// The errors execve(2) documents: the child finds its line among these (the
+/// last entry, errno 0, stands for any other).
+const EXEC_ERRNOS: [i32; 18] = [
+    libc::E2BIG,
+    libc::EACCES,
+    libc::EAGAIN,
+    libc::EFAULT,
+    libc::EINVAL,
+    libc::EIO,
+    libc::EISDIR,
+    libc::ELIBBAD,
+    libc::ELOOP,
+    libc::EMFILE,
+    libc::ENAMETOOLONG,
+    libc::ENFILE,
+    libc::ENOENT,
+    libc::ENOEXEC,
+    libc::ENOMEM,
+    libc::ENOTDIR,
+    libc::EPERM,
+    libc::ETXTBSY,
+];
 
 /// The forked child: stdio, cwd, the setup, then waits for release and execs.
 /// Async-signal-safe syscalls only; never returns.
@@ -1330,7 +1395,11 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
         let mut msg = [0u8; 5];
         msg[0] = tag;
         msg[1..].copy_from_slice(&errno.to_ne_bytes());
-        let len = if tag == ChildReport::READY { 1 } else { 5 };
+        let len = if tag == ChildReport::READY || tag == ChildReport::RELEASED {
+            1
+        } else {
+            5
+        };
         // SAFETY: a write from a local buffer to an fd we hold.
         unsafe { libc::write(fds.status, msg.as_ptr().cast(), len) };
     };
@@ -1381,12 +1450,30 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
             libc::_exit(127);
         }
         libc::close(fds.go);
+        let before_exec = byte == GO_BEFORE_EXEC;
+        if before_exec {
+            report(ChildReport::RELEASED, 0);
+        }
         libc::execve(
             image.program.as_ptr(),
             image.argv.as_ptr(),
             image.envp.as_ptr(),
         );
-        report(ChildReport::EXEC_FAILED, errno());
+        let errno = errno();
+        if before_exec {
+            // Nobody waits on the status pipe now: the reason goes where runc's
+            // goes, to the process's stderr.
+            let line = image
+                .failures
+                .iter()
+                .find(|(e, _)| *e == errno || *e == 0)
+                .map(|(_, line)| line.as_bytes());
+            if let Some(line) = line {
+                libc::write(2, line.as_ptr().cast(), line.len());
+            }
+        } else {
+            report(ChildReport::EXEC_FAILED, errno);
+        }
         libc::_exit(127);
     }
 }

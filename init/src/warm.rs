@@ -1,19 +1,22 @@
 //! Warming a pooled VM while it waits for its container. Under TCG the first
-//! run of any guest kernel path is slow (QEMU translates it first), and a pooled
-//! VM's first paths would otherwise be its container's setup and spawn. So,
-//! idle, it walks them once: `lo` up (which Setup would do), the filesystems a
-//! setup mounts (the rootfs share included, mounted and dropped before its root
-//! entry is ever looked up), a bind made read-only, and a spawn through fresh
-//! namespaces. Nothing else of it stays. It runs before the VM reports Ready, so
+//! run of any guest path, kernel or guest-init's own, is slow (QEMU translates
+//! it first), and a pooled VM's first paths would otherwise be its container's
+//! setup and spawn. So, idle, it walks them once: `lo` up (which Setup would
+//! do), the filesystems a setup mounts (the rootfs share included, mounted and
+//! dropped before its root entry is ever looked up), a bind made read-only, a
+//! `Setup` frame decoded, and a spawn through fresh namespaces as the main's.
+//! Nothing else of it stays. It runs before the VM reports Ready, so
 //! the pool counts a VM idle only once it is warm, and a claim never waits for it.
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use krun_oci_protocol::{Frame, Message};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::reaper::Reaper;
+use crate::spawn::{self, StdioMode};
 
 /// Set in the environment of the spawned warm-up child: it exits at once.
 pub const WARM_ENV: &str = "KRUN_OCI_INIT_WARM";
@@ -88,34 +91,37 @@ fn filesystems(root_tag: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Fork and exec of guest-init itself through new namespaces, as a spawn does.
+/// The main's own path, guest-init's code included (TCG translates user space
+/// on first run too): a `Setup` frame decoded (the JSON and the spec's types),
+/// then a child prepared, released and exec'd through the namespaces and
+/// process settings of a default spec, as the main is. The child is guest-init
+/// itself, which exits at once.
 fn spawn(reaper: &Reaper) -> Result<(), String> {
-    let mut cmd = Command::new("/init");
-    cmd.env_clear()
-        .env(WARM_ENV, "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: unshare is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            let flags = libc::CLONE_NEWNS
-                | libc::CLONE_NEWUTS
-                | libc::CLONE_NEWIPC
-                | libc::CLONE_NEWCGROUP
-                | libc::CLONE_NEWPID;
-            if libc::unshare(flags) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let exit = {
-        let mut registry = reaper.lock();
-        let child = cmd.spawn().map_err(|e| e.to_string())?;
-        registry.register(child.id() as i32)
+    let spec = oci_spec::runtime::Spec::default();
+    let setup = Frame::Message(Message::Setup {
+        spec: Box::new(spec.clone()),
+        seccomp: None,
+        network: Vec::new(),
+        deferred_root: None,
+        prepare_main: true,
+    })
+    .encode()
+    .map_err(|e| e.to_string())?;
+    Frame::decode_body(&setup[4..]).map_err(|e| e.to_string())?;
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(vec!["/init".into()]));
+    process.set_env(Some(vec![format!("{WARM_ENV}=1")]));
+    process.set_cwd("/".into());
+    let confinement = spawn::Confinement {
+        namespaces: Some(Arc::new(spawn::Namespaces::from_spec(&spec)?)),
+        ..Default::default()
     };
-    exit.recv_timeout(Duration::from_secs(5))
+    let spawned = spawn::prepare(&process, StdioMode::Pipes, reaper, confinement, None)
+        .and_then(|p| p.release())
+        .map_err(|e| e.to_string())?;
+    spawned
+        .exit
+        .recv_timeout(Duration::from_secs(5))
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -23,6 +23,7 @@ pub fn tests() -> Vec<Test> {
         "start/twice" => start_twice,
         "start/unknown" => start_unknown,
         "start/stopped" => start_stopped,
+        "start/exec-fails-after-release" => start_exec_fails,
         "state/fields" => state_fields,
         "state/annotations" => state_annotations,
         "state/transitions" => state_transitions,
@@ -294,6 +295,33 @@ fn start_stopped(ctx: &mut Ctx) -> Result<()> {
     ensure!(ctx.status(&id)? == "stopped", "status changed");
     let n = fs::read_to_string(b.join("rootfs/count"))?.lines().count();
     ensure!(n == 1, "main process ran {n} times");
+    Ok(())
+}
+
+/// runc's `start` returns once `runc init` has its word; the exec comes after.
+/// A program the kernel refuses (ENOEXEC: found and executable, so create has
+/// nothing to say) is the process's own failure: start succeeds, the container
+/// stops with a failure status, and the reason is on its stderr.
+fn start_exec_fails(ctx: &mut Ctx) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let b = ctx.bundle(|c| c["process"]["args"] = json!(["/bin/not-a-program"]))?;
+    let program = b.join("rootfs/bin/not-a-program");
+    fs::write(&program, b"neither ELF nor script\n")?;
+    fs::set_permissions(&program, fs::Permissions::from_mode(0o755))?;
+    let id = ctx.new_id();
+    let c = ctx.create(&b, &id, &[])?;
+    ctx.start(&id)?;
+    let exit = ctx.wait_pid(c.pid)?;
+    ensure!(
+        exit.code() != 0,
+        "the container exited 0 after a failed exec"
+    );
+    ctx.wait_status(&id, "stopped")?;
+    let err = fs::read_to_string(c.out.stdout_path.with_extension("err"))?;
+    ensure!(
+        err.contains("exec format error"),
+        "the container's stderr lacks the exec's failure: {err:?}"
+    );
     Ok(())
 }
 
