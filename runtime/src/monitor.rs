@@ -97,11 +97,25 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     let spec: Spec = serde_json::from_slice(
         &std::fs::read(dir.config_file()).ctx(|| "reading config snapshot".into())?,
     )?;
-    let entered = join_network_namespace(&spec).and_then(|()| match &cfg.cgroup {
-        Some(cg) => cg.enter(std::process::id() as i32, &spec),
-        None => Ok(()),
+    // Entering the host cgroup waits on RCU grace periods (cgroup v1 moves take
+    // a global rwsem that syncs RCU): it runs beside the image check and the pool
+    // claim. A cold boot waits for it before it starts anything; a claimed VM is
+    // moved in beside its setup.
+    let booted = join_network_namespace(&spec).and_then(|()| {
+        std::thread::scope(|s| {
+            let entering = s.spawn(|| match &cfg.cgroup {
+                Some(cg) => cg.enter(std::process::id() as i32, &spec),
+                None => Ok(()),
+            });
+            let entered = || {
+                entering
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Vm("cgroup: entering it panicked".into())))
+            };
+            boot(dir, &cfg, &spec, t0, entered)
+        })
     });
-    let booted = match entered.and_then(|()| boot(dir, &cfg, &spec, t0)) {
+    let booted = match booted {
         Ok(b) => b,
         Err(e) => {
             log::error!("boot failed: {e}");
@@ -189,9 +203,15 @@ struct Booted {
 
 /// Boots the VM (or claims a pooled one) and brings the guest to "created":
 /// beacon received, setup applied.
-fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Result<Booted> {
+/// `entered` waits until the monitor is in the container's cgroup.
+fn boot(
+    dir: &ContainerDir,
+    cfg: &MonitorConfig,
+    spec: &Spec,
+    t0: Instant,
+    entered: impl FnOnce() -> Result<()> + Send,
+) -> Result<Booted> {
     let run_dir = dir.create_run_dir()?;
-    let entered_ms = t0.elapsed().as_millis();
     // The sandbox boots no kernel: no image to build.
     let image = match cfg.vmm {
         VmmChoice::Sandbox => None,
@@ -211,34 +231,60 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
         ("qemu", Some(image)) => claim_pooled(dir, cfg, spec, image, mounts.as_ref()),
         _ => None,
     };
-    let launched = match pooled {
+    let claimed_ms = t0.elapsed().as_millis();
+    // A cold VM's processes are the monitor's children: they start in its cgroup.
+    // A claimed VM's are moved there beside its setup (below).
+    let (launched, entered) = match pooled {
         Some(p) => {
             log::info!("vmm: qemu, pooled VM {} (pool hit)", p.member);
-            adopt(dir, cfg, p)
+            (Ok(adopt(p)), Some(entered))
         }
         None => {
+            entered()?;
             log::info!("vmm: {} ({})", selection.engine, selection.explanation);
-            launch_cold(
+            let launched = launch_cold(
                 dir,
                 cfg,
                 &run_dir,
                 selection.vmm.as_ref(),
                 mounts,
                 image.as_ref(),
-            )
+            );
+            (launched, None)
         }
-    }?;
+    };
+    let launched = launched?;
     let Launched {
         mut vm,
         events,
         timings,
         interfaces,
+        spare_tap,
         deferred_root,
         pool_dirs,
+        adopted_pids,
     } = launched;
     let launched_ms = t0.elapsed().as_millis();
     let link = vm.link();
-    let ready = (|| {
+    let ready = std::thread::scope(|s| {
+        // A claimed VM joins the container's cgroup, and its spare tap moves into
+        // the namespace (the kernel takes its time for both), while the guest is
+        // set up; its NIC is configured once the tap is wired.
+        let joining = entered.map(|entered| {
+            s.spawn(move || {
+                entered()?;
+                match &cfg.cgroup {
+                    Some(cg) => cg.add(&adopted_pids),
+                    None => Ok(()),
+                }
+            })
+        });
+        let wiring = spare_tap.map(|spare| {
+            s.spawn(move || {
+                spare.arrived()?;
+                crate::network::attach_pooled(&cfg.network, &dir.network_record(), &spare.claim)
+            })
+        });
         let mut control = GuestClient::dial(&link, crate::guest::CONTROL_TIMEOUT)?;
         control.setup(
             spec.clone(),
@@ -247,16 +293,30 @@ fn boot(dir: &ContainerDir, cfg: &MonitorConfig, spec: &Spec, t0: Instant) -> Re
             deferred_root,
             main_can_be_prepared(spec),
         )?;
+        if let Some(joining) = joining {
+            joining.join().unwrap_or_else(|_| {
+                Err(Error::Vm("cgroup: moving the VM into it panicked".into()))
+            })?;
+        }
+        if let Some(wiring) = wiring {
+            let interfaces = wiring
+                .join()
+                .unwrap_or_else(|_| Err(Error::Network("wiring the pooled NIC panicked".into())))?;
+            if !interfaces.is_empty() {
+                control.configure_network(interfaces)?;
+            }
+        }
         let pty = match (&cfg.console_socket, cfg.terminal) {
             (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
             _ => None,
         };
         Ok((control, pty))
-    })();
+    });
     // One parseable line for `make bench`: where the monitor's time went (ms
-    // since it started; `vm` is the cold boot or the pool claim).
+    // since it started; `claim` is the pool's answer, `vm` the cold boot or the
+    // claimed VM taken over; a claimed VM's cgroup and NIC are done in `setup`).
     log::info!(
-        "create-timing: netns_cgroup_ms={entered_ms} image_ms={image_ms} vm_ms={launched_ms} setup_ms={} pooled={}",
+        "create-timing: image_ms={image_ms} claim_ms={claimed_ms} vm_ms={launched_ms} setup_ms={} pooled={}",
         t0.elapsed().as_millis(),
         !pool_dirs.is_empty()
     );
@@ -315,6 +375,10 @@ struct Launched {
     events: UnixStream,
     timings: Vec<proto::BootTiming>,
     interfaces: Vec<proto::net::NetInterface>,
+    /// A pooled VM's NIC, wired while the guest is set up.
+    spare_tap: Option<crate::pool::adopt::SpareTap>,
+    /// A pooled VM's processes, moved into the container's cgroup meanwhile.
+    adopted_pids: Vec<i32>,
     deferred_root: Option<String>,
     pool_dirs: Vec<PathBuf>,
 }
@@ -379,6 +443,8 @@ fn launch_cold(
         events,
         timings,
         interfaces: network.interfaces,
+        spare_tap: None,
+        adopted_pids: Vec::new(),
         deferred_root: None,
         pool_dirs: Vec::new(),
     })
@@ -434,36 +500,18 @@ fn claim_pooled(
     }
 }
 
-/// Makes a claimed pooled VM the container's: its processes join the
-/// container's cgroup, its NIC is wired to the namespace's link.
-fn adopt(
-    dir: &ContainerDir,
-    cfg: &MonitorConfig,
-    mut p: crate::pool::adopt::Adopted,
-) -> Result<Launched> {
-    let wired = (|| {
-        if let Some(cg) = &cfg.cgroup {
-            cg.add(&p.pids)?;
-        }
-        let record = dir.network_record();
-        let Some(spare) = &p.spare else {
-            return Ok(Vec::new());
-        };
-        crate::network::attach_pooled(&cfg.network, &record, spare)
-    })();
-    match wired {
-        Ok(interfaces) => Ok(Launched {
-            vm: p.vm,
-            events: p.events,
-            timings: p.timings,
-            interfaces,
-            deferred_root: Some(crate::pool::member::ROOT_ENTRY.to_string()),
-            pool_dirs: p.dirs,
-        }),
-        Err(e) => {
-            p.vm.kill();
-            Err(e)
-        }
+/// Runs a claimed pooled VM as the container's. Its processes join the
+/// container's cgroup and its NIC is wired in `boot`, beside the guest's setup.
+fn adopt(p: crate::pool::adopt::Adopted) -> Launched {
+    Launched {
+        vm: p.vm,
+        events: p.events,
+        timings: p.timings,
+        interfaces: Vec::new(),
+        spare_tap: p.spare,
+        adopted_pids: p.pids,
+        deferred_root: Some(crate::pool::member::ROOT_ENTRY.to_string()),
+        pool_dirs: p.dirs,
     }
 }
 

@@ -376,16 +376,21 @@ pub fn candidate_count() -> Result<usize> {
     })
 }
 
-/// Moves the spare tap `record` lists from the current network namespace into
-/// `netns` (a pooled VM's NIC going to its container's namespace) and returns
-/// its claim, which the container's record takes over; this record forgets it.
-pub fn move_spare_tap(record: &Path, netns: &File) -> Result<Claim> {
-    let claims = read_record(record)?.unwrap_or_default();
-    let spare = claims
-        .iter()
+/// The spare tap `record` lists (a pooled VM's NIC, which goes to its
+/// container's namespace with [`move_spare_tap`]): its claim, which the
+/// container's record takes over.
+pub fn spare_tap(record: &Path) -> Result<Claim> {
+    read_record(record)?
+        .unwrap_or_default()
+        .into_iter()
         .find(|c| c.link.is_none() && c.spare_mac.is_some())
-        .cloned()
-        .ok_or_else(|| Error::Network("this VM has no spare NIC".into()))?;
+        .ok_or_else(|| Error::Network("this VM has no spare NIC".into()))
+}
+
+/// Moves `spare` (see [`spare_tap`]) from the current network namespace into
+/// `netns`; `record` forgets it. The kernel makes a move wait for an RCU grace
+/// period (~15 ms here): the claimant sets its guest up meanwhile.
+pub fn move_spare_tap(record: &Path, spare: &Claim, netns: &File) -> Result<()> {
     block_on(async {
         let handle = connect()?;
         let index = link_index(&handle, &spare.tap).await?;
@@ -403,9 +408,12 @@ pub fn move_spare_tap(record: &Path, netns: &File) -> Result<Claim> {
                 spare.tap
             )))
     })?;
-    let rest: Vec<Claim> = claims.into_iter().filter(|c| *c != spare).collect();
-    write_record(record, &rest)?;
-    Ok(spare)
+    let rest: Vec<Claim> = read_record(record)?
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c != spare)
+        .collect();
+    write_record(record, &rest)
 }
 
 /// Takes over a spare tap moved into the current network namespace (see

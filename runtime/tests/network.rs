@@ -205,11 +205,21 @@ fn bundle_in(net: &TestNet, args: &[&str], annotations: serde_json::Value) -> Te
 
 #[test]
 fn the_netns_reaches_the_guest_both_ways_over_ipv4_and_ipv6() {
-    const T: &str = "net_both_ways";
-    if !vm_available(T) {
+    both_ways("net_both_ways", "both", false);
+}
+
+/// The same on a pooled VM: its spare NIC's tap moves into the namespace while
+/// the guest is set up, and the link's addresses reach the guest after `Setup`.
+#[test]
+fn the_netns_reaches_a_pooled_vm_both_ways() {
+    both_ways("net_pooled", "pool", true);
+}
+
+fn both_ways(test: &str, tag: &str, pooled: bool) {
+    if !vm_available(test) {
         return;
     }
-    let Some(mut net) = TestNet::new("both") else {
+    let Some(mut net) = TestNet::new(tag) else {
         return;
     };
     become_subreaper();
@@ -225,11 +235,19 @@ fn the_netns_reaches_the_guest_both_ways_over_ipv4_and_ipv6() {
          mkdir -p /www; echo guest-page > /www/index.html; httpd -p '[::]:80' -h /www; echo ready; \
          sleep 600";
     let rt = Runtime::new();
+    let pool = pooled.then(|| common::pool::Pool::serve(&rt, 1));
     let b = bundle_in(&net, &["sh", "-c", script], serde_json::json!({}));
     let (out, err) = (b.path().join("out"), b.path().join("err"));
-    let pid = rt.create(T, &b, &out, &err);
-    let helpers = rt.helper_pids(T);
-    rt.ok(&["start", T]);
+    let pid = rt.create(test, &b, &out, &err);
+    let monitor_log =
+        fs::read_to_string(rt.root.path().join(test).join("monitor.log")).unwrap_or_default();
+    assert_eq!(
+        monitor_log.contains("(pool hit)"),
+        pooled,
+        "pool hit: {monitor_log}"
+    );
+    let helpers = rt.helper_pids(test);
+    rt.ok(&["start", test]);
     eventually("the guest's server", Duration::from_secs(120), || {
         fs::read_to_string(&out)
             .unwrap_or_default()
@@ -262,10 +280,11 @@ fn the_netns_reaches_the_guest_both_ways_over_ipv4_and_ipv6() {
         !net.leftovers().is_empty(),
         "a tap and ingress qdiscs while running"
     );
-    rt.ok(&["kill", T, "KILL"]);
+    rt.ok(&["kill", test, "KILL"]);
     assert_eq!(wait_exit(pid), 137);
-    rt.ok(&["delete", T]);
-    assert_cleaned_up(&rt, T, &helpers);
+    rt.ok(&["delete", test]);
+    assert_cleaned_up(&rt, test, &helpers);
+    drop(pool);
     assert_eq!(net.leftovers(), Vec::<String>::new(), "left in the netns");
     // The netns keeps its own configuration.
     let addrs = ip(&["-n", &net.ctr, "-o", "addr", "show", "eth0"]).unwrap();

@@ -6,99 +6,11 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::pool::Pool;
 use common::*;
 use serde_json::Value;
-
-/// A pool daemon serving the runtime's root, stopped (SIGTERM) when dropped.
-struct Pool {
-    child: Option<Child>,
-    root: std::path::PathBuf,
-}
-
-impl Pool {
-    fn serve(rt: &Runtime, idle: u32) -> Pool {
-        let log = rt.root.path().join("pool.log");
-        let child = Command::new(KRUN_OCI)
-            .arg("--root")
-            .arg(rt.root.path())
-            .arg("--log")
-            .arg(&log)
-            .args(["pool", "serve", "--min-idle", &idle.to_string()])
-            .args(["--max-idle", &idle.to_string(), "--health-interval", "2"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pool = Pool {
-            child: Some(child),
-            root: rt.root.path().to_owned(),
-        };
-        pool.wait_idle(idle);
-        pool
-    }
-
-    /// `pool status`, or `None` while the daemon is not (yet) answering.
-    fn try_status(&self) -> Option<Value> {
-        let out = Command::new(KRUN_OCI)
-            .arg("--root")
-            .arg(&self.root)
-            .args(["pool", "status", "--format", "json"])
-            .output()
-            .unwrap();
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    fn status(&self) -> Value {
-        self.try_status().expect("the pool daemon answers")
-    }
-
-    fn wait_idle(&self, n: u32) {
-        eventually(
-            &format!("{n} idle pooled VMs"),
-            Duration::from_secs(120),
-            || {
-                self.try_status()
-                    .is_some_and(|s| s["idle"].as_u64() >= Some(u64::from(n)))
-            },
-        );
-    }
-
-    /// Pids of the members (idle, booting or claimed) the daemon knows.
-    fn member_pids(&self) -> Vec<i32> {
-        self.status()["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["pid"].as_i64().unwrap() as i32)
-            .collect()
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn monitor_log(rt: &Runtime, id: &str) -> String {
     fs::read_to_string(rt.root.path().join(id).join("monitor.log")).unwrap_or_default()
@@ -356,7 +268,7 @@ fn sigkill_of_the_daemon_or_a_claimed_monitor_leaves_nothing() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let _ = pool.child.take().map(|mut c| c.wait());
+    pool.reap();
     let root = pool.root.clone();
     for &p in &idle {
         eventually(

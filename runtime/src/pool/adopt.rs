@@ -22,8 +22,8 @@ pub struct Adopted {
     pub vm: Box<dyn Vm>,
     pub events: UnixStream,
     pub timings: Vec<proto::BootTiming>,
-    /// The spare NIC's tap, moved into this process's network namespace.
-    pub spare: Option<crate::network::Claim>,
+    /// The spare NIC's tap, on its way into this process's network namespace.
+    pub spare: Option<SpareTap>,
     /// Pids to move into the container's cgroup.
     pub pids: Vec<i32>,
     pub dirs: Vec<PathBuf>,
@@ -129,6 +129,11 @@ pub fn claim(
     } = claimed;
     let pidfd = crate::supervise::pidfd_open(member_pid)
         .ok_or_else(|| Error::Pool(format!("member {member} (pid {member_pid}) is gone")))?;
+    let spare = spare.map(|claim| SpareTap {
+        claim,
+        member: sock,
+        member_name: member.clone(),
+    });
     let mut pids = vec![member_pid];
     pids.extend(helper_pids.iter().copied());
     Ok(Some(Adopted {
@@ -147,6 +152,29 @@ pub fn claim(
         dirs,
         member,
     }))
+}
+
+/// A claimed VM's spare tap, which its member moves into the claimant's
+/// network namespace after answering the claim.
+pub struct SpareTap {
+    pub claim: crate::network::Claim,
+    /// The claim's connection: `TapMoved` comes on it.
+    member: OwnedFd,
+    member_name: String,
+}
+
+impl SpareTap {
+    /// Waits until the tap is in this process's network namespace.
+    pub fn arrived(&self) -> Result<()> {
+        match wire::recv::<MemberReply>(&self.member)?.0 {
+            MemberReply::TapMoved => Ok(()),
+            MemberReply::Refused { reason } => Err(Error::Network(reason)),
+            other => Err(Error::Pool(format!(
+                "member {}: unexpected answer for the spare tap: {other:?}",
+                self.member_name
+            ))),
+        }
+    }
 }
 
 /// A pooled VM run by its member process: the VM is gone when the member is.

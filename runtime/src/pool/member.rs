@@ -74,8 +74,10 @@ pub enum MemberReply {
         claimed: bool,
         why: String,
     },
-    /// Fds: the events stream.
+    /// Fds: the events stream. With a network namespace, `TapMoved` (or
+    /// `Refused`) follows once the spare tap is there.
     Claimed(Box<Claimed>),
+    TapMoved,
     Refused {
         reason: String,
     },
@@ -89,7 +91,7 @@ pub struct Claimed {
     pub link: GuestLink,
     pub console: PathBuf,
     pub timings: Vec<proto::BootTiming>,
-    /// The spare NIC's tap, now in the monitor's network namespace.
+    /// The spare NIC's tap, moving into the monitor's network namespace.
     pub spare: Option<crate::network::Claim>,
     /// What to remove if the member is killed before it cleans up itself.
     pub dirs: Vec<PathBuf>,
@@ -365,12 +367,24 @@ fn serve(
             MemberRequest::Claim { binds, netns } => {
                 // Whatever happens now, this VM is never offered again.
                 match claim(member, vm, &binds, netns, fds, &timings) {
-                    Ok((lifeline, claimed)) => {
+                    Ok((lifeline, claimed, netns)) => {
                         wire::send(
                             &conn,
                             &MemberReply::Claimed(Box::new(claimed.clone())),
                             &[events.as_fd()],
                         )?;
+                        if let (Some(ns), Some(spare)) = (netns, &claimed.spare) {
+                            let moved =
+                                crate::network::move_spare_tap(&member.network_record, spare, &ns);
+                            let reply = match moved {
+                                Ok(()) => MemberReply::TapMoved,
+                                Err(e) => MemberReply::Refused {
+                                    reason: e.to_string(),
+                                },
+                            };
+                            // Unheard, the monitor ends the VM (its lifeline).
+                            let _ = wire::send(&conn, &reply, &[]);
+                        }
                         break (lifeline, claimed);
                     }
                     Err(e) => {
@@ -407,7 +421,8 @@ fn serve(
     }
 }
 
-/// Attaches what the monitor handed over; returns its lifeline and what it needs.
+/// Attaches what the monitor handed over; returns its lifeline, what it needs,
+/// and the network namespace the spare tap goes to (moved once it has the rest).
 fn claim(
     member: &Member,
     vm: &mut dyn Vm,
@@ -415,7 +430,11 @@ fn claim(
     netns: bool,
     fds: Vec<OwnedFd>,
     timings: &[proto::BootTiming],
-) -> Result<(OwnedFd, Claimed)> {
+) -> Result<(OwnedFd, Claimed, Option<File>)> {
+    // The container's VM runs at normal priority, and so does its claim.
+    for pid in vm.pids().iter().copied().chain([std::process::id() as i32]) {
+        for_each_thread(pid, |tid| set_policy(tid, libc::SCHED_OTHER));
+    }
     let want = 2 + binds.len() + usize::from(netns);
     if fds.len() != want {
         return Err(Error::Pool(format!(
@@ -439,21 +458,16 @@ fn claim(
         made.ctx(|| format!("creating {}", target.display()))?;
         DetachedTree::from_fd(fds.next().expect("counted")).attach(&target)?;
     }
-    let spare = if netns {
+    let (spare, netns) = if netns {
         let ns = File::from(fds.next().expect("counted"));
-        Some(crate::network::move_spare_tap(&member.network_record, &ns)?)
+        (
+            Some(crate::network::spare_tap(&member.network_record)?),
+            Some(ns),
+        )
     } else {
-        None
+        (None, None)
     };
     let helper_pids = vm.pids();
-    // The container's VM runs at normal priority.
-    for pid in helper_pids
-        .iter()
-        .copied()
-        .chain([std::process::id() as i32])
-    {
-        for_each_thread(pid, |tid| set_policy(tid, libc::SCHED_OTHER));
-    }
     let dirs = vec![member.run_dir.clone(), member.dir.path.clone()];
     let _ = write_atomic(&member.dir.path.join("claimed"), b"1");
     Ok((
@@ -467,6 +481,7 @@ fn claim(
             spare,
             dirs,
         },
+        netns,
     ))
 }
 

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod pool;
+
 pub const KRUN_OCI: &str = env!("CARGO_BIN_EXE_krun-oci");
 
 /// True when real VMs can boot here. Otherwise prints why and returns false —
