@@ -436,7 +436,7 @@ impl Guest {
 
     /// Releases the prepared main into its exec (or forks it now); returns once
     /// the main has the word (its exec failing later is its own failure: exit
-    /// status 127, the reason on its stderr, as under runc).
+    /// status 126, or 127 when not found, the reason on its stderr, as under runc).
     fn release_main(
         self: &Arc<Self>,
         process: &Process,

@@ -1224,8 +1224,8 @@ impl Prepared {
 
     /// Releases the child and returns once it has the word, its exec still to
     /// come: runc's `start`, whose `runc init` execs after its exec fifo is read.
-    /// An exec that fails then is the process's own failure (exit status 127, the
-    /// reason on its stderr, as runc's `exec PROGRAM: REASON`).
+    /// An exec that fails then is the process's own failure (exit status 126, 127
+    /// when not found, the reason on its stderr, as runc's `exec PROGRAM: REASON`).
     pub fn release_before_exec(self) -> Result<Spawned, SpawnError> {
         self.let_go(GO_BEFORE_EXEC)
     }
@@ -1471,9 +1471,10 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
             if let Some(line) = line {
                 libc::write(2, line.as_ptr().cast(), line.len());
             }
-        } else {
-            report(ChildReport::EXEC_FAILED, errno);
+            // As a shell's: not found 127, found but not executable 126.
+            libc::_exit(if errno == libc::ENOENT { 127 } else { 126 });
         }
+        report(ChildReport::EXEC_FAILED, errno);
         libc::_exit(127);
     }
 }

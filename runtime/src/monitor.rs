@@ -103,16 +103,20 @@ pub fn run(dir: &ContainerDir) -> Result<i32> {
     // moved in beside its setup.
     let booted = join_network_namespace(&spec).and_then(|()| {
         std::thread::scope(|s| {
-            let entering = s.spawn(|| match &cfg.cgroup {
+            let entering = Mutex::new(Some(s.spawn(|| match &cfg.cgroup {
                 Some(cg) => cg.enter(std::process::id() as i32, &spec),
                 None => Ok(()),
-            });
-            let entered = || {
-                entering
+            })));
+            // Joined once: by boot, or here if boot failed before it needed to.
+            let entered = || match entering.lock().map(|mut e| e.take()) {
+                Ok(Some(h)) => h
                     .join()
-                    .unwrap_or_else(|_| Err(Error::Vm("cgroup: entering it panicked".into())))
+                    .unwrap_or_else(|_| Err(Error::Vm("cgroup: entering it panicked".into()))),
+                _ => Ok(()),
             };
-            boot(dir, &cfg, &spec, t0, entered)
+            let booted = boot(dir, &cfg, &spec, t0, entered);
+            let _ = entered();
+            booted
         })
     });
     let booted = match booted {
@@ -266,10 +270,11 @@ fn boot(
     } = launched;
     let launched_ms = t0.elapsed().as_millis();
     let link = vm.link();
-    let ready = std::thread::scope(|s| {
-        // A claimed VM joins the container's cgroup, and its spare tap moves into
-        // the namespace (the kernel takes its time for both), while the guest is
-        // set up; its NIC is configured once the tap is wired.
+    // A claimed VM joins the container's cgroup, and its spare tap moves into the
+    // namespace (the kernel takes its time for both), while the guest is set up;
+    // its NIC is configured once the tap is wired. Every thread is joined on every
+    // path; their errors are the host's (runc's words), not the guest's.
+    let (guest, host) = std::thread::scope(|s| {
         let joining = entered.map(|entered| {
             s.spawn(move || {
                 entered()?;
@@ -279,32 +284,68 @@ fn boot(
                 }
             })
         });
-        let wiring = spare_tap.map(|spare| {
+        let mut wiring = spare_tap.map(|spare| {
             s.spawn(move || {
                 spare.arrived()?;
                 crate::network::attach_pooled(&cfg.network, &dir.network_record(), &spare.claim)
             })
         });
-        let mut control = GuestClient::dial(&link, crate::guest::CONTROL_TIMEOUT)?;
-        control.setup(
-            spec.clone(),
-            seccomp,
-            interfaces,
-            deferred_root,
-            main_can_be_prepared(spec),
-        )?;
-        if let Some(joining) = joining {
-            joining.join().unwrap_or_else(|_| {
-                Err(Error::Vm("cgroup: moving the VM into it panicked".into()))
-            })?;
-        }
-        if let Some(wiring) = wiring {
-            let interfaces = wiring
-                .join()
-                .unwrap_or_else(|_| Err(Error::Network("wiring the pooled NIC panicked".into())))?;
-            if !interfaces.is_empty() {
-                control.configure_network(interfaces)?;
+        let wired = |w: std::thread::ScopedJoinHandle<'_, Result<Vec<_>>>| {
+            w.join()
+                .unwrap_or_else(|_| Err(Error::Network("wiring the pooled NIC panicked".into())))
+        };
+        // `net.*` sysctls may name the NICs or act on their addresses: as on a
+        // cold boot, the NICs then come in `Setup`, before the sysctls.
+        let early = match wiring.take() {
+            Some(w) if sets_net_sysctls(spec) => Some(wired(w)),
+            later => {
+                wiring = later;
+                None
             }
+        };
+        let (early, early_error) = match early {
+            Some(Ok(interfaces)) => (Some(interfaces), None),
+            Some(Err(e)) => (None, Some(e)),
+            None => (None, None),
+        };
+        let guest = match early_error {
+            // Not reached: the host's error below is returned first.
+            Some(_) => Err(Error::Network("the pooled NIC was not wired".into())),
+            None => (|| {
+                let mut control = GuestClient::dial(&link, crate::guest::CONTROL_TIMEOUT)?;
+                control.setup(
+                    spec.clone(),
+                    seccomp,
+                    early.unwrap_or(interfaces),
+                    deferred_root,
+                    main_can_be_prepared(spec),
+                )?;
+                Ok(control)
+            })(),
+        };
+        let host = (|| {
+            if let Some(joining) = joining {
+                joining.join().unwrap_or_else(|_| {
+                    Err(Error::Vm("cgroup: moving the VM into it panicked".into()))
+                })?;
+            }
+            if let Some(e) = early_error {
+                return Err(e);
+            }
+            wiring.map_or(Ok(Vec::new()), wired)
+        })();
+        (guest, host)
+    });
+    let late_interfaces = match host {
+        Ok(i) => i,
+        Err(e) => {
+            vm.kill();
+            return Err(e);
+        }
+    };
+    let ready = guest.and_then(|mut control| {
+        if !late_interfaces.is_empty() {
+            control.configure_network(late_interfaces)?;
         }
         let pty = match (&cfg.console_socket, cfg.terminal) {
             (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
@@ -332,6 +373,14 @@ fn boot(
         }),
         Err(e) => Err(with_console(e, vm.as_mut())),
     }
+}
+
+/// Whether the config sets sysctls of the network (`net.*`).
+fn sets_net_sysctls(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.sysctl().as_ref())
+        .is_some_and(|s| s.keys().any(|k| k.starts_with("net.")))
 }
 
 /// Whether the guest may fork the main right after setup (it then waits for

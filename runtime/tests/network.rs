@@ -189,6 +189,16 @@ impl Drop for TestNet {
     }
 }
 
+/// A VM test's network pair (`None`: the test is skipped, the reason printed).
+fn net_test(test: &str, tag: &str) -> Option<TestNet> {
+    if !vm_available(test) {
+        return None;
+    }
+    let net = TestNet::new(tag)?;
+    become_subreaper();
+    Some(net)
+}
+
 fn bundle_in(net: &TestNet, args: &[&str], annotations: serde_json::Value) -> TestBundle {
     let b = TestBundle::new(args);
     let path = net.netns_path();
@@ -209,20 +219,17 @@ fn the_netns_reaches_the_guest_both_ways_over_ipv4_and_ipv6() {
 }
 
 /// The same on a pooled VM: its spare NIC's tap moves into the namespace while
-/// the guest is set up, and the link's addresses reach the guest after `Setup`.
+/// the guest is set up, and the link's addresses reach the guest after `Setup`
+/// (no `net.*` sysctl here, which would have them come in `Setup`).
 #[test]
 fn the_netns_reaches_a_pooled_vm_both_ways() {
     both_ways("net_pooled", "pool", true);
 }
 
 fn both_ways(test: &str, tag: &str, pooled: bool) {
-    if !vm_available(test) {
-        return;
-    }
-    let Some(mut net) = TestNet::new(tag) else {
+    let Some(mut net) = net_test(test, tag) else {
         return;
     };
-    become_subreaper();
     let www = tempfile::tempdir().unwrap();
     let token = format!("far-file-{}", std::process::id());
     fs::write(www.path().join("f.txt"), &token).unwrap();
@@ -291,19 +298,50 @@ fn both_ways(test: &str, tag: &str, pooled: bool) {
     assert!(addrs.contains("10.77.0.2/24"), "{addrs}");
 }
 
+/// The config's `net.*` sysctls apply after the NICs are configured, cold and on
+/// a pooled VM alike: with IPv6 disabled, create succeeds and eth0 keeps no
+/// global IPv6 address (had the sysctl come first, adding the link's IPv6
+/// address would fail create).
+#[test]
+fn network_sysctls_apply_after_the_nics_cold_and_pooled() {
+    const T: &str = "net_sysctl";
+    let Some(net) = net_test(T, "sysctl") else {
+        return;
+    };
+    for pooled in [false, true] {
+        let rt = Runtime::new();
+        let pool = pooled.then(|| common::pool::Pool::serve(&rt, 1));
+        let script = "echo v6=$(ip -o -6 addr show dev eth0 scope global | wc -l)";
+        let b = bundle_in(&net, &["sh", "-c", script], serde_json::json!({}));
+        b.write_config(|c| {
+            c["linux"]["sysctl"] = serde_json::json!({"net.ipv6.conf.all.disable_ipv6": "1"});
+        });
+        let (out, err) = (b.path().join("out"), b.path().join("err"));
+        let pid = rt.create(T, &b, &out, &err);
+        let monitor_log =
+            fs::read_to_string(rt.root.path().join(T).join("monitor.log")).unwrap_or_default();
+        assert_eq!(monitor_log.contains("(pool hit)"), pooled, "{monitor_log}");
+        let helpers = rt.helper_pids(T);
+        rt.ok(&["start", T]);
+        assert_eq!(wait_exit(pid), 0);
+        let got = fs::read_to_string(&out).unwrap();
+        assert!(got.contains("v6=0"), "pooled {pooled}: {got}");
+        rt.ok(&["delete", T]);
+        assert_cleaned_up(&rt, T, &helpers);
+        drop(pool);
+        assert_eq!(net.leftovers(), Vec::<String>::new(), "left in the netns");
+    }
+}
+
 /// One link, one VM: a second container that insists on the link (`tap`) fails
 /// cleanly without disturbing the first; a killed monitor's redirects are
 /// removed by `delete`.
 #[test]
 fn a_claimed_link_is_not_taken_twice_and_delete_cleans_after_a_killed_monitor() {
     const T: &str = "net_claim";
-    if !vm_available(T) {
-        return;
-    }
-    let Some(net) = TestNet::new("claim") else {
+    let Some(net) = net_test(T, "claim") else {
         return;
     };
-    become_subreaper();
     let rt = Runtime::new();
     let a = bundle_in(&net, &["sleep", "600"], serde_json::json!({}));
     let (out, err) = (a.path().join("out"), a.path().join("err"));
@@ -359,13 +397,9 @@ fn a_claimed_link_is_not_taken_twice_and_delete_cleans_after_a_killed_monitor() 
 #[test]
 fn a_link_added_between_create_and_start_reaches_the_guest() {
     const T: &str = "net_late";
-    if !vm_available(T) {
-        return;
-    }
-    let Some(mut net) = TestNet::new("late") else {
+    let Some(mut net) = net_test(T, "late") else {
         return;
     };
-    become_subreaper();
     let www = tempfile::tempdir().unwrap();
     fs::write(www.path().join("f.txt"), "late-file").unwrap();
     net.serve_far(www.path(), 8000);
