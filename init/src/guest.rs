@@ -373,7 +373,8 @@ impl Guest {
         self.confinement.get().cloned().unwrap_or_default()
     }
 
-    /// The namespaces of the main `main` for an exec to join: opened once per main.
+    /// The namespaces of the main `main` for an exec to join: opened once per main
+    /// (by its watcher after `start`, or by an exec that comes first).
     fn main_namespaces(&self, main: i32) -> Result<Arc<spawn::MainNamespaces>, String> {
         let mut cached = lock(&self.main_namespaces);
         if let Some((_, namespaces)) = cached.as_ref().filter(|(pid, _)| *pid == main) {
@@ -531,6 +532,11 @@ impl Guest {
         let watcher = thread::Builder::new()
             .name("main-watch".into())
             .spawn(move || {
+                // The main's namespaces, opened now for the execs to join (after
+                // `start` has its answer): the first exec does not pay for it.
+                if let Err(e) = g.main_namespaces(pid) {
+                    log::debug!("the main's namespaces: {e}");
+                }
                 let code = exit.recv().unwrap_or(255);
                 g.main_exited(code, pumps);
             });
