@@ -1303,9 +1303,9 @@ struct ChildFds {
 struct ExecImage {
     program: CString,
     cwd: CString,
-    /// What a child released before its exec writes to its stderr when the exec
-    /// fails (runc's words), per errno: made here, the child may not allocate.
-    failures: Vec<(i32, CString)>,
+    /// Why an exec failed, per errno, for a child released before its exec (it
+    /// may not allocate): made once per guest-init, not per spawn.
+    exec_errors: &'static [(i32, String)],
     // Owners of the strings the pointer arrays point into.
     _strings: Vec<CString>,
     argv: Vec<*const libc::c_char>,
@@ -1338,22 +1338,9 @@ impl ExecImage {
                 .chain(std::iter::once(std::ptr::null()))
                 .collect::<Vec<_>>()
         };
-        let shown = program.display();
-        let failures = EXEC_ERRNOS
-            .iter()
-            .chain([&0])
-            .map(|&e| {
-                let why = match e {
-                    0 => "exec failed".to_string(),
-                    e => errno_text(&io::Error::from_raw_os_error(e)),
-                };
-                let line = format!("exec {shown}: {why}\n").replace('\0', "");
-                (e, CString::new(line).expect("NULs removed"))
-            })
-            .collect();
         Ok(ExecImage {
             program: c(program.as_os_str().as_encoded_bytes(), "the program path")?,
-            failures,
+            exec_errors: exec_errors(),
             cwd: c(cwd.as_os_str().as_encoded_bytes(), "cwd")?,
             argv: ptrs(&strings[..argc]),
             envp: ptrs(&strings[argc..]),
@@ -1362,8 +1349,17 @@ impl ExecImage {
     }
 }
 
-/// The errors execve(2) documents: the child finds its line among these (the
-/// last entry, errno 0, stands for any other).
+/// The texts of the errors execve(2) documents, made once.
+fn exec_errors() -> &'static [(i32, String)] {
+    static TEXTS: std::sync::OnceLock<Vec<(i32, String)>> = std::sync::OnceLock::new();
+    TEXTS.get_or_init(|| {
+        EXEC_ERRNOS
+            .iter()
+            .map(|&e| (e, errno_text(&io::Error::from_raw_os_error(e))))
+            .collect()
+    })
+}
+
 const EXEC_ERRNOS: [i32; 18] = [
     libc::E2BIG,
     libc::EACCES,
@@ -1462,15 +1458,19 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
         let errno = errno();
         if before_exec {
             // Nobody waits on the status pipe now: the reason goes where runc's
-            // goes, to the process's stderr.
-            let line = image
-                .failures
+            // goes, to the process's stderr, as `exec PROGRAM: REASON`.
+            let why = image
+                .exec_errors
                 .iter()
-                .find(|(e, _)| *e == errno || *e == 0)
-                .map(|(_, line)| line.as_bytes());
-            if let Some(line) = line {
-                libc::write(2, line.as_ptr().cast(), line.len());
-            }
+                .find(|(e, _)| *e == errno)
+                .map_or("exec failed", |(_, text)| text.as_str());
+            let program = image.program.as_bytes();
+            let parts: [&[u8]; 5] = [b"exec ", program, b": ", why.as_bytes(), b"\n"];
+            let iov = parts.map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            });
+            libc::writev(2, iov.as_ptr(), iov.len() as libc::c_int);
             // As a shell's: not found 127, found but not executable 126.
             libc::_exit(if errno == libc::ENOENT { 127 } else { 126 });
         }
