@@ -84,6 +84,14 @@ pub fn early_mounts() -> io::Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None,
     )?;
+    // Here, so that the grace period its first mount waits for (see
+    // resources::cgroup2_data) is the boot's, not a pooled VM's `Setup`.
+    if let Err(e) = crate::resources::mount_cgroup2_at_boot(
+        "/sys/fs/cgroup",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+    ) {
+        log::warn!("{e}");
+    }
     Ok(())
 }
 
@@ -238,7 +246,7 @@ pub fn container_mounts(root: &str, sandbox: bool) -> io::Result<()> {
             &at("/sys/fs/cgroup"),
             "cgroup2",
             nosuid_nodev_noexec,
-            None,
+            crate::resources::cgroup2_data(),
         );
     }
     for (link, target) in [

@@ -77,17 +77,64 @@ pub struct Guest {
     confinement: std::sync::OnceLock<spawn::Confinement>,
     /// The kernel's OOM-kill count when the main started.
     oom_kills_at_start: std::sync::atomic::AtomicU64,
-    /// The main, being forked and set up after `Setup` (prepare_main), with the
-    /// process it was prepared from; `SpawnMain` releases it.
-    prepared_main: Mutex<Option<(Process, PreparingMain)>>,
+    /// The main, being forked and set up after `Setup`; `SpawnMain` releases it.
+    prepared_main: Mutex<Option<PreparingMain>>,
     /// The main's namespaces, open for the execs to join, with the main's pid.
     main_namespaces: Mutex<Option<(i32, Arc<spawn::MainNamespaces>)>>,
 }
 
-/// The background fork and setup of the main (see `Guest::prepare_main`), with
-/// the OOM-kill count read once it was set up (nothing of the container runs
-/// until its release, so the count at start).
-type PreparingMain = JoinHandle<(Result<spawn::Prepared, spawn::SpawnError>, u64)>;
+/// The main's fork and setup, run in a thread of its own (the host's create goes
+/// on meanwhile), with the process it is prepared from.
+struct PreparingMain {
+    process: Process,
+    /// The prepared main, and the OOM-kill count read once it was set up (nothing
+    /// of the container runs until its release, so the count at start).
+    job: JoinHandle<(Result<spawn::Prepared, spawn::SpawnError>, u64)>,
+}
+
+impl PreparingMain {
+    /// Forks and sets up `process` in the background; `label` names it in the log.
+    fn start(
+        guest: &Arc<Guest>,
+        label: &'static str,
+        process: Process,
+        stdio: StdioMode,
+        confinement: spawn::Confinement,
+    ) -> io::Result<Self> {
+        let g = guest.clone();
+        let wanted = process.clone();
+        let job = thread::Builder::new()
+            .name("prepare-main".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let prepared = spawn::prepare(&process, stdio, &g.reaper, confinement, None);
+                log::info!("{label} prepared in {} ms", t0.elapsed().as_millis());
+                (prepared, crate::resources::oom_kills())
+            })?;
+        Ok(Self {
+            process: wanted,
+            job,
+        })
+    }
+
+    /// Waits for the setup: the child, with the OOM-kill count then, if it was
+    /// prepared from `process` and still waits; else `None` (a child dropped
+    /// here exits unreleased).
+    fn finish(self, process: &Process) -> Option<(spawn::Prepared, u64)> {
+        let (prepared, oom_kills) = self
+            .job
+            .join()
+            .unwrap_or_else(|_| (Err("panicked".into()), 0));
+        match prepared {
+            Ok(p) if self.process == *process && p.waiting() => Some((p, oom_kills)),
+            Ok(_) => None,
+            Err(e) => {
+                log::warn!("the prepared main failed ({e}); forking it again");
+                None
+            }
+        }
+    }
+}
 
 impl Guest {
     /// `root`: the container root already switched into; `Err(tag)`: deferred,
@@ -181,11 +228,11 @@ impl Guest {
     /// A pooled VM, before it reports Ready: walk the guest kernel paths its
     /// setup and spawn will take (warm.rs). False where there is nothing to warm
     /// (a VM booted into its container's root).
-    pub fn warm_up(&self) -> bool {
+    pub fn warm_up(self: &Arc<Self>) -> bool {
         let Some(tag) = &self.deferred_root_tag else {
             return false;
         };
-        crate::warm::warm_up(&self.reaper, tag);
+        crate::warm::warm_up(self, tag);
         true
     }
 
@@ -393,27 +440,36 @@ impl Guest {
     /// Forks and sets up the main in the background (the host's create goes on
     /// meanwhile); `SpawnMain` waits for it and releases it.
     fn prepare_main(self: &Arc<Self>, process: Process) {
-        let g = self.clone();
-        let wanted = process.clone();
-        let job = thread::Builder::new()
-            .name("prepare-main".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                let prepared = spawn::prepare(
-                    &process,
-                    main_stdio(&process),
-                    &g.reaper,
-                    g.confinement(),
-                    None,
-                );
-                log::info!("main prepared in {} ms", t0.elapsed().as_millis());
-                (prepared, crate::resources::oom_kills())
-            });
-        match job {
-            Ok(job) => *lock(&self.prepared_main) = Some((wanted, job)),
+        let stdio = main_stdio(&process);
+        match PreparingMain::start(self, "main", process, stdio, self.confinement()) {
+            Ok(job) => *lock(&self.prepared_main) = Some(job),
             // Nothing lost: SpawnMain forks it then.
             Err(e) => log::warn!("preparing the main: {e}"),
         }
+    }
+
+    /// The warm-up's run of the main's own path (warm.rs), guest-init's code
+    /// included: `process` prepared in the background as after `Setup`, then
+    /// taken, released before its exec and answered for as at `SpawnMain`.
+    pub fn rehearse_main(
+        self: &Arc<Self>,
+        process: Process,
+        confinement: spawn::Confinement,
+    ) -> Result<spawn::Spawned, String> {
+        let job = PreparingMain::start(
+            self,
+            "warm-up child",
+            process.clone(),
+            StdioMode::Pipes,
+            confinement,
+        )
+        .map_err(|e| e.to_string())?;
+        let (prepared, _) = job.finish(&process).ok_or("not prepared")?;
+        let spawned = prepared.release_before_exec().map_err(|e| e.to_string())?;
+        Frame::Message(Message::MainStarted { pid: spawned.pid })
+            .encode()
+            .map_err(|e| e.to_string())?;
+        Ok(spawned)
     }
 
     /// `SpawnMain`: releases the main, answers, then starts its pumps and watcher
@@ -449,18 +505,10 @@ impl Guest {
         {
             return Err("the main process was already started".into());
         }
-        let prepared = lock(&self.prepared_main).take().and_then(|(wanted, job)| {
-            let (prepared, oom_kills) = job.join().unwrap_or_else(|_| (Err("panicked".into()), 0));
-            match prepared {
-                Ok(p) if wanted == *process && p.waiting() => Some((p, oom_kills)),
-                // Dropped: it exits unreleased, and the main is forked afresh.
-                Ok(_) => None,
-                Err(e) => {
-                    log::warn!("the prepared main failed ({e}); forking it again");
-                    None
-                }
-            }
-        });
+        // None: the main is forked afresh.
+        let prepared = lock(&self.prepared_main)
+            .take()
+            .and_then(|job| job.finish(process));
         let oom_kills = match &prepared {
             Some((_, n)) => *n,
             None => crate::resources::oom_kills(),

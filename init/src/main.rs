@@ -89,9 +89,9 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
         Mode::Vm => {
             boot::early_mounts()?;
             boot::ensure_std_fds();
-            logger::use_kmsg();
-            t.mark("early-mounts");
             let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            logger::use_kmsg(&cmdline);
+            t.mark("early-mounts");
             let n = boot::load_modules()?;
             t.mark(&format!("modules ({n})"));
             let transport = Transport::Vsock;
@@ -149,6 +149,7 @@ fn run(mode: Mode, start: Instant) -> io::Result<()> {
         t.mark("warm-up");
     }
     t.mark("ready");
+    logger::quiet_console();
     proto::send(
         &mut events,
         Message::Ready {

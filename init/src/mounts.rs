@@ -197,10 +197,16 @@ pub struct TempMount {
 }
 
 impl TempMount {
-    pub fn new(dir: &str, source: &str, fstype: &str, flags: MsFlags) -> nix::Result<TempMount> {
+    pub fn new(
+        dir: &str,
+        source: &str,
+        fstype: &str,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<TempMount> {
         let dir = PathBuf::from(dir);
         let _ = fs::create_dir(&dir);
-        if let Err(e) = mount(Some(source), &dir, Some(fstype), flags, None::<&str>) {
+        if let Err(e) = mount(Some(source), &dir, Some(fstype), flags, data) {
             let _ = fs::remove_dir(&dir);
             return Err(e);
         }
@@ -249,6 +255,7 @@ pub fn apply_mounts(spec: &Spec) -> Result<(), String> {
                             MOUNTS_TAG,
                             "virtiofs",
                             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                            None,
                         )
                         .map_err(|e| {
                             mount_error(m, format!("mounting the {MOUNTS_TAG} share: {}", errno(e)))
@@ -484,11 +491,15 @@ fn mount_typed(m: &Mount, dest: &Path) -> Result<(), String> {
     let typ = m.typ().as_deref().unwrap_or("none");
     let o = parse_options(m.options().as_deref().unwrap_or_default());
     // The guest kernel mounts cgroup2 only; v1 controller names are not options there.
-    let (typ, data) = if typ == "cgroup" {
-        ("cgroup2", String::new())
+    let (typ, mut data) = if typ == "cgroup" {
+        ("cgroup2", Vec::new())
     } else {
-        (typ, o.data.join(","))
+        (typ, o.data.clone())
     };
+    if typ == "cgroup2" {
+        data.extend(crate::resources::cgroup2_data().map(String::from));
+    }
+    let data = data.join(",");
     fs::create_dir_all(dest).map_err(|e| mount_error(m, errno_text(&e)))?;
     let source = m
         .source()

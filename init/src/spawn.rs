@@ -1173,7 +1173,6 @@ pub fn prepare(
     }
     match report {
         ChildReport::Ready => {}
-        ChildReport::Released => return Err(exec_failed(libc::EPROTO, false)),
         ChildReport::SetupFailed(errno) => return Err(exec_failed(errno, false)),
         ChildReport::ExecFailed(errno) => return Err(exec_failed(errno, true)),
         ChildReport::Ended => return Err(exec_failed(libc::ECHILD, false)),
@@ -1195,7 +1194,7 @@ pub fn prepare(
 }
 
 /// The byte that releases a prepared child: exec and report how it went, or
-/// say "released" first and exec unwatched.
+/// exec unwatched.
 const GO_AFTER_EXEC: u8 = b'1';
 const GO_BEFORE_EXEC: u8 = b'2';
 
@@ -1218,32 +1217,34 @@ impl Prepared {
 
     /// Releases the child into its exec; returns once the exec has succeeded (or
     /// with the exec's error, as `exec: "PROGRAM": REASON`).
-    pub fn release(self) -> Result<Spawned, SpawnError> {
-        self.let_go(GO_AFTER_EXEC)
-    }
-
-    /// Releases the child and returns once it has the word, its exec still to
-    /// come: runc's `start`, whose `runc init` execs after its exec fifo is read.
-    /// An exec that fails then is the process's own failure (exit status 126, 127
-    /// when not found, the reason on its stderr, as runc's `exec PROGRAM: REASON`).
-    pub fn release_before_exec(self) -> Result<Spawned, SpawnError> {
-        self.let_go(GO_BEFORE_EXEC)
-    }
-
-    fn let_go(mut self, go: u8) -> Result<Spawned, SpawnError> {
+    pub fn release(mut self) -> Result<Spawned, SpawnError> {
         use std::io::Write;
         self.go
-            .write_all(&[go])
+            .write_all(&[GO_AFTER_EXEC])
             .map_err(|_| (self.exec_failed)(libc::ECHILD, false))?;
-        match (ChildReport::read(&mut self.status), go) {
+        match ChildReport::read(&mut self.status) {
             // The status pipe closes on a successful exec.
-            (ChildReport::Ended, GO_AFTER_EXEC) | (ChildReport::Released, GO_BEFORE_EXEC) => {
-                Ok(self.spawned)
-            }
-            (ChildReport::ExecFailed(errno), _) => Err((self.exec_failed)(errno, true)),
-            (ChildReport::SetupFailed(errno), _) => Err((self.exec_failed)(errno, false)),
-            _ => Err((self.exec_failed)(libc::EPROTO, false)),
+            ChildReport::Ended => Ok(self.spawned),
+            ChildReport::ExecFailed(errno) => Err((self.exec_failed)(errno, true)),
+            ChildReport::SetupFailed(errno) => Err((self.exec_failed)(errno, false)),
+            ChildReport::Ready => Err((self.exec_failed)(libc::EPROTO, false)),
         }
+    }
+
+    /// Releases the child and returns once the word is in its pipe, its exec
+    /// still to come: runc's `start`, which returns once it has read `runc init`'s
+    /// byte from the exec fifo, `runc init` exec'ing after. Only its death can
+    /// hold the child back then, as `runc init`'s (a dead child's pipe refuses the
+    /// word). No answer is awaited: under TCG the child's wake-up and the reply's
+    /// were ~1-2 ms of a pool hit's `start`. An exec that fails is the process's own
+    /// failure (exit status 126, 127 when not found, the reason on its stderr, as
+    /// runc's `exec PROGRAM: REASON`).
+    pub fn release_before_exec(mut self) -> Result<Spawned, SpawnError> {
+        use std::io::Write;
+        self.go
+            .write_all(&[GO_BEFORE_EXEC])
+            .map_err(|_| (self.exec_failed)(libc::ECHILD, false))?;
+        Ok(self.spawned)
     }
 }
 
@@ -1252,8 +1253,6 @@ impl Prepared {
 enum ChildReport {
     /// Set up; waiting to be released.
     Ready,
-    /// Released before its exec: about to exec, unwatched.
-    Released,
     SetupFailed(i32),
     ExecFailed(i32),
     /// The pipe closed: exec'd (after release) or died (before).
@@ -1262,7 +1261,6 @@ enum ChildReport {
 
 impl ChildReport {
     const READY: u8 = b'R';
-    const RELEASED: u8 = b'G';
     const SETUP_FAILED: u8 = b'S';
     const EXEC_FAILED: u8 = b'E';
 
@@ -1273,10 +1271,8 @@ impl ChildReport {
             Ok(1) => {}
             _ => return ChildReport::Ended,
         }
-        match tag[0] {
-            Self::READY => return ChildReport::Ready,
-            Self::RELEASED => return ChildReport::Released,
-            _ => {}
+        if tag[0] == Self::READY {
+            return ChildReport::Ready;
         }
         let mut errno = [0u8; 4];
         let errno = match status.read_exact(&mut errno) {
@@ -1391,11 +1387,7 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
         let mut msg = [0u8; 5];
         msg[0] = tag;
         msg[1..].copy_from_slice(&errno.to_ne_bytes());
-        let len = if tag == ChildReport::READY || tag == ChildReport::RELEASED {
-            1
-        } else {
-            5
-        };
+        let len = if tag == ChildReport::READY { 1 } else { 5 };
         // SAFETY: a write from a local buffer to an fd we hold.
         unsafe { libc::write(fds.status, msg.as_ptr().cast(), len) };
     };
@@ -1448,7 +1440,11 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
         libc::close(fds.go);
         let before_exec = byte == GO_BEFORE_EXEC;
         if before_exec {
-            report(ChildReport::RELEASED, 0);
+            // guest-init answers `start` right after the word, and its answer
+            // leaves through a kernel worker: let that run before this exec,
+            // which under TCG takes milliseconds (a pool hit's `start`, median
+            // 5.4 -> 4.9 ms).
+            libc::sched_yield();
         }
         libc::execve(
             image.program.as_ptr(),

@@ -4,7 +4,8 @@
 //! setup and spawn. So, idle, it walks them once: `lo` up (which Setup would
 //! do), the filesystems a setup mounts (the rootfs share included, mounted and
 //! dropped before its root entry is ever looked up), a bind made read-only, a
-//! `Setup` frame decoded, and a spawn through fresh namespaces as the main's.
+//! `Setup` frame decoded, and the main's own path through fresh namespaces:
+//! prepared in the background, taken, released before its exec, answered for.
 //! Nothing else of it stays. It runs before the VM reports Ready, so
 //! the pool counts a VM idle only once it is warm, and a claim never waits for it.
 
@@ -15,14 +16,14 @@ use krun_oci_protocol::{Frame, Message};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
-use crate::reaper::Reaper;
-use crate::spawn::{self, StdioMode};
+use crate::guest::Guest;
+use crate::spawn;
 
 /// Set in the environment of the spawned warm-up child: it exits at once.
 pub const WARM_ENV: &str = "KRUN_OCI_INIT_WARM";
 const DIR: &str = "/warm";
 
-pub fn warm_up(reaper: &Reaper, root_tag: &str) {
+pub fn warm_up(guest: &Arc<Guest>, root_tag: &str) {
     let t0 = Instant::now();
     // `lo` comes up at Setup in any case (the VM's network is the container's):
     // now, the first inet socket and interface ioctls are off the claim's path.
@@ -34,7 +35,7 @@ pub fn warm_up(reaper: &Reaper, root_tag: &str) {
     }
     let _ = umount2(DIR, MntFlags::MNT_DETACH);
     let _ = std::fs::remove_dir(DIR);
-    if let Err(e) = spawn(reaper) {
+    if let Err(e) = main_path(guest) {
         log::warn!("warm-up: spawn: {e}");
     }
     log::info!("warm-up: {} ms", t0.elapsed().as_millis());
@@ -64,7 +65,7 @@ fn filesystems(root_tag: &str) -> Result<(), String> {
         ),
         ("shm", "shm", "tmpfs", Some("mode=1777")),
         ("mqueue", "mq", "mqueue", None),
-        ("cgroup2", "cg", "cgroup2", None),
+        ("cgroup2", "cg", "cgroup2", crate::resources::cgroup2_data()),
         (root_tag, "share", "virtiofs", None),
     ];
     for (src, dir, fstype, data) in mounts {
@@ -92,11 +93,12 @@ fn filesystems(root_tag: &str) -> Result<(), String> {
 }
 
 /// The main's own path, guest-init's code included (TCG translates user space
-/// on first run too): a `Setup` frame decoded (the JSON and the spec's types),
-/// then a child prepared, released and exec'd through the namespaces and
-/// process settings of a default spec, as the main is. The child is guest-init
-/// itself, which exits at once.
-fn spawn(reaper: &Reaper) -> Result<(), String> {
+/// on first run too, and a start paid ~2 ms for code it ran first: comparing
+/// the process with the prepared one, joining the preparing thread): a `Setup`
+/// frame decoded (the JSON and the spec's types), then a child through the
+/// steps of a main with the namespaces and process settings of a default spec.
+/// The child is guest-init itself, which exits at once.
+fn main_path(guest: &Arc<Guest>) -> Result<(), String> {
     let spec = oci_spec::runtime::Spec::default();
     let setup = Frame::Message(Message::Setup {
         spec: Box::new(spec.clone()),
@@ -116,10 +118,8 @@ fn spawn(reaper: &Reaper) -> Result<(), String> {
         namespaces: Some(Arc::new(spawn::Namespaces::from_spec(&spec)?)),
         ..Default::default()
     };
-    let spawned = spawn::prepare(&process, StdioMode::Pipes, reaper, confinement, None)
-        .and_then(|p| p.release())
-        .map_err(|e| e.to_string())?;
-    spawned
+    guest
+        .rehearse_main(process, confinement)?
         .exit
         .recv_timeout(Duration::from_secs(5))
         .map(drop)

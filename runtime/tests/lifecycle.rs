@@ -676,6 +676,26 @@ fn the_main_has_its_own_namespaces_in_the_guest() {
     }
 }
 
+/// The guest's cgroup2 favours moves into cgroups (`favordynmods`): without it
+/// each process that joins the container cgroup, the main and every exec, waits
+/// for an RCU grace period (docs/guest-init.md, Resources inside the guest).
+#[test]
+fn the_guest_cgroup_hierarchy_favours_moves() {
+    if !vm_available("the_guest_cgroup_hierarchy_favours_moves") {
+        return;
+    }
+    let script = "grep ' /sys/fs/cgroup ' /proc/self/mountinfo; cat /proc/self/cgroup";
+    let (code, _, out, err, _) = run_to_exit("cgroup-mode", &["sh", "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    let mount = out
+        .lines()
+        .find(|l| l.contains(" - cgroup2 "))
+        .unwrap_or_else(|| panic!("no cgroup2 mount at /sys/fs/cgroup: {out}"));
+    assert!(mount.contains("favordynmods"), "{mount}");
+    // Joined all the same: its own cgroup namespace, rooted at the container cgroup.
+    assert!(out.lines().any(|l| l == "0::/"), "{out}");
+}
+
 /// Without create-time hooks the guest forks and sets up the main at create,
 /// and it waits before its exec (nothing of it has run) until `start`; with a
 /// createRuntime hook it is forked at `start`. The workload is the same either way.

@@ -157,8 +157,8 @@ fn plant_symlinks(g: &Arc<Guest>, targets: &[String]) {
     // the share's own root, the host's staging directory, is what mounts.
     // The prepared main holds them too, in its own mount namespace, and so do
     // the handles kept for the execs to join it: they go first.
-    if let Some((_, job)) = lock(&g.prepared_main).take() {
-        drop(job.join());
+    if let Some(preparing) = lock(&g.prepared_main).take() {
+        drop(preparing.job.join());
         thread::sleep(Duration::from_millis(300));
     }
     lock(&g.main_namespaces).take();
