@@ -62,6 +62,14 @@ pub fn init() {
 pub fn use_kmsg(cmdline: &str) {
     if let Ok(f) = std::fs::OpenOptions::new().write(true).open("/dev/kmsg") {
         *LOGGER.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        // By default the kernel keeps 10 lines per 5 s of each /dev/kmsg opener's,
+        // and a boot's steps alone are about that many: the setup's lines and any
+        // warning after them were dropped (a pooled VM's always). The limit is per
+        // open file: it never bounded a writer that reopens /dev/kmsg.
+        // (The kernel takes the value with its newline only.)
+        if !cmdline.contains("printk.devkmsg=") {
+            let _ = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n");
+        }
         if cmdline
             .split_whitespace()
             .any(|w| w.starts_with("loglevel="))

@@ -696,6 +696,38 @@ fn the_guest_cgroup_hierarchy_favours_moves() {
     assert!(out.lines().any(|l| l == "0::/"), "{out}");
 }
 
+/// guest-init's log reaches the console whole: the kernel keeps only 10 lines
+/// per 5 s of a /dev/kmsg writer's unless told otherwise, and a boot's and a
+/// setup's steps are more (docs/guest-init.md, Console and boot steps).
+#[test]
+fn the_guest_log_is_not_cut_short_by_the_kmsg_rate_limit() {
+    let test = "kmsg-whole";
+    if !vm_available(test) {
+        return;
+    }
+    become_subreaper();
+    // Every level on the console, init's info lines after the boot included.
+    let rt = Runtime {
+        kernel_cmdline: Some("loglevel=7".into()),
+        ..Runtime::new()
+    };
+    let b = TestBundle::new(&["true"]);
+    let pid = rt.create(test, &b, &b.path().join("o"), &b.path().join("e"));
+    rt.ok(&["start", test]);
+    assert_eq!(wait_exit(pid), 0);
+    let console =
+        fs::read_to_string(rt.root.path().join(test).join("run/console.log")).unwrap_or_default();
+    rt.ok(&["delete", test]);
+    let lines = console.lines().filter(|l| l.starts_with("krun-oci-init:"));
+    assert!(lines.count() > 10, "{console}");
+    for line in ["boot: ready", "setup: namespaces", "main process started"] {
+        assert!(
+            console.contains(line),
+            "no {line:?} on the console:\n{console}"
+        );
+    }
+}
+
 /// Without create-time hooks the guest forks and sets up the main at create,
 /// and it waits before its exec (nothing of it has run) until `start`; with a
 /// createRuntime hook it is forked at `start`. The workload is the same either way.

@@ -139,6 +139,8 @@ pub struct Runtime {
     pub sandbox: bool,
     /// The host config file (`KRUN_OCI_CONFIG`), when not the machine's.
     pub host_config: Option<PathBuf>,
+    /// Extra guest kernel arguments (`KRUN_OCI_KERNEL_CMDLINE`, docs/vmm.md).
+    pub kernel_cmdline: Option<String>,
 }
 
 impl Runtime {
@@ -148,6 +150,7 @@ impl Runtime {
             init: None,
             sandbox: false,
             host_config: None,
+            kernel_cmdline: None,
         }
     }
 
@@ -180,6 +183,9 @@ impl Runtime {
         }
         if let Some(config) = &self.host_config {
             c.env("KRUN_OCI_CONFIG", config);
+        }
+        if let Some(args) = &self.kernel_cmdline {
+            c.env("KRUN_OCI_KERNEL_CMDLINE", args);
         }
         c
     }
