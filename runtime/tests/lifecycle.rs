@@ -698,7 +698,7 @@ fn the_guest_cgroup_hierarchy_favours_moves() {
 
 /// guest-init's log reaches the console whole: the kernel keeps only 10 lines
 /// per 5 s of a /dev/kmsg writer's unless told otherwise, and a boot's and a
-/// setup's steps are more (docs/guest-init.md, Console and boot steps).
+/// setup's steps are more (docs/guest-init.md, Console).
 #[test]
 fn the_guest_log_is_not_cut_short_by_the_kmsg_rate_limit() {
     let test = "kmsg-whole";
