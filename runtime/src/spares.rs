@@ -99,11 +99,10 @@ fn serve_with(link: GuestLink, control: Option<UnixStream>, quiet: Duration) -> 
             let mut asked_since_fill = false;
             loop {
                 let pause = asked_since_fill.then_some(quiet);
-                let asked =
-                    wire::wait_for_connection(&listener, pause).and_then(|ready| match ready {
-                        true => wire::accept(&listener, ASK_TIMEOUT),
-                        false => Ok(None),
-                    });
+                let asked = wire::readable(&listener, pause).and_then(|ready| match ready {
+                    true => wire::accept(&listener, ASK_TIMEOUT),
+                    false => Ok(None),
+                });
                 match asked {
                     Ok(Some(conn)) => {
                         answer(&conn, &mut spares);

@@ -8,14 +8,12 @@
 
 use std::fs::{self, File};
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::member::{socket_of, MemberReply, MemberReport, MemberRequest, LIFELINE_FD_ENV};
 use super::{wire, MemberStatus, PoolPaths, PoolSettings, PoolStatus, Reply, Request, Shape};
@@ -138,8 +136,7 @@ pub fn serve(root: &Path, settings: PoolSettings, exe: &Path) -> Result<()> {
         demand_until: now,
     };
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let _ = nix::poll::poll(&mut pfd, PollTimeout::from(100u16));
+        let _ = wire::readable(&listener, Some(Duration::from_millis(100)));
         while let Ok(Some(conn)) = wire::accept(&listener, Duration::from_secs(2)) {
             d.answer(&conn);
         }

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use krun_oci_protocol as proto;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
 
 use super::{wire, PoolPaths, Shape};
@@ -37,6 +36,8 @@ pub const ROOT_ENTRY: &str = "root";
 pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a health check waits for the guest.
 const HEALTH_LIMIT: Duration = Duration::from_secs(3);
+/// How long an idle or claimed member waits on its sockets between checks.
+const POLL_EVERY: Duration = Duration::from_millis(200);
 
 /// A member's report to the daemon on its sync pipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,11 +297,6 @@ fn boot(member: &Member, vcpus: u32, ram_mib: u32, rootfs_cache: RootfsCache) ->
     }
 }
 
-fn readable(fd: &OwnedFd, timeout_ms: u16) -> bool {
-    let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    matches!(nix::poll::poll(&mut pfd, PollTimeout::from(timeout_ms)), Ok(n) if n > 0)
-}
-
 #[allow(clippy::too_many_arguments)]
 fn serve(
     member: &Member,
@@ -328,14 +324,17 @@ fn serve(
         if term.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if daemon.as_ref().is_some_and(|d| readable(d, 0)) {
+        if daemon
+            .as_ref()
+            .is_some_and(|d| wire::readable(d, Some(Duration::ZERO)).unwrap_or(false))
+        {
             remove_dead_daemon_socket(&member.root);
             return Err(Error::Pool("the pool daemon is gone".into()));
         }
         if vm.try_wait().ctx(|| "checking the VM".into())?.is_some() {
             return Err(Error::Pool("the idle VM stopped".into()));
         }
-        if !readable(&listener, 200) {
+        if !wire::readable(&listener, Some(POLL_EVERY)).unwrap_or(false) {
             continue;
         }
         let Some(conn) = wire::accept(&listener, MEMBER_TIMEOUT)? else {
@@ -412,7 +411,7 @@ fn serve(
     );
     // Claimed: the VM is the container's until its monitor lets go.
     loop {
-        if readable(&lifeline, 200) {
+        if wire::readable(&lifeline, Some(POLL_EVERY)).unwrap_or(false) {
             return Ok(());
         }
         if vm.try_wait().ctx(|| "checking the VM".into())?.is_some() {

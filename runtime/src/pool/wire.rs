@@ -60,19 +60,19 @@ pub fn connect(path: &Path, timeout: Duration) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Waits until a connection waits on `listener` (`true`), or `timeout` passes
-/// (`false`; `None`: no limit).
-pub fn wait_for_connection(listener: &OwnedFd, timeout: Option<Duration>) -> Result<bool> {
+/// Waits until `fd` is readable (`true`: a connection waits on a listener, a
+/// peer wrote or hung up) or `timeout` passes (`false`; `None`: no limit).
+pub fn readable(fd: &impl AsFd, timeout: Option<Duration>) -> Result<bool> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let timeout = match timeout {
         Some(t) => PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
         None => PollTimeout::NONE,
     };
-    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, timeout) {
         Ok(n) => Ok(n > 0),
         Err(nix::errno::Errno::EINTR) => Ok(false),
-        Err(e) => Err(wire("waiting for a connection", e)),
+        Err(e) => Err(wire("waiting for input", e)),
     }
 }
 
