@@ -1207,6 +1207,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    pub fn pid(&self) -> i32 {
+        self.spawned.pid
+    }
+
+    /// The pty master, when the child has a terminal.
+    pub fn pty(&self) -> Option<&File> {
+        self.spawned.pty.as_ref()
+    }
+
     /// Whether the child still waits (it may have been killed meanwhile).
     pub fn waiting(&self) -> bool {
         matches!(
@@ -1231,20 +1240,20 @@ impl Prepared {
         }
     }
 
-    /// Releases the child and returns once the word is in its pipe, its exec
-    /// still to come: runc's `start`, which returns once it has read `runc init`'s
-    /// byte from the exec fifo, `runc init` exec'ing after. Only its death can
-    /// hold the child back then, as `runc init`'s (a dead child's pipe refuses the
-    /// word). No answer is awaited: under TCG the child's wake-up and the reply's
-    /// were ~1-2 ms of a pool hit's `start`. An exec that fails is the process's own
-    /// failure (exit status 126, 127 when not found, the reason on its stderr, as
-    /// runc's `exec PROGRAM: REASON`).
-    pub fn release_before_exec(mut self) -> Result<Spawned, SpawnError> {
+    /// Releases the child: the word is in its pipe when this returns, its exec
+    /// still to come, as `runc init` execs after runc's `start` has read its byte
+    /// from the exec fifo. No answer is awaited: under TCG the child's wake-up and
+    /// the reply's were ~1-2 ms of a pool hit's `start`. An exec that fails is the
+    /// process's own failure (exit status 126, 127 when not found, the reason on
+    /// its stderr, as runc's `exec PROGRAM: REASON`).
+    pub fn release_before_exec(mut self) -> Spawned {
         use std::io::Write;
-        self.go
-            .write_all(&[GO_BEFORE_EXEC])
-            .map_err(|_| (self.exec_failed)(libc::ECHILD, false))?;
-        Ok(self.spawned)
+        // A child killed meanwhile refuses the word (no reader): its exit, in
+        // the reaper's channel, is then the main's as after any release.
+        if self.go.write_all(&[GO_BEFORE_EXEC]).is_err() {
+            log::warn!("pid {} died before its release", self.spawned.pid);
+        }
+        self.spawned
     }
 }
 
@@ -1439,13 +1448,6 @@ unsafe fn run_child(setup: &ChildSetup, image: &ExecImage, fds: &ChildFds) -> ! 
         }
         libc::close(fds.go);
         let before_exec = byte == GO_BEFORE_EXEC;
-        if before_exec {
-            // guest-init answers `start` right after the word, and its answer
-            // leaves through a kernel worker: let that run before this exec,
-            // which under TCG takes milliseconds (a pool hit's `start`, median
-            // 5.4 -> 4.9 ms).
-            libc::sched_yield();
-        }
         libc::execve(
             image.program.as_ptr(),
             image.argv.as_ptr(),

@@ -150,7 +150,7 @@ impl Sandbox {
     }
 
     fn spawn_main(&self, p: Process) -> i32 {
-        match self.request(Message::SpawnMain { process: p }) {
+        match self.request(Message::SpawnMain { process: Some(p) }) {
             Message::MainStarted { pid } => pid,
             other => panic!("spawn-main: {other:?}; log: {}", self.log()),
         }
@@ -278,7 +278,7 @@ fn spawn_main_runs_once_and_reports_zero() {
                 s.spawn(move || {
                     let mut c = sb.control();
                     b.wait();
-                    proto::send(&mut c, Message::SpawnMain { process: p }).unwrap();
+                    proto::send(&mut c, Message::SpawnMain { process: Some(p) }).unwrap();
                     proto::recv(&mut c).unwrap()
                 })
             })
@@ -296,7 +296,7 @@ fn spawn_main_runs_once_and_reports_zero() {
     assert_eq!((started, refused), (1, 1), "{replies:?}");
     // A third one, after the fact, is refused too.
     assert!(matches!(
-        sb.request(Message::SpawnMain { process: p }),
+        sb.request(Message::SpawnMain { process: Some(p) }),
         Message::Nack { .. }
     ));
 
@@ -558,25 +558,31 @@ fn spawn_errors_are_worded_for_clients_and_allow_a_retry() {
         other => panic!("expected Nack, got {other:?}"),
     };
     let (r, kind) = refusal(sb.request(Message::SpawnMain {
-        process: process(&["no-such-cmd"]),
+        process: Some(process(&["no-such-cmd"])),
     }));
     assert!(r.contains("executable file not found in $PATH"), "{r}");
     assert_eq!(kind, Some(RefusalKind::ExecutableNotFound));
     let (r, kind) = refusal(sb.request(Message::SpawnMain {
-        process: process(&["/bin/nope"]),
+        process: Some(process(&["/bin/nope"])),
     }));
     assert!(r.contains("no such file or directory"), "{r}");
     assert_eq!(kind, Some(RefusalKind::ExecutableNotFound));
     std::fs::write(sb.rootfs().join("tmp/data"), "x").unwrap();
     let (r, kind) = refusal(sb.request(Message::SpawnMain {
-        process: process(&["/tmp/data"]),
+        process: Some(process(&["/tmp/data"])),
     }));
     assert!(r.contains("permission denied"), "{r}");
     assert_eq!(kind, Some(RefusalKind::PermissionDenied));
+    // No process named and no Setup that gave one: nothing to run.
+    let (r, kind) = refusal(sb.request(Message::SpawnMain { process: None }));
+    assert!(r.contains("no process to run"), "{r}");
+    assert_eq!(kind, None);
     // A bad cwd is not about the program.
     let mut bad_cwd = process(&["true"]);
     bad_cwd.set_cwd("/no-such-dir".into());
-    let (r, kind) = refusal(sb.request(Message::SpawnMain { process: bad_cwd }));
+    let (r, kind) = refusal(sb.request(Message::SpawnMain {
+        process: Some(bad_cwd),
+    }));
     assert!(r.contains("chdir to cwd"), "{r}");
     assert_eq!(kind, None);
     let e = exec(

@@ -123,9 +123,10 @@ impl GuestClient {
         )
     }
 
-    /// Runs the container's main; returns its guest pid.
-    pub fn spawn_main(&mut self, process: proto::Process) -> Result<i32> {
-        match self.call("start", Message::SpawnMain { process })? {
+    /// Runs the container's main, the process of the spec `setup` gave the
+    /// guest; returns its guest pid.
+    pub fn spawn_main(&mut self) -> Result<i32> {
+        match self.call("start", Message::SpawnMain { process: None })? {
             Message::MainStarted { pid } => Ok(pid),
             other => Err(unexpected("spawn-main", &other)),
         }

@@ -292,10 +292,9 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
         }
     }
     let spec = c.config_snapshot()?;
-    let process = spec
-        .process()
-        .clone()
-        .ok_or_else(|| Error::InvalidInput("config has no process".into()))?;
+    if spec.process().is_none() {
+        return Err(Error::InvalidInput("config has no process".into()));
+    }
     let link = c.record.link.clone().ok_or(Error::NotRunning)?;
     attach_late_network(&c, &link)?;
     // startContainer hooks run in the container (the guest), before the main; a
@@ -310,7 +309,7 @@ pub fn start(store: &StateStore, id: &str) -> Result<()> {
     // Marked first, so a main that exits at once is never seen as "created".
     c.record.started = true;
     c.dir.save(&c.record)?;
-    if let Err(e) = GuestClient::connect(&link).and_then(|mut g| g.spawn_main(process)) {
+    if let Err(e) = GuestClient::connect(&link).and_then(|mut g| g.spawn_main()) {
         c.record.started = false;
         c.dir.save(&c.record)?;
         return Err(e);

@@ -366,7 +366,13 @@ fn real_init_link() {
         "user": {"uid": 0, "gid": 0}
     }))
     .unwrap();
-    proto::send(&mut ctl, proto::Message::SpawnMain { process }).unwrap();
+    proto::send(
+        &mut ctl,
+        proto::Message::SpawnMain {
+            process: Some(process),
+        },
+    )
+    .unwrap();
     let started = proto::recv(&mut ctl).unwrap();
     assert!(
         matches!(started, proto::Message::MainStarted { .. }),

@@ -44,9 +44,9 @@ pub fn attack(g: &Arc<Guest>, process: &Process, args: Vec<String>) -> Result<Me
     if mode == "flood" || mode == "init-dies" {
         let mut real = process.clone();
         real.set_args(Some(args[1..].to_vec()));
-        let main = g.release_main(&real).map_err(|e| e.reason)?;
-        let reply = Message::MainStarted { pid: main.pid };
-        g.watch_main(main);
+        let main = g.claim_main(Some(&real)).map_err(|e| e.reason)?;
+        let reply = Message::MainStarted { pid: main.pid() };
+        g.watch_main(main.release_before_exec());
         let g = g.clone();
         thread::spawn(move || {
             if mode == "flood" {
@@ -158,7 +158,7 @@ fn plant_symlinks(g: &Arc<Guest>, targets: &[String]) {
     // The prepared main holds them too, in its own mount namespace, and so do
     // the handles kept for the execs to join it: they go first.
     if let Some(preparing) = lock(&g.prepared_main).take() {
-        drop(preparing.job.join());
+        drop(preparing.job.recv());
         thread::sleep(Duration::from_millis(300));
     }
     lock(&g.main_namespaces).take();
