@@ -6,6 +6,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -79,8 +80,12 @@ pub struct Guest {
     oom_kills_at_start: std::sync::atomic::AtomicU64,
     /// `spec.process` of `Setup`: what a `SpawnMain` naming no process runs.
     setup_process: std::sync::OnceLock<Process>,
+    /// Where the host found that process's program (`Setup.main_program`).
+    setup_program: std::sync::OnceLock<PathBuf>,
     /// The main, being forked and set up after `Setup`; `SpawnMain` releases it.
     prepared_main: Mutex<Option<PreparingMain>>,
+    /// Whether the main's pid is its relay's (`spawn::Spawned::relayed`).
+    main_relayed: AtomicBool,
     /// The main's namespaces, open for the execs to join, with the main's pid.
     main_namespaces: Mutex<Option<(i32, Arc<spawn::MainNamespaces>)>>,
 }
@@ -89,10 +94,17 @@ pub struct Guest {
 /// on meanwhile), with the process it is prepared from.
 struct PreparingMain {
     process: Process,
-    /// The prepared main, and the OOM-kill count read once it was set up (nothing
-    /// of the container runs until its release, so the count at start).
     /// The thread's result. Not joined: under TCG a join cost 0.2–3 ms of `start`.
-    job: mpsc::Receiver<(Result<spawn::Prepared, spawn::SpawnError>, u64)>,
+    job: mpsc::Receiver<Preparation>,
+}
+
+/// What the preparing thread hands over, its last act: its log line is written
+/// by whoever takes it, later (written by the thread, it ran before the answer
+/// to a `start` that was waiting).
+struct Preparation {
+    main: Result<spawn::Prepared, spawn::SpawnError>,
+    /// Its log line, for whoever takes it to write once the hurry is over.
+    note: String,
 }
 
 impl PreparingMain {
@@ -101,6 +113,7 @@ impl PreparingMain {
         guest: &Arc<Guest>,
         label: &'static str,
         process: Process,
+        program: Option<PathBuf>,
         stdio: StdioMode,
         confinement: spawn::Confinement,
     ) -> io::Result<Self> {
@@ -111,9 +124,26 @@ impl PreparingMain {
             .name("prepare-main".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let prepared = spawn::prepare(&process, stdio, &g.reaper, confinement, None);
-                log::info!("{label} prepared in {} ms", t0.elapsed().as_millis());
-                let _ = done.send((prepared, crate::resources::oom_kills()));
+                let prepared = spawn::prepare(
+                    &process,
+                    stdio,
+                    &g.reaper,
+                    confinement,
+                    None,
+                    program.as_deref(),
+                );
+                let found = match program {
+                    Some(_) => "found by the host",
+                    None => "looked up here",
+                };
+                let note = format!(
+                    "{label} prepared in {} ms (program {found})",
+                    t0.elapsed().as_millis()
+                );
+                let _ = done.send(Preparation {
+                    main: prepared,
+                    note,
+                });
             })?;
         Ok(Self {
             process: wanted,
@@ -121,18 +151,18 @@ impl PreparingMain {
         })
     }
 
-    /// Waits for the setup: the child, with the OOM-kill count then, if it was
-    /// prepared from the process `asked` for (`None`: the spec's, as prepared)
-    /// and still waits; else `None` (a child dropped here exits unreleased).
-    fn finish(self, asked: Option<&Process>) -> Option<(spawn::Prepared, u64)> {
-        let (prepared, oom_kills) = self
-            .job
-            .recv()
-            .unwrap_or_else(|_| (Err("panicked".into()), 0));
+    /// Waits for the setup: the child, with its log line, if it was prepared
+    /// from the process `asked` for (`None`: the spec's, as prepared) and still
+    /// waits; else `None` (a child dropped here exits unreleased).
+    fn finish(self, asked: Option<&Process>) -> Option<(spawn::Prepared, String)> {
+        let Ok(Preparation { main, note }) = self.job.recv() else {
+            log::warn!("preparing the main panicked; forking it again");
+            return None;
+        };
         // The prepared process is the spec's, which `SpawnMain` names by naming none.
         let same = asked.is_none_or(|p| *p == self.process);
-        match prepared {
-            Ok(p) if same && p.waiting() => Some((p, oom_kills)),
+        match main {
+            Ok(p) if same && p.waiting() => Some((p, note)),
             Ok(_) => None,
             Err(e) => {
                 log::warn!("the prepared main failed ({e}); forking it again");
@@ -168,7 +198,9 @@ impl Guest {
             confinement: std::sync::OnceLock::new(),
             oom_kills_at_start: std::sync::atomic::AtomicU64::new(0),
             setup_process: std::sync::OnceLock::new(),
+            setup_program: std::sync::OnceLock::new(),
             prepared_main: Mutex::new(None),
+            main_relayed: AtomicBool::new(false),
             main_namespaces: Mutex::new(None),
         })
     }
@@ -364,6 +396,7 @@ impl Guest {
                 network,
                 deferred_root,
                 prepare_main,
+                main_program,
             } => seccomp
                 .as_ref()
                 .map(spawn::Seccomp::decode)
@@ -377,7 +410,7 @@ impl Guest {
                     t.mark("setup: network");
                     // Before the config's mounts, which may make /sys/fs/cgroup read-only.
                     // The host-sandbox harness shares the host's cgroups: none of its own.
-                    let cgroup_procs = match self.halt {
+                    let cgroup = match self.halt {
                         Halt::Exit => None,
                         _ => crate::resources::apply(&spec)?,
                     };
@@ -389,9 +422,12 @@ impl Guest {
                     t.mark("setup: namespaces");
                     let _ = self.confinement.set(spawn::Confinement {
                         seccomp: filter.map(Arc::new),
-                        cgroup_procs: cgroup_procs.map(Arc::new),
+                        cgroup: cgroup.map(Arc::new),
                         namespaces: Some(Arc::new(namespaces)),
                     });
+                    if let Some(p) = main_program.map(PathBuf::from).filter(|p| p.is_absolute()) {
+                        let _ = self.setup_program.set(p);
+                    }
                     if let Some(process) = spec.process().clone() {
                         let _ = self.setup_process.set(process.clone());
                         if prepare_main {
@@ -426,6 +462,12 @@ impl Guest {
         result.unwrap_or_else(nack)
     }
 
+    /// The container's OOM kills so far (`resources::oom_kills`).
+    fn oom_kills(&self) -> u64 {
+        let cgroup = self.confinement.get().and_then(|c| c.cgroup.as_ref());
+        crate::resources::oom_kills(cgroup.map(|c| &c.dir))
+    }
+
     fn confinement(&self) -> spawn::Confinement {
         self.confinement.get().cloned().unwrap_or_default()
     }
@@ -441,7 +483,7 @@ impl Guest {
             self.confinement()
                 .namespaces
                 .unwrap_or_default()
-                .open_main(main)?,
+                .open_main(main, self.main_relayed.load(Ordering::SeqCst))?,
         );
         *cached = Some((main, namespaces.clone()));
         Ok(namespaces)
@@ -451,7 +493,8 @@ impl Guest {
     /// meanwhile); `SpawnMain` waits for it and releases it.
     fn prepare_main(self: &Arc<Self>, process: Process) {
         let stdio = main_stdio(&process);
-        match PreparingMain::start(self, "main", process, stdio, self.confinement()) {
+        let program = self.setup_program.get().cloned();
+        match PreparingMain::start(self, "main", process, program, stdio, self.confinement()) {
             Ok(job) => *lock(&self.prepared_main) = Some(job),
             // Nothing lost: SpawnMain forks it then.
             Err(e) => log::warn!("preparing the main: {e}"),
@@ -464,17 +507,20 @@ impl Guest {
     pub fn rehearse_main(
         self: &Arc<Self>,
         process: Process,
+        program: PathBuf,
         confinement: spawn::Confinement,
     ) -> Result<spawn::Spawned, String> {
         let job = PreparingMain::start(
             self,
             "warm-up child",
             process.clone(),
+            Some(program),
             StdioMode::Pipes,
             confinement,
         )
         .map_err(|e| e.to_string())?;
-        let (prepared, _) = job.finish(None).ok_or("not prepared")?;
+        let (prepared, note) = job.finish(None).ok_or("not prepared")?;
+        log::info!("{note}");
         Frame::Message(Message::MainStarted {
             pid: prepared.pid(),
         })
@@ -502,9 +548,9 @@ impl Guest {
             return proto::send(conn, reply).is_ok();
         }
         match self.claim_main(asked) {
-            Ok(main) => {
+            Ok((main, note)) => {
                 let sent = proto::send(conn, Message::MainStarted { pid: main.pid() }).is_ok();
-                self.watch_main(main.release_before_exec());
+                self.watch_main(self.release_main(main), note);
                 sent
             }
             Err(e) => proto::send(conn, e.into_nack()).is_ok(),
@@ -516,10 +562,11 @@ impl Guest {
     /// From here it is the container's main (its pid, its terminal): once
     /// released, its exec failing is its own failure (exit status 126, or 127
     /// when not found, the reason on its stderr, as under runc).
+    /// With it, the log line of its preparation in the background, if it had one.
     fn claim_main(
         self: &Arc<Self>,
         asked: Option<&Process>,
-    ) -> Result<spawn::Prepared, spawn::SpawnError> {
+    ) -> Result<(spawn::Prepared, Option<String>), spawn::SpawnError> {
         let Some(process) = asked.or(self.setup_process.get()) else {
             return Err("no process to run: SpawnMain named none and no Setup gave one".into());
         };
@@ -534,18 +581,20 @@ impl Guest {
         let prepared = lock(&self.prepared_main)
             .take()
             .and_then(|job| job.finish(asked));
-        let oom_kills = match &prepared {
-            Some((_, n)) => *n,
-            None => crate::resources::oom_kills(),
-        };
-        self.oom_kills_at_start.store(oom_kills, Ordering::SeqCst);
-        let prepared = match prepared {
-            Some((p, _)) => Ok(p),
-            None => spawn::prepare(
-                process,
-                main_stdio(process),
-                &self.reaper,
-                self.confinement(),
+        let (prepared, note) = match prepared {
+            Some((p, note)) => (Ok(p), Some(note)),
+            None => (
+                spawn::prepare(
+                    process,
+                    main_stdio(process),
+                    &self.reaper,
+                    self.confinement(),
+                    None,
+                    // The host found the program of the spec's process.
+                    asked
+                        .map_or(self.setup_program.get(), |_| None)
+                        .map(PathBuf::as_path),
+                ),
                 None,
             ),
         };
@@ -557,14 +606,28 @@ impl Guest {
                 return Err(reason);
             }
         };
+        self.main_relayed.store(main.relayed(), Ordering::SeqCst);
         self.main_pid.store(main.pid(), Ordering::SeqCst);
         *lock(&self.main_pty) = main.pty().and_then(|p| p.try_clone().ok());
-        Ok(main)
+        Ok((main, note))
+    }
+
+    /// Lets the claimed main go on into its exec, the container's OOM-kill
+    /// count taken first (what the main's exit compares with; read here, after
+    /// `SpawnMain`'s answer: under TCG the read takes 1-3 ms).
+    pub fn release_main(&self, main: spawn::Prepared) -> spawn::Spawned {
+        self.oom_kills_at_start
+            .store(self.oom_kills(), Ordering::SeqCst);
+        main.release_before_exec()
     }
 
     /// The released main's output pumps, stdin feeder and exit watcher.
-    fn watch_main(self: &Arc<Self>, spawned: spawn::Spawned) {
+    /// `note`: the log line of its preparation.
+    fn watch_main(self: &Arc<Self>, spawned: spawn::Spawned, note: Option<String>) {
         // Here, after the answer: a log line costs ~0.5 ms under TCG.
+        if let Some(note) = note {
+            log::info!("{note}");
+        }
         log::info!("main process started: pid {}", spawned.pid);
         let mut pumps = Vec::new();
         let tty = spawned.pty.is_some();
@@ -817,8 +880,7 @@ impl Guest {
             let _ = p.join();
         }
         // The VM runs only this container: any OOM kill in it is the container's.
-        let oom_killed =
-            crate::resources::oom_kills() > self.oom_kills_at_start.load(Ordering::SeqCst);
+        let oom_killed = self.oom_kills() > self.oom_kills_at_start.load(Ordering::SeqCst);
         if oom_killed {
             log::warn!("the OOM killer ran while the main process ran");
         }

@@ -124,15 +124,7 @@ fn guest_provided(m: &Mount) -> bool {
 }
 
 /// Where guest-init mounted a filesystem at boot (boot.rs `container_mounts`).
-const BOOT_MOUNTS: [&str; 7] = [
-    "/proc",
-    "/dev",
-    "/dev/pts",
-    "/dev/shm",
-    "/run",
-    "/sys",
-    "/sys/fs/cgroup",
-];
+const BOOT_MOUNTS: [&str; 7] = krun_oci_protocol::contract::GUEST_MOUNTS;
 
 /// The boot mounts still in place; a config mount at one of them detaches it
 /// (with what is mounted below it) first.

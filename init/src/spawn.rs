@@ -33,7 +33,10 @@ pub enum StdioMode {
 
 /// A started child. Its exit code arrives on `exit` from the reaper.
 pub struct Spawned {
+    /// The process guest-init knows: the workload, or its relay (see [`relay`]).
     pub pid: i32,
+    /// Whether `pid` is a relay, the workload its only child.
+    pub relayed: bool,
     pub exit: Receiver<i32>,
     /// Write end of the stdin pipe, or a dup of the pty master.
     pub stdin: Option<File>,
@@ -257,11 +260,12 @@ impl Seccomp {
 
 /// What confines every container process beyond its own process spec: the
 /// seccomp filter, and the guest cgroup that carries `linux.resources` limits
-/// (its `cgroup.procs`, opened at Setup; writing "0" moves the writer in).
+/// (opened at Setup: writing "0" to its `cgroup.procs` moves the writer in, and
+/// `clone3` can start a child in its directory).
 #[derive(Clone, Default)]
 pub struct Confinement {
     pub seccomp: Option<std::sync::Arc<Seccomp>>,
-    pub cgroup_procs: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    pub cgroup: Option<std::sync::Arc<crate::resources::ContainerCgroup>>,
     pub namespaces: Option<std::sync::Arc<Namespaces>>,
 }
 
@@ -395,12 +399,12 @@ impl Namespaces {
     }
 
     /// Opens the main's namespaces (those this plan made) for an exec to join.
-    /// The main's pid is its relay's (see [`relay`]): `pid_for_children` is the
-    /// namespace the main is PID 1 of.
-    pub fn open_main(&self, main: i32) -> Result<MainNamespaces, String> {
-        // With a pid namespace `main` is the relay: the namespaces made after its
-        // fork (cgroup) are the workload's, its only child.
-        let main = if self.pid {
+    /// `relayed`: `main` is the main's relay (see [`relay`]), not the workload;
+    /// either way `pid_for_children` is the namespace the workload is PID 1 of.
+    pub fn open_main(&self, main: i32, relayed: bool) -> Result<MainNamespaces, String> {
+        // The namespaces made after the relay's fork (cgroup) are the
+        // workload's, its only child.
+        let main = if relayed {
             crate::procfs::only_child_of(main).ok_or("the container's main process is gone")?
         } else {
             main
@@ -528,6 +532,11 @@ struct ChildSetup {
     /// The main makes a pid namespace (an exec joins the main's through `join`):
     /// the child forks once more and relays for the grandchild, PID 1 there.
     pid_ns: bool,
+    /// The child was cloned into its new pid namespace (PID 1 there), so it
+    /// neither forks nor relays: it mounts `/proc` again itself.
+    pid_ns_entered: bool,
+    /// The child was cloned into the container cgroup: it does not join it.
+    in_cgroup: bool,
 }
 
 #[repr(C)]
@@ -561,25 +570,34 @@ impl ChildSetup {
         self.pid_ns || self.join.iter().any(|(_, t)| *t == libc::CLONE_NEWPID)
     }
 
+    /// `/proc` of the main's new pid namespace, to mount in its mount namespace.
+    fn proc_mount(&self) -> Option<&ProcMount> {
+        self.confinement
+            .namespaces
+            .as_ref()
+            .and_then(|n| n.proc_mount.as_ref())
+    }
+
     /// The fds `apply` uses.
     fn fds_in_use(&self) -> Vec<libc::c_int> {
         let mut fds: Vec<libc::c_int> = self.join.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
         fds.extend(self.user_ns.iter().flatten());
         fds.extend(
             self.confinement
-                .cgroup_procs
+                .cgroup
                 .as_ref()
-                .map(|fd| fd.as_raw_fd()),
+                .map(|c| c.procs.as_raw_fd()),
         );
         fds
     }
 
     /// Moves the caller into the container cgroup (async-signal-safe).
     fn join_cgroup(&self) -> io::Result<()> {
-        if let Some(procs) = &self.confinement.cgroup_procs {
+        if let Some(cgroup) = &self.confinement.cgroup {
             check(
                 // SAFETY: a write of one byte from a static buffer to an fd we hold.
-                unsafe { libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) } as libc::c_long,
+                unsafe { libc::write(cgroup.procs.as_raw_fd(), b"0".as_ptr().cast(), 1) }
+                    as libc::c_long,
             )?;
         }
         Ok(())
@@ -593,7 +611,7 @@ impl ChildSetup {
             // must not count in the container's cgroup (pids.max), so the grandchild
             // joins it, and makes the cgroup namespace after that.
             let forks = self.in_pid_ns();
-            if !forks {
+            if !forks && !self.in_cgroup {
                 self.join_cgroup()?;
             }
             // The user namespace first: the others then belong to it (as runc).
@@ -638,6 +656,11 @@ impl ChildSetup {
                     }
                 }
             }
+            if self.pid_ns_entered {
+                if let Some(p) = self.proc_mount() {
+                    remount_proc(p)?;
+                }
+            }
             // A pid namespace applies to children: fork once more. This process
             // stays behind as the relay (it is the pid guest-init knows); the
             // grandchild, PID 1 of the new namespace (or a member of the main's),
@@ -666,12 +689,7 @@ impl ChildSetup {
                     check(libc::setns(fd, libc::CLONE_NEWCGROUP) as libc::c_long)?;
                 }
                 if self.pid_ns {
-                    if let Some(p) = self
-                        .confinement
-                        .namespaces
-                        .as_ref()
-                        .and_then(|n| n.proc_mount.as_ref())
-                    {
+                    if let Some(p) = self.proc_mount() {
                         remount_proc(p)?;
                     }
                 }
@@ -954,19 +972,21 @@ pub fn spawn(
     confinement: Confinement,
     main: Option<&MainNamespaces>,
 ) -> Result<Spawned, SpawnError> {
-    prepare(process, mode, reaper, confinement, main)?.release()
+    prepare(process, mode, reaper, confinement, main, None)?.release()
 }
 
 /// Forks `process` and sets it up (namespaces, cgroup, credentials, seccomp) up
 /// to its exec, where it waits for [`Prepared::release`]. The main is prepared at
 /// create, so that `start` has only the exec left (runc's `runc init` waits the
-/// same way on its exec fifo).
+/// same way on its exec fifo). `program`: where the host found the program
+/// (`Setup.main_program`), which spares the lookup here.
 pub fn prepare(
     process: &Process,
     mode: StdioMode,
     reaper: &Reaper,
     confinement: Confinement,
     main: Option<&MainNamespaces>,
+    program: Option<&Path>,
 ) -> Result<Prepared, SpawnError> {
     let args = process.args().clone().unwrap_or_default();
     let Some(arg0) = args.first() else {
@@ -982,7 +1002,10 @@ pub fn prepare(
         Ok(_) => return Err(format!("chdir to cwd ({cwd:?}) failed: not a directory").into()),
         Err(e) => return Err(format!("chdir to cwd ({cwd:?}) failed: {}", errno_text(&e)).into()),
     }
-    let program = resolve_executable(Path::new("/"), &cwd, arg0, path_env.as_deref())?;
+    let program = match program {
+        Some(p) => p.to_path_buf(),
+        None => resolve_executable(Path::new("/"), &cwd, arg0, path_env.as_deref())?,
+    };
 
     let user = process.user();
     let mut rlimits = Vec::new();
@@ -1009,8 +1032,10 @@ pub fn prepare(
         (Some(maps), None) => Some((UserNsSync::new()?, maps.clone())),
         _ => None,
     };
-    let setup = ChildSetup {
+    let mut setup = ChildSetup {
         pid_ns: main.is_none() && namespaces.pid,
+        pid_ns_entered: false,
+        in_cgroup: false,
         unshare,
         user_ns: user_sync.as_ref().map(|(s, _)| {
             [
@@ -1143,16 +1168,40 @@ pub fn prepare(
         keep,
     };
 
+    // The main (without a user namespace, which its pid namespace would have to
+    // belong to) is cloned straight into its pid namespace and the container
+    // cgroup: no relay forked, no move into the cgroup (under TCG each took
+    // 3-12 ms of the main's preparation, on a `start` that follows `create` at once).
+    let cgroup_dir = setup.confinement.cgroup.as_ref().map(|c| c.dir.as_raw_fd());
+    if main.is_none() && setup.user_ns.is_none() {
+        setup.pid_ns_entered = setup.pid_ns;
+        setup.pid_ns = false;
+        setup.in_cgroup = cgroup_dir.is_some();
+    }
     // From the fork until the pid is registered no child may be reaped: hold the lock.
     let mut registry = reaper.lock();
-    // SAFETY: the child only runs `run_child`, which issues async-signal-safe
-    // syscalls on values prepared above and never returns.
-    let pid = match unsafe { libc::fork() } {
-        -1 => return Err(format!("fork: {}", errno_text(&io::Error::last_os_error())).into()),
-        // SAFETY: in the child; see the fork above.
-        0 => unsafe { run_child(&setup, &image, &child) },
-        pid => pid,
+    let cloned = setup.pid_ns_entered || setup.in_cgroup;
+    let mut forked = match cloned {
+        // SAFETY: the child only runs `run_child`, which issues async-signal-safe
+        // syscalls on values prepared above and never returns.
+        true => unsafe { clone_into(setup.pid_ns_entered, cgroup_dir.filter(|_| setup.in_cgroup)) },
+        false => fork(),
     };
+    if let (true, Err(e)) = (cloned, &forked) {
+        // A kernel without clone3 or CLONE_INTO_CGROUP: the relay's way.
+        log::debug!("clone3: {}; forking", errno_text(e));
+        setup.pid_ns = setup.pid_ns_entered;
+        setup.pid_ns_entered = false;
+        setup.in_cgroup = false;
+        forked = fork();
+    }
+    let pid = match forked {
+        Err(e) => return Err(format!("fork: {}", errno_text(&e)).into()),
+        // SAFETY: in the child; see the fork above.
+        Ok(0) => unsafe { run_child(&setup, &image, &child) },
+        Ok(pid) => pid,
+    };
+    let relayed = setup.in_pid_ns();
     let exit = registry.register(pid);
     drop(registry);
     drop((theirs, status_w, go_r, user_child_ends, image));
@@ -1181,6 +1230,7 @@ pub fn prepare(
     Ok(Prepared {
         spawned: Spawned {
             pid,
+            relayed,
             exit,
             stdin,
             stdout,
@@ -1209,6 +1259,11 @@ pub struct Prepared {
 impl Prepared {
     pub fn pid(&self) -> i32 {
         self.spawned.pid
+    }
+
+    /// Whether [`Prepared::pid`] is the workload's relay.
+    pub fn relayed(&self) -> bool {
+        self.spawned.relayed
     }
 
     /// The pty master, when the child has a terminal.
@@ -1385,6 +1440,67 @@ const EXEC_ERRNOS: [i32; 18] = [
     libc::EPERM,
     libc::ETXTBSY,
 ];
+
+/// fork(2), for `prepare`, whose child only runs `run_child`.
+fn fork() -> io::Result<libc::pid_t> {
+    // SAFETY: the child makes async-signal-safe calls only (`run_child`).
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        pid => Ok(pid),
+    }
+}
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// fork(2) by clone3(2): the child in a new pid namespace (`new_pid_ns`, PID 1
+/// there) and in the cgroup of the directory `cgroup`. Returns as fork does.
+///
+/// # Safety
+/// As fork in a multi-threaded process, and more so (libc's fork handlers do
+/// not run): the child may only make async-signal-safe calls.
+unsafe fn clone_into(new_pid_ns: bool, cgroup: Option<libc::c_int>) -> io::Result<libc::pid_t> {
+    let mut args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    if new_pid_ns {
+        args.flags |= libc::CLONE_NEWPID as u64;
+    }
+    if let Some(fd) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = fd as u64;
+    }
+    // SAFETY: clone3 with a valid, fully initialised argument block of its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as libc::pid_t)
+    }
+}
 
 /// The forked child: stdio, cwd, the setup, then waits for release and execs.
 /// Async-signal-safe syscalls only; never returns.

@@ -106,6 +106,7 @@ fn main_path(guest: &Arc<Guest>) -> Result<(), String> {
         network: Vec::new(),
         deferred_root: None,
         prepare_main: true,
+        main_program: Some("/init".into()),
     })
     .encode()
     .map_err(|e| e.to_string())?;
@@ -119,7 +120,7 @@ fn main_path(guest: &Arc<Guest>) -> Result<(), String> {
         ..Default::default()
     };
     guest
-        .rehearse_main(process, confinement)?
+        .rehearse_main(process, "/init".into(), confinement)?
         .exit
         .recv_timeout(Duration::from_secs(5))
         .map(drop)

@@ -21,6 +21,19 @@ pub const CMDLINE_HALT_REBOOT: &str = "krun_oci.halt=reboot";
 /// in (runc's default, the same on both sides).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Where guest-init mounts filesystems of its own in every container root,
+/// before the config's mounts (which replace those at the same place). What
+/// lies below them in the root filesystem is hidden from the container.
+pub const GUEST_MOUNTS: [&str; 7] = [
+    "/proc",
+    "/dev",
+    "/dev/pts",
+    "/dev/shm",
+    "/run",
+    "/sys",
+    "/sys/fs/cgroup",
+];
+
 /// With one unix socket per vsock port (libkrun, the host-sandbox harness):
 /// the socket of guest port `port` in the link's directory.
 pub fn guest_port_socket(port: u32) -> String {

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use oci_spec::runtime::Process;
 
 /// Bumped on every incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest accepted frame body (kind byte + payload).
 pub const MAX_FRAME_LEN: u32 = 1024 * 1024 + 1;
@@ -222,6 +222,13 @@ pub enum Message {
         /// only the exec left. False when create-time hooks still run after setup.
         #[serde(default)]
         prepare_main: bool,
+        /// Where `spec.process`'s program is, as the guest's own lookup (its
+        /// PATH search) would name it: found by the host in the root filesystem,
+        /// and sent only where no mount of the container's covers a path that
+        /// lookup looks at. The guest then skips its own (each miss on PATH is a
+        /// virtio-fs round trip, negative lookups are not cached).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        main_program: Option<String>,
     },
     /// Host -> guest on the control port, at start and before `SpawnMain`: links
     /// that appeared in the container's network namespace after create, attached

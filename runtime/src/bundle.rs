@@ -14,6 +14,8 @@ pub struct Bundle {
     pub path: PathBuf,
     pub spec: Spec,
     pub rootfs: PathBuf,
+    /// Where the main's program is, as the guest names it, if the host can tell.
+    pub main_program: Option<PathBuf>,
 }
 
 /// Symlink hops allowed while resolving a path inside the rootfs (as the kernel's ELOOP).
@@ -47,18 +49,24 @@ impl Bundle {
         for w in crate::fidelity::unapplied(&spec) {
             log::warn!("{w}");
         }
-        let bundle = Bundle { path, spec, rootfs };
-        bundle.validate_process()?;
+        let mut bundle = Bundle {
+            path,
+            spec,
+            rootfs,
+            main_program: None,
+        };
+        bundle.main_program = bundle.find_main_program()?;
         Ok(bundle)
     }
 
-    fn validate_process(&self) -> Result<()> {
+    /// The main's program, where the host can tell (see [`find_program`]).
+    fn find_main_program(&self) -> Result<Option<PathBuf>> {
         let process = self
             .spec
             .process()
             .as_ref()
             .ok_or_else(|| Error::InvalidInput("config.json has no process".into()))?;
-        resolve_process_executable(&self.rootfs, process).map(|_| ())
+        find_process_program(&self.rootfs, process, &Covered::of(&self.spec))
     }
 }
 
@@ -81,17 +89,91 @@ pub fn validate_version(v: &str) -> Result<()> {
     Ok(())
 }
 
+/// Paths where the container's view differs from its root filesystem on the
+/// host: the destinations of its mounts, its masked and read-only paths, and
+/// guest-init's own mounts. What lies at or below them only the guest can see.
+#[derive(Debug, Default)]
+pub struct Covered(Vec<PathBuf>);
+
+impl Covered {
+    pub fn of(spec: &Spec) -> Covered {
+        let linux = spec.linux().as_ref();
+        let mounts = spec
+            .mounts()
+            .iter()
+            .flatten()
+            .map(|m| m.destination().clone());
+        let restricted = [
+            linux.and_then(|l| l.masked_paths().as_ref()),
+            linux.and_then(|l| l.readonly_paths().as_ref()),
+        ]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(PathBuf::from);
+        let guest = krun_oci_protocol::contract::GUEST_MOUNTS.map(PathBuf::from);
+        Covered(
+            mounts
+                .chain(restricted)
+                .chain(guest)
+                .map(|p| lexically_absolute(&p))
+                .collect(),
+        )
+    }
+
+    fn covers(&self, path: &Path) -> bool {
+        self.0.iter().any(|c| path.starts_with(c))
+    }
+
+    /// Whether the guest may create `path` (missing in the rootfs) on its way
+    /// to a mount point below it.
+    fn may_create(&self, path: &Path) -> bool {
+        self.0.iter().any(|c| c.starts_with(path))
+    }
+}
+
+/// `path` from `/`, with `.` and `..` taken away as written (as the guest joins
+/// mount destinations).
+fn lexically_absolute(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Why a path inside the container could not be resolved on the host.
+#[derive(Debug)]
+enum Unresolved {
+    /// The walk reached a [`Covered`] path: only the guest can tell.
+    Covered,
+    /// Not there, or not to be looked up (a loop, an error).
+    Missing,
+}
+
 /// Resolves `path` (absolute, as seen inside the container) to a host path
 /// inside `rootfs`, following symlinks as the guest would: absolute targets
-/// are relative to the rootfs and `..` never leaves it.
-pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
+/// are relative to the rootfs and `..` never leaves it. Stops at the first
+/// path (a symlink's own included) that `covered` covers, or that is missing
+/// where the guest makes a mount point below it.
+fn resolve_in_root(
+    rootfs: &Path,
+    path: &str,
+    covered: &Covered,
+) -> std::result::Result<PathBuf, Unresolved> {
     let mut pending: Vec<String> = path
         .split('/')
         .filter(|c| !c.is_empty())
         .map(String::from)
         .rev()
         .collect();
-    let mut resolved: Vec<String> = Vec::new();
+    let mut resolved = PathBuf::from("/");
     let mut hops = 0;
     while let Some(comp) = pending.pop() {
         match comp.as_str() {
@@ -102,18 +184,20 @@ pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
             }
             _ => {}
         }
-        let candidate = rootfs
-            .join(resolved.iter().collect::<PathBuf>())
-            .join(&comp);
-        match fs::symlink_metadata(&candidate) {
+        let next = resolved.join(&comp);
+        if covered.covers(&next) {
+            return Err(Unresolved::Covered);
+        }
+        let on_host = rootfs.join(next.strip_prefix("/").unwrap_or(&next));
+        match fs::symlink_metadata(&on_host) {
             Ok(m) if m.file_type().is_symlink() => {
                 hops += 1;
                 if hops > MAX_SYMLINK_HOPS {
-                    return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+                    return Err(Unresolved::Missing);
                 }
-                let target = fs::read_link(&candidate)?;
+                let target = fs::read_link(&on_host).map_err(|_| Unresolved::Missing)?;
                 if target.is_absolute() {
-                    resolved.clear();
+                    resolved = PathBuf::from("/");
                 }
                 let parts: Vec<String> = target
                     .components()
@@ -125,19 +209,21 @@ pub fn resolve_in_root(rootfs: &Path, path: &str) -> std::io::Result<PathBuf> {
                     .collect();
                 pending.extend(parts.into_iter().rev());
             }
-            Ok(_) => resolved.push(comp),
-            Err(e) => return Err(e),
+            Ok(_) => resolved = next,
+            Err(_) if covered.may_create(&next) => return Err(Unresolved::Covered),
+            Err(_) => return Err(Unresolved::Missing),
         }
     }
-    Ok(rootfs.join(resolved.iter().collect::<PathBuf>()))
+    Ok(rootfs.join(resolved.strip_prefix("/").unwrap_or(&resolved)))
 }
 
-/// The host path of `process`'s program in `rootfs`, looked up in the
-/// process's PATH (runc's default without one), as guest-init will.
-pub fn resolve_process_executable(
+/// The program of `process` as guest-init's own lookup will find it (see
+/// [`find_program`]).
+pub fn find_process_program(
     rootfs: &Path,
     process: &oci_spec::runtime::Process,
-) -> Result<PathBuf> {
+    covered: &Covered,
+) -> Result<Option<PathBuf>> {
     let arg0 = process
         .args()
         .as_deref()
@@ -153,23 +239,41 @@ pub fn resolve_process_executable(
         .rev()
         .find_map(|e| e.strip_prefix("PATH="))
         .unwrap_or(krun_oci_protocol::contract::DEFAULT_PATH);
-    resolve_executable(rootfs, arg0, path_var, process.cwd())
+    find_program(rootfs, arg0, path_var, process.cwd(), covered)
 }
 
-/// Finds `arg0` the way the guest will exec it, with the error wording
-/// podman maps to exit codes 127 (not found) and 126 (permission denied).
-pub fn resolve_executable(
+/// Finds `arg0` the way guest-init will before its exec (runc's rules: a name
+/// with a slash from `cwd`, else the first executable file on `path_var`, an
+/// empty entry meaning `cwd`). `Ok(Some(p))`: `p` as the guest names it;
+/// `Ok(None)`: a [`Covered`] path decides, which only the guest sees; an error
+/// (with the wording podman maps to exit codes 127 and 126) when the container
+/// cannot have it.
+pub fn find_program(
     rootfs: &Path,
     arg0: &str,
     path_var: &str,
     cwd: &Path,
-) -> Result<PathBuf> {
+    covered: &Covered,
+) -> Result<Option<PathBuf>> {
     let not_found = |detail: String| Error::ExecutableNotFound {
         arg0: arg0.to_string(),
         detail,
     };
-    let check = |p: &Path, shown: &str| -> Result<PathBuf> {
-        let m = fs::metadata(p).map_err(|e| match e.kind() {
+    let cwd = lexically_absolute(cwd);
+    if arg0.contains('/') {
+        let candidate = cwd.join(arg0);
+        let shown = candidate.display().to_string();
+        let host = match resolve_in_root(rootfs, &shown, covered) {
+            Ok(host) => host,
+            Err(Unresolved::Covered) => return Ok(None),
+            Err(Unresolved::Missing) => {
+                return Err(not_found(format!(
+                    "stat {shown}: no such file or directory"
+                )))
+            }
+        };
+        // Resolved: a symlink here now appeared since, and is not followed.
+        let m = fs::symlink_metadata(&host).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => {
                 not_found(format!("stat {shown}: no such file or directory"))
             }
@@ -180,26 +284,20 @@ pub fn resolve_executable(
                 arg0: arg0.to_string(),
             });
         }
-        Ok(p.to_path_buf())
-    };
-    if arg0.contains('/') {
-        let in_container = if arg0.starts_with('/') {
-            arg0.to_string()
-        } else {
-            format!("{}/{arg0}", cwd.display())
-        };
-        let host = resolve_in_root(rootfs, &in_container)
-            .map_err(|_| not_found(format!("stat {in_container}: no such file or directory")))?;
-        return check(&host, &in_container);
+        return Ok(Some(candidate));
     }
-    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
-        let candidate = format!("{}/{arg0}", dir.trim_end_matches('/'));
-        if let Ok(host) = resolve_in_root(rootfs, &candidate) {
-            if let Ok(m) = fs::metadata(&host) {
-                if m.is_file() && m.permissions().mode() & 0o111 != 0 {
-                    return Ok(host);
+    for dir in path_var.split(':') {
+        let candidate = cwd.join(if dir.is_empty() { "." } else { dir }).join(arg0);
+        match resolve_in_root(rootfs, &candidate.to_string_lossy(), covered) {
+            Ok(host) => {
+                if let Ok(m) = fs::symlink_metadata(&host) {
+                    if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                        return Ok(Some(candidate));
+                    }
                 }
             }
+            Err(Unresolved::Covered) => return Ok(None),
+            Err(Unresolved::Missing) => {}
         }
     }
     Err(not_found("executable file not found in $PATH".into()))
@@ -225,20 +323,35 @@ mod tests {
         d
     }
 
+    fn none() -> Covered {
+        Covered::default()
+    }
+
+    fn find(r: &Path, arg0: &str, path: &str) -> Result<Option<PathBuf>> {
+        find_program(r, arg0, path, Path::new("/"), &none())
+    }
+
     #[test]
-    fn resolves_on_path_inside_root() {
+    fn finds_on_path_inside_root() {
         let d = rootfs();
         let r = d.path();
-        let p = resolve_executable(r, "sh", "/usr/bin:/bin", Path::new("/")).unwrap();
-        assert_eq!(p, r.join("bin/busybox"));
+        // Named as the guest will exec it, the symlink kept.
+        let found = |arg0: &str, path: &str| find(r, arg0, path).unwrap().unwrap();
+        assert_eq!(found("sh", "/usr/bin:/bin"), Path::new("/bin/sh"));
+        assert_eq!(found("env", "/usr/bin"), Path::new("/usr/bin/env"));
+        assert_eq!(found("/bin/sh", ""), Path::new("/bin/sh"));
+        // An empty PATH entry and a relative one are taken from the cwd, as in the guest.
+        let in_bin = |arg0: &str, path: &str| {
+            find_program(r, arg0, path, Path::new("/bin"), &none())
+                .unwrap()
+                .unwrap()
+        };
+        assert_eq!(in_bin("sh", ":/usr/bin"), Path::new("/bin/./sh"));
         assert_eq!(
-            resolve_executable(r, "env", "/usr/bin", Path::new("/")).unwrap(),
-            r.join("bin/busybox")
+            in_bin("env", "../usr/bin"),
+            Path::new("/bin/../usr/bin/env")
         );
-        assert_eq!(
-            resolve_executable(r, "/bin/sh", "", Path::new("/")).unwrap(),
-            r.join("bin/busybox")
-        );
+        assert_eq!(in_bin("./sh", ""), Path::new("/bin/./sh"));
     }
 
     #[test]
@@ -246,7 +359,7 @@ mod tests {
         use crate::error::ErrorKind;
         let d = rootfs();
         let r = d.path();
-        let fails = |arg0: &str| resolve_executable(r, arg0, "/bin", Path::new("/")).unwrap_err();
+        let fails = |arg0: &str| find(r, arg0, "/bin").unwrap_err();
         let e = fails("nope");
         assert_eq!(
             e.to_string(),
@@ -268,12 +381,46 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::ExecutableNotFound);
     }
 
+    /// Where a mount of the container's decides, the guest looks itself.
+    #[test]
+    fn covered_paths_leave_the_lookup_to_the_guest() {
+        let d = rootfs();
+        let r = d.path();
+        let mut spec = Spec::default();
+        let bind = |dest: &str| {
+            oci_spec::runtime::MountBuilder::default()
+                .destination(dest)
+                .typ("bind")
+                .source("/opt/tools")
+                .options(vec!["rbind".to_string()])
+                .build()
+                .unwrap()
+        };
+        spec.set_mounts(Some(vec![bind("/usr/local/bin"), bind("/tools/../opt")]));
+        let covered = Covered::of(&spec);
+        let find = |arg0: &str, path: &str| find_program(r, arg0, path, Path::new("/"), &covered);
+        // A mount earlier on PATH may hold it: unknown; one later does not matter.
+        assert!(find("sh", "/usr/local/bin:/bin").unwrap().is_none());
+        assert_eq!(
+            find("sh", "/bin:/usr/local/bin").unwrap().unwrap(),
+            Path::new("/bin/sh")
+        );
+        // Not in the rootfs, but a mount may provide it: no error on the host.
+        assert!(find("tool", "/usr/local/bin").unwrap().is_none());
+        assert!(find("/opt/tool", "").unwrap().is_none());
+        assert!(find("tool", "/bin").is_err());
+        // A symlink into a covered path, and guest-init's own mounts.
+        symlink("/proc/self/exe", r.join("bin/self")).unwrap();
+        assert!(find("self", "/bin").unwrap().is_none());
+        assert!(find("/dev/x", "").unwrap().is_none());
+    }
+
     #[test]
     fn dotdot_cannot_escape() {
         let d = rootfs();
         let r = d.path();
         assert_eq!(
-            resolve_in_root(r, "/../../../bin/busybox").unwrap(),
+            resolve_in_root(r, "/../../../bin/busybox", &none()).unwrap(),
             r.join("bin/busybox")
         );
     }
@@ -283,7 +430,7 @@ mod tests {
         let d = rootfs();
         let r = d.path();
         symlink("/loop", r.join("loop")).unwrap();
-        assert!(resolve_in_root(r, "/loop").is_err());
+        assert!(resolve_in_root(r, "/loop", &none()).is_err());
     }
 
     #[test]

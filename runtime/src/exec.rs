@@ -134,10 +134,12 @@ pub fn check_terminal(tty: bool, console_socket: bool, detach: bool) -> Result<(
     }
 }
 
-/// Checks the container can take an exec and that the command exists in its rootfs.
+/// Checks the container can take an exec and that the command can exist in it
+/// (where a mount decides, the guest tells).
 pub fn prepare(c: &Container, process: &Process) -> Result<GuestLink> {
     let link = link_for_exec(c)?;
-    crate::bundle::resolve_process_executable(&c.record.rootfs, process)?;
+    let covered = crate::bundle::Covered::of(&c.config_snapshot()?);
+    crate::bundle::find_process_program(&c.record.rootfs, process, &covered)?;
     Ok(link)
 }
 

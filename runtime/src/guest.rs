@@ -15,6 +15,16 @@ use crate::error::{Error, IoContext, Result};
 /// How long the guest gets to answer a control request.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What `Setup` tells the guest about the main.
+#[derive(Debug, Default)]
+pub struct MainPlan {
+    /// Fork and set it up right away, to wait before its exec for `start`.
+    pub prepare: bool,
+    /// Its program as the container names it, where the host could tell
+    /// (`crate::bundle::find_program`).
+    pub program: Option<PathBuf>,
+}
+
 /// A control connection to guest-init (handshake done): one method per request,
 /// each answer checked, a `Nack` turned into [`Error::GuestRefused`].
 pub struct GuestClient {
@@ -97,20 +107,22 @@ impl GuestClient {
     }
 
     /// Applies the container's config (`Setup`; docs/protocol.md has each field).
+    /// `main`: whether the guest prepares the main at once, and where its program is.
     pub fn setup(
         &mut self,
         spec: oci_spec::runtime::Spec,
         seccomp: Option<proto::SeccompProgram>,
         network: Vec<proto::net::NetInterface>,
         deferred_root: Option<String>,
-        prepare_main: bool,
+        main: MainPlan,
     ) -> Result<()> {
         let setup = Message::Setup {
             spec: Box::new(spec),
             seccomp,
             network,
             deferred_root,
-            prepare_main,
+            prepare_main: main.prepare,
+            main_program: main.program.map(|p| p.to_string_lossy().into_owned()),
         };
         self.acked("guest setup failed", setup)
     }

@@ -117,6 +117,7 @@ pub fn create(store: &StateStore, id: &str, opts: &CreateOptions) -> Result<Cont
             cgroup: record.cgroup.clone(),
             network,
             rootfs_cache: crate::host_config::rootfs_cache()?,
+            main_program: bundle.main_program.clone(),
         };
         write_atomic(
             &dir.monitor_config_file(),

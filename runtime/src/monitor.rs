@@ -51,6 +51,10 @@ pub struct MonitorConfig {
     pub network: crate::network::Plan,
     #[serde(default)]
     pub rootfs_cache: crate::vmm::RootfsCache,
+    /// The main's program as the container names it, where `create` could tell
+    /// (`crate::bundle::find_program`): the guest then skips its own lookup.
+    #[serde(default)]
+    pub main_program: Option<PathBuf>,
 }
 
 /// The monitor's report to `create`.
@@ -318,7 +322,10 @@ fn boot(
                     seccomp,
                     early.unwrap_or(interfaces),
                     deferred_root,
-                    main_can_be_prepared(spec),
+                    crate::guest::MainPlan {
+                        prepare: main_can_be_prepared(spec),
+                        program: cfg.main_program.clone(),
+                    },
                 )?;
                 Ok(control)
             })(),

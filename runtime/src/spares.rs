@@ -6,6 +6,8 @@
 //! still has a connection of its own (nothing is serialised through the monitor).
 //! The replacement is dialed once requests pause ([`REFILL_QUIET`]), not at once:
 //! its accept and handshake run in the guest, beside the request just handed over.
+//! The first spares are dialed the same way, a pause after create (which leaves
+//! its control connection as the first spare).
 //!
 //! The monitor is a cache, not a gate: a CLI that finds no socket, no answer
 //! within [`ASK_TIMEOUT`] (a stopped monitor) or no spare dials the guest itself.
@@ -93,10 +95,11 @@ fn serve_with(link: GuestLink, control: Option<UnixStream>, quiet: Duration) -> 
             if let Some(c) = control {
                 spares.insert(proto::CONTROL_PORT, c);
             }
-            fill(&link, &mut spares);
-            // Whether a request came since the last fill (a failed dial is
-            // retried after the next request, not in a loop).
-            let mut asked_since_fill = false;
+            // Whether the spares need filling once requests pause (a failed
+            // dial is retried after the next request, not in a loop). At first
+            // too: right after create the guest is still preparing the main,
+            // and a `start` that comes at once takes the control spare.
+            let mut asked_since_fill = true;
             loop {
                 let pause = asked_since_fill.then_some(quiet);
                 let asked = wire::readable(&listener, pause).and_then(|ready| match ready {
@@ -229,7 +232,9 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        // One per port at the start.
+        // Dialed once a pause has passed (the guest is busy right after create),
+        // then one per port.
+        assert_eq!(accepted.load(Ordering::SeqCst), 0);
         assert_eq!(await_accepted(&accepted, 3), 3);
         for round in 0..3 {
             // Handshaken already: the first frame on it is a request.

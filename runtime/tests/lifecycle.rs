@@ -13,6 +13,20 @@ fn read(p: &std::path::Path) -> String {
     fs::read_to_string(p).unwrap_or_default()
 }
 
+/// A runtime whose guests show every log level on the console, guest-init's
+/// info lines after the boot included.
+fn verbose_guest() -> Runtime {
+    Runtime {
+        kernel_cmdline: Some("loglevel=7".into()),
+        ..Runtime::new()
+    }
+}
+
+/// The console of container `id`'s VM (a cold boot's).
+fn guest_console(rt: &Runtime, id: &str) -> String {
+    read(&rt.root.path().join(id).join("run/console.log"))
+}
+
 /// create → state created → start → wait → state stopped with the code.
 fn run_to_exit(test: &str, args: &[&str]) -> (i32, i32, String, String, serde_json::Value) {
     run_to_exit_with(test, args, |_| {})
@@ -706,26 +720,75 @@ fn the_guest_log_is_not_cut_short_by_the_kmsg_rate_limit() {
         return;
     }
     become_subreaper();
-    // Every level on the console, init's info lines after the boot included.
-    let rt = Runtime {
-        kernel_cmdline: Some("loglevel=7".into()),
-        ..Runtime::new()
-    };
+    let rt = verbose_guest();
     let b = TestBundle::new(&["true"]);
     let pid = rt.create(test, &b, &b.path().join("o"), &b.path().join("e"));
     rt.ok(&["start", test]);
     assert_eq!(wait_exit(pid), 0);
-    let console =
-        fs::read_to_string(rt.root.path().join(test).join("run/console.log")).unwrap_or_default();
+    let console = guest_console(&rt, test);
     rt.ok(&["delete", test]);
     let lines = console.lines().filter(|l| l.starts_with("krun-oci-init:"));
     assert!(lines.count() > 10, "{console}");
-    for line in ["boot: ready", "setup: namespaces", "main process started"] {
+    // (`true` is in the root filesystem, where no mount covers it: found by the host.)
+    for line in [
+        "boot: ready",
+        "setup: namespaces",
+        "(program found by the host)",
+        "main process started",
+    ] {
         assert!(
             console.contains(line),
             "no {line:?} on the console:\n{console}"
         );
     }
+}
+
+/// The main's program is looked up as the container sees it. The host finds it
+/// itself where no mount can change the answer, sparing the guest its PATH
+/// search (`Setup.main_program`, docs/protocol.md); where a mount may, the
+/// guest looks: a bind earlier on PATH wins over the root filesystem's copy,
+/// and a program only a bind provides runs (an exec's here).
+#[test]
+fn the_main_program_is_found_as_the_container_sees_it() {
+    let test = "program-lookup";
+    if !vm_available(test) {
+        return;
+    }
+    become_subreaper();
+    let rt = verbose_guest();
+    let script = |path: std::path::PathBuf, body: &str| {
+        fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    };
+    let tools = tempfile::tempdir().unwrap();
+    script(
+        tools.path().join("hello"),
+        "echo hello-from-bind; exec sleep 1000",
+    );
+    script(tools.path().join("only-bind"), "echo only-in-bind");
+    let b = TestBundle::new(&["hello"]);
+    script(b.rootfs().join("bin/hello"), "echo hello-from-rootfs");
+    b.write_config(|c| {
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/usr/local/bin", "type": "bind",
+            "source": tools.path(), "options": ["rbind", "ro"]}));
+    });
+    let out = b.path().join("o");
+    let pid = rt.create(test, &b, &out, &b.path().join("e"));
+    rt.ok(&["start", test]);
+    eventually("the main's line", Duration::from_secs(60), || {
+        !read(&out).is_empty()
+    });
+    assert_eq!(read(&out), "hello-from-bind\n");
+    assert_eq!(rt.ok(&["exec", test, "only-bind"]), "only-in-bind\n");
+    let console = guest_console(&rt, test);
+    assert!(
+        console.contains("main prepared in") && console.contains("(program looked up here)"),
+        "{console}"
+    );
+    rt.ok(&["kill", test, "KILL"]);
+    assert_eq!(wait_exit(pid), 137);
+    rt.ok(&["delete", test]);
 }
 
 /// Without create-time hooks the guest forks and sets up the main at create,
@@ -755,10 +818,11 @@ fn the_main_is_prepared_at_create_and_runs_only_at_start() {
                 .map(|l| l.to_string())
                 .collect()
         };
-        // In the guest: init, and for the prepared main the pid namespace's relay
-        // and the waiting child, both still guest-init's image (no exec yet).
-        // (The guest prepares it in the background while create returns.)
-        let want = if hooked { 1 } else { 3 };
+        // In the guest: init, and for the prepared main the waiting child, PID 1
+        // of its pid namespace (cloned into it: no relay), still guest-init's
+        // image (no exec yet). (The guest prepares it in the background while
+        // create returns.)
+        let want = if hooked { 1 } else { 2 };
         eventually(
             "the guest's processes at create",
             Duration::from_secs(20),

@@ -44,9 +44,9 @@ pub fn attack(g: &Arc<Guest>, process: &Process, args: Vec<String>) -> Result<Me
     if mode == "flood" || mode == "init-dies" {
         let mut real = process.clone();
         real.set_args(Some(args[1..].to_vec()));
-        let main = g.claim_main(Some(&real)).map_err(|e| e.reason)?;
+        let (main, note) = g.claim_main(Some(&real)).map_err(|e| e.reason)?;
         let reply = Message::MainStarted { pid: main.pid() };
-        g.watch_main(main.release_before_exec());
+        g.watch_main(g.release_main(main), note);
         let g = g.clone();
         thread::spawn(move || {
             if mode == "flood" {
