@@ -96,6 +96,8 @@ struct PreparingMain {
     process: Process,
     /// The thread's result. Not joined: under TCG a join cost 0.2–3 ms of `start`.
     job: mpsc::Receiver<Preparation>,
+    /// The result once received (`None` also when the thread died without one).
+    done: Option<Option<Preparation>>,
 }
 
 /// What the preparing thread hands over, its last act: its log line is written
@@ -148,14 +150,23 @@ impl PreparingMain {
         Ok(Self {
             process: wanted,
             job,
+            done: None,
         })
+    }
+
+    /// Waits for the thread's result (once).
+    fn result(&mut self) -> Option<&Preparation> {
+        self.done
+            .get_or_insert_with(|| self.job.recv().ok())
+            .as_ref()
     }
 
     /// Waits for the setup: the child, with its log line, if it was prepared
     /// from the process `asked` for (`None`: the spec's, as prepared) and still
     /// waits; else `None` (a child dropped here exits unreleased).
-    fn finish(self, asked: Option<&Process>) -> Option<(spawn::Prepared, String)> {
-        let Ok(Preparation { main, note }) = self.job.recv() else {
+    fn finish(mut self, asked: Option<&Process>) -> Option<(spawn::Prepared, String)> {
+        self.result();
+        let Some(Some(Preparation { main, note })) = self.done.take() else {
             log::warn!("preparing the main panicked; forking it again");
             return None;
         };
@@ -390,6 +401,7 @@ impl Guest {
     fn handle_control(self: &Arc<Self>, msg: Message) -> Message {
         let result = match msg {
             Message::Heartbeat => return Message::HeartbeatAck,
+            Message::AwaitMain => return self.await_main(),
             Message::Setup {
                 spec,
                 seccomp,
@@ -487,6 +499,20 @@ impl Guest {
         );
         *cached = Some((main, namespaces.clone()));
         Ok(namespaces)
+    }
+
+    /// `AwaitMain`: the main prepared after `Setup`, waited for; its failure in
+    /// `SpawnMain`'s words. Nothing prepared (create-time hooks): nothing to wait for.
+    fn await_main(&self) -> Message {
+        let mut prepared = lock(&self.prepared_main);
+        let Some(job) = prepared.as_mut() else {
+            return Message::Ack;
+        };
+        match job.result() {
+            Some(Preparation { main: Ok(_), .. }) => Message::Ack,
+            Some(Preparation { main: Err(e), .. }) => e.clone().into_nack(),
+            None => nack("preparing the main panicked".into()),
+        }
     }
 
     /// Forks and sets up the main in the background (the host's create goes on

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use oci_spec::runtime::Process;
 
 /// Bumped on every incompatible change of frames or messages.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest accepted frame body (kind byte + payload).
 pub const MAX_FRAME_LEN: u32 = 1024 * 1024 + 1;
@@ -236,6 +236,12 @@ pub enum Message {
     ConfigureNetwork {
         network: Vec<net::NetInterface>,
     },
+    /// Host -> guest on the control port, at the end of create: wait until the
+    /// main `Setup` prepared is set up and waiting before its exec. Answered
+    /// `Ack` (also when nothing was prepared), or `Nack` with the reason it could
+    /// not be set up, in `SpawnMain`'s words and kinds: create then fails, as
+    /// runc's does when `runc init` cannot get that far.
+    AwaitMain,
     /// Host -> guest: run the container's main process now. Accepted exactly once.
     SpawnMain {
         /// `None`: `spec.process` of the `Setup` applied, which the host's `start`
@@ -542,6 +548,7 @@ mod tests {
             process: Some(Process::default()),
         }));
         roundtrip(Frame::Message(Message::SpawnMain { process: None }));
+        roundtrip(Frame::Message(Message::AwaitMain));
         roundtrip(Frame::Stdout(b"hello\n".to_vec()));
         roundtrip(Frame::Stderr(vec![0, 255, 10]));
         roundtrip(Frame::Stdin(vec![]));

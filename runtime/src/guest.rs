@@ -135,6 +135,12 @@ impl GuestClient {
         )
     }
 
+    /// Waits until the main `setup` had prepared is set up and waiting (its
+    /// failure in runc's words: create fails as runc's does).
+    pub fn await_main(&mut self) -> Result<()> {
+        self.acked("create", Message::AwaitMain)
+    }
+
     /// Runs the container's main, the process of the spec `setup` gave the
     /// guest; returns its guest pid.
     pub fn spawn_main(&mut self) -> Result<i32> {

@@ -278,6 +278,7 @@ fn boot(
     // namespace (the kernel takes its time for both), while the guest is set up;
     // its NIC is configured once the tap is wired. Every thread is joined on every
     // path; their errors are the host's (runc's words), not the guest's.
+    let prepared = main_can_be_prepared(spec);
     let (guest, host) = std::thread::scope(|s| {
         let joining = entered.map(|entered| {
             s.spawn(move || {
@@ -323,7 +324,7 @@ fn boot(
                     early.unwrap_or(interfaces),
                     deferred_root,
                     crate::guest::MainPlan {
-                        prepare: main_can_be_prepared(spec),
+                        prepare: prepared,
                         program: cfg.main_program.clone(),
                     },
                 )?;
@@ -358,6 +359,12 @@ fn boot(
             (Some(sock), true) => Some(crate::console::send_pty_to_console_socket(sock)?),
             _ => None,
         };
+        // Created means the main is set up and waits for `start` (runc's create
+        // returns once `runc init` waits on its exec fifo): the guest prepared it
+        // while the steps above ran.
+        if prepared {
+            control.await_main()?;
+        }
         Ok((control, pty))
     });
     // One parseable line for `make bench`: where the monitor's time went (ms

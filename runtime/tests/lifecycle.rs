@@ -791,9 +791,10 @@ fn the_main_program_is_found_as_the_container_sees_it() {
     rt.ok(&["delete", test]);
 }
 
-/// Without create-time hooks the guest forks and sets up the main at create,
-/// and it waits before its exec (nothing of it has run) until `start`; with a
-/// createRuntime hook it is forked at `start`. The workload is the same either way.
+/// Without create-time hooks the guest forks and sets up the main at create
+/// (create returns once it is set up), and it waits before its exec (nothing of
+/// it has run) until `start`; with a createRuntime hook it is forked at `start`.
+/// The workload is the same either way. One that cannot be set up fails create.
 #[test]
 fn the_main_is_prepared_at_create_and_runs_only_at_start() {
     if !vm_available("the_main_is_prepared_at_create_and_runs_only_at_start") {
@@ -820,15 +821,10 @@ fn the_main_is_prepared_at_create_and_runs_only_at_start() {
         };
         // In the guest: init, and for the prepared main the waiting child, PID 1
         // of its pid namespace (cloned into it: no relay), still guest-init's
-        // image (no exec yet). (The guest prepares it in the background while
-        // create returns.)
+        // image (no exec yet). Created means set up: create waited for it.
         let want = if hooked { 1 } else { 2 };
-        eventually(
-            "the guest's processes at create",
-            Duration::from_secs(20),
-            || cmds(&rt).len() == want,
-        );
         let before = cmds(&rt);
+        assert_eq!(before.len(), want, "{id}: {before:?}");
         assert!(before.iter().all(|l| l.ends_with("/init")), "{before:?}");
         std::thread::sleep(Duration::from_millis(500));
         assert!(
@@ -845,6 +841,22 @@ fn the_main_is_prepared_at_create_and_runs_only_at_start() {
         assert_eq!(wait_exit(pid), 137);
         rt.ok(&["delete", id]);
     }
+    // A main that cannot be set up fails create, as under runc, and leaves nothing.
+    let b = TestBundle::new(&main);
+    b.write_config(|c| c["process"]["cwd"] = serde_json::json!("/no-such-dir"));
+    let out = rt.run(&["create", "--bundle", b.path().to_str().unwrap(), "bad-cwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chdir to cwd"), "{err}");
+    assert_cleaned_up(&rt, "bad-cwd", &[]);
+    // No VM helper left (virtiofsd names the rootfs on its command line).
+    let rootfs = b.rootfs().to_string_lossy().into_owned();
+    eventually("the VM's helpers to go", Duration::from_secs(10), || {
+        fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            let cmdline = fs::read(e.path().join("cmdline")).unwrap_or_default();
+            !String::from_utf8_lossy(&cmdline).contains(&rootfs)
+        })
+    });
 }
 
 /// The rootfs share's cache follows the host config file: `always` by default,
