@@ -157,8 +157,11 @@ fn plant_symlinks(g: &Arc<Guest>, targets: &[String]) {
     // the share's own root, the host's staging directory, is what mounts.
     // The prepared main holds them too, in its own mount namespace, and so do
     // the handles kept for the execs to join it: they go first.
-    if let Some(preparing) = lock(&g.prepared_main).take() {
-        drop(preparing.job.recv());
+    if let Some(mut preparing) = lock(&g.prepared_main).take() {
+        // Waited for (create's `AwaitMain` may have taken the result already),
+        // then dropped with it: the child exits unreleased.
+        preparing.result();
+        drop(preparing);
         thread::sleep(Duration::from_millis(300));
     }
     lock(&g.main_namespaces).take();
