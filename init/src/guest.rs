@@ -100,9 +100,9 @@ struct PreparingMain {
     done: Option<Option<Preparation>>,
 }
 
-/// What the preparing thread hands over, its last act: its log line is written
-/// by whoever takes it, later (written by the thread, it ran before the answer
-/// to a `start` that was waiting).
+/// What the preparing thread hands over, its last act. Its log line is written
+/// by whoever takes it, later: written by the thread, it delayed the answer to
+/// a `start` that was waiting.
 struct Preparation {
     main: Result<spawn::Prepared, spawn::SpawnError>,
     /// Its log line, for whoever takes it to write once the hurry is over.
@@ -461,7 +461,7 @@ impl Guest {
                 None => Err("the main process has no terminal".into()),
             },
             Message::UpdatePids { limit } => {
-                crate::resources::update_pids(limit).map(|()| Message::Ack)
+                crate::resources::update_pids(self.cgroup_dir(), limit).map(|()| Message::Ack)
             }
             Message::Ps => Ok(Message::Processes {
                 processes: procfs::list(),
@@ -474,10 +474,15 @@ impl Guest {
         result.unwrap_or_else(nack)
     }
 
+    /// The container cgroup's directory, once `Setup` made it.
+    fn cgroup_dir(&self) -> Option<&OwnedFd> {
+        let cgroup = self.confinement.get().and_then(|c| c.cgroup.as_ref());
+        cgroup.map(|c| &c.dir)
+    }
+
     /// The container's OOM kills so far (`resources::oom_kills`).
     fn oom_kills(&self) -> u64 {
-        let cgroup = self.confinement.get().and_then(|c| c.cgroup.as_ref());
-        crate::resources::oom_kills(cgroup.map(|c| &c.dir))
+        crate::resources::oom_kills(self.cgroup_dir())
     }
 
     fn confinement(&self) -> spawn::Confinement {

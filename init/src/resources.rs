@@ -4,9 +4,11 @@
 //! process joins before exec: today the pids limit, also changed later by `update`.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
+use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
 use oci_spec::runtime::Spec;
 
@@ -136,16 +138,16 @@ pub fn apply(spec: &Spec) -> Result<Option<ContainerCgroup>, String> {
     }
 }
 
-/// `update`: a new pids limit for the running container (runc's rule).
-pub fn update_pids(limit: i64) -> Result<(), String> {
+/// `update`: a new pids limit for the running container (runc's rule), written
+/// through `dir` of [`ContainerCgroup`].
+pub fn update_pids(dir: Option<&OwnedFd>, limit: i64) -> Result<(), String> {
     let Some(max) = pids_max(limit) else {
         return Ok(());
     };
-    in_container_cgroup(|dir| {
-        fs::write(dir.join("pids.max"), &max)
-            .map_err(|e| format!("writing pids.max: {}", errno_text(&e)))
-    })
-    .map_err(|e| format!("pids limit: {e}"))
+    let dir = dir.ok_or("pids limit: the container has no cgroup")?;
+    open_in(dir, "pids.max", OFlag::O_WRONLY)
+        .and_then(|mut f| f.write_all(max.as_bytes()))
+        .map_err(|e| format!("pids limit: writing pids.max: {}", errno_text(&e)))
 }
 
 /// How many of the container's processes the kernel's OOM killer has killed
@@ -153,24 +155,27 @@ pub fn update_pids(limit: i64) -> Result<(), String> {
 /// [`ContainerCgroup`]: every OOM kill, the guest-wide ones too, counts in the
 /// victim's cgroup). 0 without a container cgroup.
 pub fn oom_kills(dir: Option<&OwnedFd>) -> u64 {
-    let Some(dir) = dir else {
-        return 0;
-    };
-    use nix::fcntl::{openat, OFlag};
     let mut events = String::new();
-    if let Ok(fd) = openat(
-        dir.as_fd(),
-        "memory.events",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    ) {
-        let _ = std::io::Read::read_to_string(&mut fs::File::from(fd), &mut events);
+    if let Some(mut f) = dir.and_then(|d| open_in(d, "memory.events", OFlag::O_RDONLY).ok()) {
+        let _ = f.read_to_string(&mut events);
     }
     events
         .lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// A file of the container cgroup, opened through its directory (no path
+/// lookup from a mount, none needed).
+fn open_in(dir: &OwnedFd, name: &str, flags: OFlag) -> std::io::Result<fs::File> {
+    let fd = nix::fcntl::openat(
+        dir.as_fd(),
+        name,
+        flags | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok(fs::File::from(fd))
 }
 
 #[cfg(test)]

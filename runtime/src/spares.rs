@@ -97,8 +97,9 @@ fn serve_with(link: GuestLink, control: Option<UnixStream>, quiet: Duration) -> 
             }
             // Whether the spares need filling once requests pause (a failed
             // dial is retried after the next request, not in a loop). At first
-            // too: right after create the guest is still preparing the main,
-            // and a `start` that comes at once takes the control spare.
+            // too: a `start` right after create takes the control spare, and
+            // dials made then would run in the guest beside it, its request
+            // queued behind them.
             let mut asked_since_fill = true;
             loop {
                 let pause = asked_since_fill.then_some(quiet);
@@ -232,7 +233,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        // Dialed once a pause has passed (the guest is busy right after create),
+        // Dialed once a pause has passed (a `start` may follow create at once),
         // then one per port.
         assert_eq!(accepted.load(Ordering::SeqCst), 0);
         assert_eq!(await_accepted(&accepted, 3), 3);
